@@ -1,0 +1,53 @@
+"""Users and API tokens: creation and bearer-token authentication (tokens are stored hashed)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.jobs.errors import Conflict
+from app.models import ApiToken, User, utcnow
+
+TOKEN_PREFIX = "kiln_"
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a token: tokens are 256-bit random, so one sha256 round is enough."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_user(*, session: Session, email: str, is_admin: bool = False) -> tuple[User, str]:
+    """Create a user and a first API token; returns the user and the token's plain text."""
+    email = email.strip().lower()
+    if "@" not in email or len(email) > 320:
+        raise ValueError(f"not an email address: {email!r}")
+    if session.execute(select(User.id).where(User.email == email)).first():
+        raise Conflict(f"a user with email {email} already exists")
+    user = User(email=email, is_admin=is_admin)
+    session.add(user)
+    session.flush()
+    return user, issue_token(session=session, user=user)
+
+
+def issue_token(*, session: Session, user: User, name: str = "default") -> str:
+    """Create a new API token for ``user`` and return its plain text (shown once)."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiToken(user_id=user.id, token_sha256=hash_token(token), prefix=token[:12], name=name))
+    session.flush()
+    return token
+
+
+def authenticate(*, session: Session, token: str) -> User | None:
+    """The user owning an unrevoked ``token``, or None."""
+    if not token or len(token) > 200:
+        return None
+    row = session.execute(
+        select(ApiToken).where(ApiToken.token_sha256 == hash_token(token), ApiToken.revoked_at.is_(None))
+    ).scalar_one_or_none()
+    if row is None:
+        return None
+    row.last_used_at = utcnow()
+    return row.user

@@ -1,0 +1,116 @@
+"""The ``kiln`` command: run the web, workers and reaper, or everything at once with ``kiln up``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import click
+
+from app import settings as settings_module
+
+
+def _settings() -> settings_module.Settings:
+    return settings_module.load()
+
+
+@click.group()
+@click.version_option(package_name="kiln")
+def main() -> None:
+    """Kiln: PyTorch training and prediction jobs as a service."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the web server binds.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Celery worker processes.")
+def up(host: str, port: int, workers: int) -> None:
+    """Run everything on this machine: embedded Redis, migrations, worker, reaper and web."""
+    from app.embedded import run_all
+
+    sys.exit(run_all(_settings(), host=host, port=port, workers=workers))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="gunicorn processes.")
+def web(host: str, port: int, workers: int) -> None:
+    """Serve the web app and API with gunicorn."""
+    os.execvp(sys.executable, [
+        sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
+        "--threads", "4", "--access-logfile", "-", "--graceful-timeout", "20", "app:create_app()",
+    ])
+
+
+@main.command()
+@click.option("--queues", default="train,predict,default", show_default=True, help="Comma-separated queues.")
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Jobs at once (1 = one process per GPU, no fork).")
+@click.option("--name", default=None, help="Worker node name (default kiln-<pid>@<host>).")
+def worker(queues: str, concurrency: int, name: str | None) -> None:
+    """Run a Celery worker for Kiln's queues."""
+    from worker.celery_app import celery
+
+    node = name or f"kiln-{os.getpid()}@{socket.gethostname()}"
+    # A single job per process runs in the main process (solo): SIGTERM then reaches the running
+    # job, which checkpoints and goes back to the queue; nothing forks after torch starts.
+    pool = "solo" if concurrency == 1 else "prefork"
+    celery.worker_main([
+        "worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
+        "--hostname", node, "--loglevel", _settings().log_level, "--without-gossip", "--without-mingle",
+    ])
+
+
+@main.command()
+def reaper() -> None:
+    """Run the reaper/reconciler loop (only one instance acts at a time)."""
+    from app.reaper import run_forever
+
+    settings = _settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    run_forever(settings)
+
+
+@main.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the newest schema."""
+    from app.migrate import upgrade
+
+    upgrade(_settings().database_url)
+    click.echo("database is up to date")
+
+
+@main.group()
+def users() -> None:
+    """Manage users."""
+
+
+@users.command("create")
+@click.argument("email")
+@click.option("--admin", is_flag=True, help="Give the user access to everything.")
+def users_create(email: str, admin: bool) -> None:
+    """Create a user; the new API token is the last line of the output."""
+    from app.accounts import create_user
+    from app.db import session_scope
+    from app.jobs.errors import Conflict
+
+    try:
+        with session_scope(_settings().database_url) as session:
+            user, token = create_user(session=session, email=email, is_admin=admin)
+            role = "admin" if user.is_admin else "user"
+    except (Conflict, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"created {role} {email}; API token (shown once):")
+    click.echo(token)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,174 @@
+"""Services a worker calls while it runs an attempt: claim, renew, fenced writes, finish.
+
+Every write carries the attempt's fencing token (its number) and lease owner; a write from an
+attempt that lost its lease is refused with :class:`StaleAttempt` and changes nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.jobs import states
+from app.jobs.errors import StaleAttempt
+from app.models import Attempt, Checkpoint, Job, JobEvent, Metric, ModelVersion, utcnow
+
+
+def claim(
+    *, session: Session, job_id: int, token: int, worker: str, host: str, pid: int, lease_seconds: float
+) -> Attempt | None:
+    """Take a queued job for one new attempt, or None if it is not claimable with ``token``."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.state != states.QUEUED or job.attempts != token:
+        return None
+    now = utcnow()
+    if job.not_before is not None and job.not_before > now:
+        return None
+    number = token + 1
+    owner = f"{worker}:{pid}:{number}"
+    ok = states.transition(
+        session, job_id, to=states.RUNNING, expect=states.QUEUED, token=token,
+        values={
+            "attempts": number, "lease_owner": owner,
+            "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            "started_at": func.coalesce(Job.started_at, now), "error_class": None, "error_message": None,
+        },
+        message=f"attempt {number} started on {worker}",
+    )
+    if not ok:
+        return None
+    attempt = Attempt(
+        job_id=job_id, number=number, worker=worker, host=host, pid=pid, started_at=now,
+        heartbeat_at=now, start_epoch=job.epoch, start_step=job.step,
+    )
+    session.add(attempt)
+    session.flush()
+    return attempt
+
+
+def lease_owner(attempt: Attempt) -> str:
+    """The lease owner string :func:`claim` wrote for ``attempt``."""
+    return f"{attempt.worker}:{attempt.pid}:{attempt.number}"
+
+
+def renew(*, session: Session, job_id: int, token: int, owner: str, lease_seconds: float) -> Job:
+    """Extend the lease (the fence for every write); returns the fresh job row or raises StaleAttempt."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempts == token, Job.state == states.RUNNING, Job.lease_owner == owner)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        raise StaleAttempt(f"job {job_id}: attempt {token} no longer holds the lease")
+    session.execute(
+        update(Attempt).where(Attempt.job_id == job_id, Attempt.number == token).values(heartbeat_at=now)
+    )
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def record_metrics(
+    *, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
+    scope: str, epoch: int, step: int, values: dict[str, float], progress: float | None = None,
+) -> None:
+    """Store one metrics report (and progress) from the attempt holding the lease."""
+    job = renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds)
+    session.add(Metric(job_id=job_id, attempt=token, scope=scope, epoch=epoch, step=step, values=values))
+    if scope != "test":
+        job.epoch, job.step = epoch, step
+    if progress is not None:
+        job.progress = max(0.0, min(1.0, progress))
+
+
+def add_checkpoint(
+    *, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
+    epoch: int, step: int, path: str, size: int, sha256: str, metric_name: str | None,
+    metric_value: float | None, is_best: bool, reason: str,
+) -> Checkpoint:
+    """Record a checkpoint file written by the attempt holding the lease."""
+    renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds)
+    if is_best:
+        session.execute(update(Checkpoint).where(Checkpoint.job_id == job_id).values(is_best=False))
+    row = Checkpoint(
+        job_id=job_id, attempt=token, epoch=epoch, step=step, path=path, size_bytes=size, sha256=sha256,
+        metric_name=metric_name, metric_value=metric_value, is_best=is_best, reason=reason,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def expired_checkpoints(*, session: Session, job_id: int, keep_last: int) -> list[Checkpoint]:
+    """Checkpoints beyond the newest ``keep_last`` that are not the best (retention)."""
+    rows = list(
+        session.execute(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc(), Checkpoint.id.desc())
+        ).scalars()
+    )
+    return [c for c in rows[keep_last:] if not c.is_best]
+
+
+def checkpoints_newest_first(*, session: Session, job_id: int) -> list[Checkpoint]:
+    """A job's checkpoints, newest position first (resume tries them in this order)."""
+    return list(
+        session.execute(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc(), Checkpoint.id.desc())
+        ).scalars()
+    )
+
+
+def record_event(*, session: Session, job_id: int, token: int | None, kind: str, message: str,
+                 data: dict[str, Any] | None = None) -> None:
+    """Append a non-state event (resumed, checkpoint fallback, ...)."""
+    session.add(JobEvent(job_id=job_id, kind=kind, attempt=token, message=message, data=data))
+
+
+def _end_attempt(session: Session, job_id: int, token: int, outcome: str) -> None:
+    session.execute(
+        update(Attempt)
+        .where(Attempt.job_id == job_id, Attempt.number == token, Attempt.ended_at.is_(None))
+        .values(ended_at=utcnow(), outcome=outcome)
+    )
+
+
+def finish(
+    *, session: Session, job_id: int, token: int, to: str, error_class: str | None = None,
+    message: str | None = None, result: dict[str, Any] | None = None, values: dict[str, Any] | None = None,
+) -> None:
+    """End the attempt by moving the job to ``to``; refused (StaleAttempt) if the token is stale."""
+    changes = dict(values or {})
+    if to == states.SUCCEEDED:
+        changes["progress"] = 1.0
+    if result is not None:
+        changes["result"] = result
+    if error_class is not None:
+        changes.update(error_class=error_class, error_message=message)
+    ok = states.transition(
+        session, job_id, to=to, expect=states.RUNNING, token=token, values=changes,
+        message=message, data={"error_class": error_class} if error_class else None,
+    )
+    if not ok:
+        raise StaleAttempt(f"job {job_id}: attempt {token} may no longer finish it")
+    _end_attempt(session, job_id, token, error_class or to)
+
+
+def register_model_version(
+    *, session: Session, job: Job, checkpoint: Checkpoint, signature: dict[str, Any], metrics: dict[str, Any]
+) -> ModelVersion:
+    """Register the job's best checkpoint as the next version of the model named after the job."""
+    latest = session.execute(
+        select(func.max(ModelVersion.version)).where(ModelVersion.owner_id == job.owner_id, ModelVersion.name == job.name)
+    ).scalar()
+    version = ModelVersion(
+        owner_id=job.owner_id, name=job.name, version=(latest or 0) + 1, job_id=job.id,
+        checkpoint_id=checkpoint.id, arch=job.spec["model"]["arch"], task=signature.get("task", ""),
+        signature=signature, metrics=metrics,
+    )
+    session.add(version)
+    session.flush()
+    job.model_version_id = version.id
+    return version

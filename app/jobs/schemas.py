@@ -1,0 +1,221 @@
+"""Pydantic job specs: everything a job may ask for, validated before anything is stored.
+
+Unknown keys are errors (a typo must not be ignored silently). Architectures, datasets and
+hyperparameters are chosen from registered options; no spec can carry code.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from app.jobs.errors import SpecError
+
+Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+
+
+class Strict(BaseModel):
+    """Base for spec parts: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- architectures --------------------------------------------------------------------------
+
+
+class MLPConfig(Strict):
+    """A multilayer perceptron over flat features."""
+
+    arch: Literal["mlp"]
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=8192)]] = Field(default=[128, 64], max_length=8)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+
+
+class RecurrentConfig(Strict):
+    """An RNN, LSTM or GRU over a sequence; the last step (both directions) feeds the head."""
+
+    arch: Literal["rnn", "lstm", "gru"]
+    hidden_size: int = Field(default=64, ge=1, le=4096)
+    num_layers: int = Field(default=1, ge=1, le=8)
+    bidirectional: bool = False
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class TransformerConfig(Strict):
+    """A transformer encoder over a sequence, pooled into the head."""
+
+    arch: Literal["transformer"]
+    d_model: int = Field(default=64, ge=4, le=2048)
+    nhead: int = Field(default=4, ge=1, le=64)
+    num_layers: int = Field(default=2, ge=1, le=24)
+    dim_feedforward: int = Field(default=128, ge=4, le=16384)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    positional: Literal["sinusoidal", "learned", "none"] = "sinusoidal"
+    pooling: Literal["mean", "cls", "last"] = "mean"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TransformerConfig":
+        if self.d_model % self.nhead:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by nhead ({self.nhead})")
+        return self
+
+
+class CNN1DConfig(Strict):
+    """A 1-D convolutional network over a sequence, global-average pooled."""
+
+    arch: Literal["cnn1d"]
+    channels: list[Annotated[int, Field(ge=1, le=2048)]] = Field(default=[32, 64], min_length=1, max_length=8)
+    kernel_size: int = Field(default=3, ge=1, le=31)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+ModelConfig = Annotated[
+    Union[MLPConfig, RecurrentConfig, TransformerConfig, CNN1DConfig], Field(discriminator="arch")
+]
+ARCHITECTURES = ("mlp", "rnn", "lstm", "gru", "transformer", "cnn1d")
+SEQUENCE_ARCHITECTURES = ("rnn", "lstm", "gru", "transformer", "cnn1d")
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+class SplitConfig(Strict):
+    """How rows are split into train, validation and test sets (a seeded permutation)."""
+
+    val_fraction: float = Field(default=0.15, ge=0.0, le=0.5)
+    test_fraction: float = Field(default=0.15, ge=0.0, le=0.5)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class DatasetRef(Strict):
+    """Which data to train on, and which columns play which part."""
+
+    id: str = Field(min_length=1, max_length=200, pattern=r"^(builtin:[a-z0-9_]+|dataset:[0-9]+)$")
+    target: str | None = Field(default=None, max_length=200)
+    features: list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=4096)
+    text_column: str | None = Field(default=None, max_length=200)
+    task: Literal["classification", "regression", "forecasting", "text_classification"] | None = None
+    window: int | None = Field(default=None, ge=1, le=4096)
+    horizon: int = Field(default=1, ge=1, le=512)
+    max_tokens: int = Field(default=64, ge=1, le=4096)
+    vocab_size: int = Field(default=20000, ge=16, le=1_000_000)
+    normalize: bool = True
+    split: SplitConfig = SplitConfig()
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+class EarlyStopping(Strict):
+    """Stop when ``metric`` has not improved for ``patience`` epochs."""
+
+    metric: str = Field(default="val_loss", max_length=64)
+    mode: Literal["min", "max"] | None = None
+    patience: int = Field(default=5, ge=1, le=10000)
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class Hyperparameters(Strict):
+    """Optimisation settings; defaults suit the small built-in datasets."""
+
+    epochs: int = Field(default=10, ge=1, le=10000)
+    batch_size: int = Field(default=64, ge=1, le=65536)
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    scheduler: Literal["none", "step", "cosine", "onecycle"] = "none"
+    step_size: int = Field(default=10, ge=1, le=10000)
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    warmup_epochs: int = Field(default=0, ge=0, le=1000)
+    grad_clip: float | None = Field(default=None, gt=0.0)
+    grad_accum_steps: int = Field(default=1, ge=1, le=1024)
+    early_stopping: EarlyStopping | None = None
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    log_every_steps: int = Field(default=50, ge=1, le=1_000_000)
+
+
+class Resources(Strict):
+    """Where the job runs."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus: int = Field(default=1, ge=1, le=16)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class CheckpointPolicy(Strict):
+    """How often to checkpoint and how many to keep (the best is always kept)."""
+
+    every_epochs: int = Field(default=1, ge=1, le=10000)
+    keep_last: int = Field(default=3, ge=1, le=100)
+
+
+Metadata = dict[Annotated[str, Field(max_length=64)], Union[str, int, float, bool, None]]
+
+
+class TrainSpec(Strict):
+    """A training job."""
+
+    kind: Literal["train"]
+    name: Name
+    model: ModelConfig
+    dataset: DatasetRef
+    hyperparameters: Hyperparameters = Hyperparameters()
+    resources: Resources = Resources()
+    checkpoint: CheckpointPolicy = CheckpointPolicy()
+    init_from: str | None = Field(default=None, max_length=200, description="model to fine-tune")
+    priority: Literal["low", "normal", "high"] = "normal"
+    max_runtime_s: int = Field(default=86400, ge=1, le=30 * 86400)
+    max_attempts: int | None = Field(default=None, ge=1, le=20)
+    metadata: Metadata = Field(default_factory=dict, max_length=50)
+
+
+Number = Union[float, int]
+InputRow = Union[list[Number], list[list[Number]], str]
+
+
+class PredictSpec(Strict):
+    """A prediction job: a trained model and inline inputs."""
+
+    kind: Literal["predict"]
+    name: Name | None = None
+    model: str = Field(min_length=1, max_length=200, description="training job id, or name@version|latest")
+    inputs: list[InputRow] = Field(min_length=1, max_length=10000)
+    explain: bool = False
+    priority: Literal["low", "normal", "high"] = "normal"
+    max_runtime_s: int = Field(default=600, ge=1, le=86400)
+    max_attempts: int | None = Field(default=None, ge=1, le=20)
+    metadata: Metadata = Field(default_factory=dict, max_length=50)
+
+
+JobSpec = Annotated[Union[TrainSpec, PredictSpec], Field(discriminator="kind")]
+_adapter: TypeAdapter[TrainSpec | PredictSpec] = TypeAdapter(JobSpec)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # Drop the discriminator tags pydantic inserts ("train", "mlp") so the path reads as the JSON.
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if i == 0 and item in ("train", "predict"):
+            continue
+        if isinstance(item, str) and item in ARCHITECTURES and parts and parts[-1] == "model":
+            continue
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(body)"
+
+
+def parse_spec(payload: Any) -> TrainSpec | PredictSpec:
+    """Validate a JSON payload into a spec, or raise :class:`SpecError` naming each bad field."""
+    if not isinstance(payload, dict):
+        raise SpecError.at("(body)", "the job spec must be a JSON object")
+    try:
+        return _adapter.validate_python(payload)
+    except ValidationError as exc:
+        raise SpecError(
+            [{"field": _field_path(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        ) from None

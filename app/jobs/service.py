@@ -1,0 +1,203 @@
+"""Job services the web calls: submit, read, list, cancel, retry. The caller commits, then publishes."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app import catalog
+from app.jobs import states
+from app.jobs.errors import Conflict, NotFound, SpecError
+from app.jobs.schemas import PredictSpec, TrainSpec
+from app.models import Dataset, Job, JobEvent, ModelVersion, User, utcnow
+from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
+
+
+def _visible(stmt, user: User):
+    return stmt if user.is_admin else stmt.where(Job.owner_id == user.id)
+
+
+def get_job(*, session: Session, user: User, job_id: int) -> Job:
+    """The job, if ``user`` may see it; another user's job is NotFound like a missing one."""
+    job = session.execute(_visible(select(Job).where(Job.id == job_id), user)).scalar_one_or_none()
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def list_jobs(
+    *, session: Session, user: User, limit: int = 50, before_id: int | None = None,
+    state: str | None = None, kind: str | None = None,
+) -> tuple[list[Job], int | None]:
+    """The caller's jobs, newest first; returns the page and the cursor of the next page."""
+    stmt = _visible(select(Job), user).order_by(Job.id.desc()).limit(limit + 1)
+    if before_id is not None:
+        stmt = stmt.where(Job.id < before_id)
+    if state:
+        stmt = stmt.where(Job.state == state)
+    if kind:
+        stmt = stmt.where(Job.kind == kind)
+    jobs = list(session.execute(stmt).scalars())
+    next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
+    return jobs[:limit], next_cursor
+
+
+def resolve_model(*, session: Session, user: User, ref: str, field: str = "model") -> ModelVersion:
+    """Find a model version by training job id, ``name``, ``name@latest`` or ``name@<version>``."""
+    stmt = select(ModelVersion)
+    if not user.is_admin:
+        stmt = stmt.where(ModelVersion.owner_id == user.id)
+    if ref.isdigit():
+        stmt = stmt.where(ModelVersion.job_id == int(ref))
+    else:
+        name, _, version = ref.partition("@")
+        stmt = stmt.where(ModelVersion.name == name)
+        if version and version != "latest":
+            if not version.isdigit():
+                raise SpecError.at(field, f"version must be a number or 'latest', not {version!r}")
+            stmt = stmt.where(ModelVersion.version == int(version))
+    model = session.execute(stmt.order_by(ModelVersion.version.desc()).limit(1)).scalar_one_or_none()
+    if model is None:
+        raise SpecError.at(field, f"no trained model {ref!r} (a succeeded training job id, or name@latest)")
+    return model
+
+
+def _check_train(session: Session, user: User, spec: TrainSpec) -> None:
+    ds = spec.dataset
+    if ds.id.startswith(catalog.BUILTIN_PREFIX):
+        meta = catalog.builtin(ds.id)
+        if meta is None:
+            known = ", ".join(f"builtin:{n}" for n in catalog.BUILTIN_DATASETS)
+            raise SpecError.at("dataset.id", f"unknown dataset {ds.id!r}; built-in datasets are {known}")
+        task = ds.task or meta.task
+        columns = set(meta.columns) | ({meta.target} if meta.target else set())
+        if ds.target is not None and meta.target is not None and ds.target not in columns:
+            raise SpecError.at("dataset.target", f"{ds.target!r} is not a column of {ds.id} (target is {meta.target!r})")
+        if task != meta.task:
+            raise SpecError.at("dataset.task", f"{ds.id} is a {meta.task} dataset, not {task}")
+        if task == catalog.FORECASTING:
+            window = ds.window or meta.default_window or 16
+            if window + ds.horizon >= meta.num_rows // 2:
+                raise SpecError.at("dataset.window", f"window {window} + horizon {ds.horizon} is too long for {meta.num_rows} rows")
+    else:
+        dataset = session.execute(
+            select(Dataset).where(Dataset.id == int(ds.id.split(":", 1)[1]), Dataset.owner_id == user.id)
+        ).scalar_one_or_none()
+        if dataset is None:
+            raise SpecError.at("dataset.id", f"no dataset {ds.id!r}")
+        columns = {c["name"]: c for c in dataset.schema.get("columns", [])}
+        for field, name in (("dataset.target", ds.target), ("dataset.text_column", ds.text_column)):
+            if name is not None and name not in columns:
+                raise SpecError.at(field, f"{name!r} is not a column of {ds.id} (columns: {', '.join(columns)})")
+        for i, name in enumerate(ds.features or []):
+            if name not in columns:
+                raise SpecError.at(f"dataset.features[{i}]", f"{name!r} is not a column of {ds.id}")
+            if not columns[name].get("numeric", False):
+                raise SpecError.at(f"dataset.features[{i}]", f"column {name!r} is not numeric")
+        if ds.target is None and ds.task != catalog.FORECASTING:
+            raise SpecError.at("dataset.target", "an uploaded dataset needs a target column")
+        task = ds.task or dataset.schema.get("task", catalog.CLASSIFICATION)
+        if task == catalog.TEXT_CLASSIFICATION and ds.text_column is None:
+            raise SpecError.at("dataset.text_column", "text classification needs a text column")
+        if task == catalog.FORECASTING and (ds.window or 16) + ds.horizon >= dataset.num_rows:
+            raise SpecError.at("dataset.window", f"{dataset.num_rows} rows are too few for window {ds.window or 16} and horizon {ds.horizon}")
+    if task == catalog.TEXT_CLASSIFICATION and spec.model.arch == "cnn1d" and spec.model.kernel_size > ds.max_tokens:
+        raise SpecError.at("model.kernel_size", "kernel_size is longer than dataset.max_tokens")
+    if spec.init_from is not None:
+        base = resolve_model(session=session, user=user, ref=spec.init_from, field="init_from")
+        if base.arch != spec.model.arch:
+            raise SpecError.at("init_from", f"model {spec.init_from!r} is a {base.arch}, not a {spec.model.arch}")
+
+
+def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVersion:
+    model = resolve_model(session=session, user=user, ref=spec.model)
+    shape = model.signature.get("input_shape") or []
+    if model.task == catalog.TEXT_CLASSIFICATION:
+        for i, row in enumerate(spec.inputs):
+            if not isinstance(row, str):
+                raise SpecError.at(f"inputs[{i}]", "this text model takes a string per input")
+        return model
+    width = 1
+    for dim in shape:
+        width *= int(dim)
+    for i, row in enumerate(spec.inputs):
+        if isinstance(row, str):
+            raise SpecError.at(f"inputs[{i}]", f"expected {width} numbers, got a string")
+        flat = [v for part in row for v in (part if isinstance(part, list) else [part])]
+        if len(flat) != width:
+            raise SpecError.at(
+                f"inputs[{i}]", f"has {len(flat)} values; model {model.name}@{model.version} expects {width} (shape {shape})"
+            )
+    return model
+
+
+def submit(*, session: Session, owner: User, spec: TrainSpec | PredictSpec, settings: Settings) -> Job:
+    """Validate cross-references and insert the job as queued (the caller commits, then publishes)."""
+    model_version_id = None
+    if isinstance(spec, TrainSpec):
+        _check_train(session, owner, spec)
+        queue, name = TRAIN_QUEUE, spec.name
+    else:
+        model = _check_predict(session, owner, spec)
+        model_version_id = model.id
+        queue, name = PREDICT_QUEUE, spec.name or f"predict-{model.name}"
+    job = Job(
+        owner_id=owner.id, kind=spec.kind, name=name, state=states.QUEUED, queue=queue,
+        priority=spec.priority, spec=spec.model_dump(mode="json"),
+        max_attempts=spec.max_attempts or settings.max_attempts, model_version_id=model_version_id,
+    )
+    session.add(job)
+    session.flush()
+    session.add(JobEvent(job_id=job.id, kind="submitted", to_state=states.QUEUED, message=f"{spec.kind} job submitted"))
+    session.flush()
+    return job
+
+
+def mark_published(*, session: Session, job_id: int) -> None:
+    """Remember when the wake-up message went out (the reconciler republishes lost ones)."""
+    job = session.get(Job, job_id)
+    if job is not None:
+        job.published_at = utcnow()
+
+
+def cancel(*, session: Session, user: User, job_id: int) -> Job:
+    """Persist a cancel request; a queued or paused job is cancelled at once, a running one at its next step."""
+    job = get_job(session=session, user=user, job_id=job_id)
+    if job.state in states.TERMINAL:
+        raise Conflict(f"job {job_id} is already {job.state}")
+    if job.cancel_requested_at is None:
+        job.cancel_requested_at = utcnow()
+        session.flush()
+    states.transition(
+        session, job_id, to=states.CANCELLED, expect=(states.QUEUED, states.PAUSED),
+        values={"error_class": None}, message="cancelled before it ran",
+    )
+    session.refresh(job)
+    return job
+
+
+def retry(*, session: Session, user: User, job_id: int, settings: Settings) -> Job:
+    """Queue a failed or cancelled job again; it resumes from its newest valid checkpoint."""
+    job = get_job(session=session, user=user, job_id=job_id)
+    if job.state not in (states.FAILED, states.CANCELLED):
+        raise Conflict(f"only failed or cancelled jobs can be retried; job {job_id} is {job.state}")
+    budget = job.spec.get("max_attempts") or settings.max_attempts
+    ok = states.transition(
+        session, job_id, to=states.QUEUED, expect=(states.FAILED, states.CANCELLED),
+        values={
+            "max_attempts": job.attempts + budget, "cancel_requested_at": None, "error_class": None,
+            "error_message": None, "published_at": None, "not_before": None,
+        },
+        event="retry", message="retried by user",
+    )
+    if not ok:
+        raise Conflict(f"job {job_id} changed state; try again")
+    session.refresh(job)
+    return job
+
+
+def count_by_state(*, session: Session) -> dict[str, int]:
+    """How many jobs are in each state (for /metrics)."""
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {state: n for state, n in rows}
+

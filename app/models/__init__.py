@@ -1,0 +1,26 @@
+"""SQLAlchemy 2.0 models, one module per concept; importing this package registers them all."""
+
+from app.models.base import Base, utcnow
+from app.models.checkpoints import Checkpoint
+from app.models.datasets import Dataset
+from app.models.events import JobEvent
+from app.models.jobs import Attempt, Job
+from app.models.leases import ServiceLease
+from app.models.metrics import Metric
+from app.models.model_versions import ModelVersion
+from app.models.users import ApiToken, User
+
+__all__ = [
+    "ApiToken",
+    "Attempt",
+    "Base",
+    "Checkpoint",
+    "Dataset",
+    "Job",
+    "JobEvent",
+    "Metric",
+    "ModelVersion",
+    "ServiceLease",
+    "User",
+    "utcnow",
+]

@@ -1,0 +1,63 @@
+"""The Flask front door: the application factory and its ``register_*`` helpers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask
+
+from app import settings as settings_module
+
+
+def build_app(config: dict[str, Any] | None = None) -> Flask:
+    """Create the app; ``config`` may override Kiln settings (``DATABASE_URL``...) and Flask keys."""
+    config = dict(config or {})
+    overrides = {}
+    for key in list(config):
+        field = key.lower()
+        if field in settings_module.Settings.__dataclass_fields__:
+            overrides[field] = config.pop(key)
+    settings = settings_module.SETTINGS.with_overrides(**overrides) if overrides else settings_module.SETTINGS
+
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update(config)
+    app.extensions["kiln"] = settings
+    register_logging(settings)
+    register_sessions(app)
+    register_errors(app)
+    register_blueprints(app)
+    return app
+
+
+def register_logging(settings: settings_module.Settings) -> None:
+    """Key=value log lines at the configured level."""
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def register_sessions(app: Flask) -> None:
+    """One database session per request, closed at teardown."""
+    from app.web.context import close_session
+
+    app.teardown_appcontext(close_session)
+
+
+def register_errors(app: Flask) -> None:
+    """problem+json for the API, plain pages elsewhere."""
+    from app.web.problems import register
+
+    register(app)
+
+
+def register_blueprints(app: Flask) -> None:
+    """The JSON API and the health endpoints."""
+    from app.web.api import api
+    from app.web.health import health
+
+    app.register_blueprint(health)
+    app.register_blueprint(api, url_prefix="/api/v1")

@@ -1,0 +1,150 @@
+"""The JSON API under ``/api/v1``: submit, read, list and control jobs."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, jsonify, request, url_for
+from sqlalchemy import select
+
+from app import catalog, queue
+from app.jobs import service
+from app.jobs.errors import SpecError
+from app.jobs.schemas import parse_spec
+from app.jobs.states import STATES
+from app.models import JobEvent, Metric, ModelVersion
+from app.web import serializers
+from app.web.auth import current_user, load_user
+from app.web.context import db, settings
+from app.web.problems import problem
+
+api = Blueprint("api", __name__)
+api.before_request(load_user)
+log = logging.getLogger(__name__)
+
+MAX_PAGE = 200
+
+
+def _int_arg(name: str, default: int | None, *, lo: int = 1, hi: int | None = None) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SpecError.at(name, f"must be an integer, not {raw!r}") from None
+    if value < lo or (hi is not None and value > hi):
+        raise SpecError.at(name, f"must be between {lo} and {hi}")
+    return value
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if body is None:
+        raise SpecError.at("(body)", "the request body must be a JSON object (Content-Type: application/json)")
+    return body
+
+
+def _publish(job) -> None:
+    if queue.publish(settings(), job_id=job.id, kind=job.kind, token=job.attempts, priority=job.priority):
+        service.mark_published(session=db(), job_id=job.id)
+        db().commit()
+
+
+@api.post("/jobs")
+def submit_job():
+    """Validate a spec, record the job as queued, commit, then publish its wake-up message."""
+    spec = parse_spec(_json_body())
+    session = db()
+    job = service.submit(session=session, owner=current_user(), spec=spec, settings=settings())
+    session.commit()
+    _publish(job)
+    response = jsonify(serializers.job_detail(session, job))
+    response.status_code = 201
+    response.headers["Location"] = url_for("api.get_job", job_id=job.id)
+    return response
+
+
+@api.get("/jobs")
+def list_jobs():
+    """The caller's jobs, newest first; ``limit``, ``cursor``, ``state`` and ``kind`` filter."""
+    state = request.args.get("state")
+    if state and state not in STATES:
+        raise SpecError.at("state", f"must be one of {', '.join(STATES)}")
+    jobs, next_cursor = service.list_jobs(
+        session=db(), user=current_user(), limit=_int_arg("limit", 50, hi=MAX_PAGE),
+        before_id=_int_arg("cursor", None), state=state, kind=request.args.get("kind") or None,
+    )
+    return jsonify(items=[serializers.job_summary(j) for j in jobs],
+                   next_cursor=str(next_cursor) if next_cursor else None)
+
+
+@api.get("/jobs/<int:job_id>")
+def get_job(job_id: int):
+    """One job: state, progress, metrics, checkpoints, result, error."""
+    job = service.get_job(session=db(), user=current_user(), job_id=job_id)
+    return jsonify(serializers.job_detail(db(), job))
+
+
+@api.post("/jobs/<int:job_id>/cancel")
+def cancel_job(job_id: int):
+    """Request cancellation (persisted: works with no worker online)."""
+    job = service.cancel(session=db(), user=current_user(), job_id=job_id)
+    db().commit()
+    return jsonify(serializers.job_detail(db(), job)), 202
+
+
+@api.post("/jobs/<int:job_id>/retry")
+def retry_job(job_id: int):
+    """Queue a failed or cancelled job again; it resumes from its newest valid checkpoint."""
+    job = service.retry(session=db(), user=current_user(), job_id=job_id, settings=settings())
+    db().commit()
+    _publish(job)
+    return jsonify(serializers.job_detail(db(), job)), 202
+
+
+@api.get("/jobs/<int:job_id>/metrics")
+def job_metrics(job_id: int):
+    """Metrics reports in order; ``scope`` (epoch|step|test) and ``after`` (an id) filter."""
+    service.get_job(session=db(), user=current_user(), job_id=job_id)
+    stmt = select(Metric).where(Metric.job_id == job_id).order_by(Metric.id).limit(_int_arg("limit", 1000, hi=10000))
+    if scope := request.args.get("scope"):
+        stmt = stmt.where(Metric.scope == scope)
+    if (after := _int_arg("after", None, lo=0)) is not None:
+        stmt = stmt.where(Metric.id > after)
+    return jsonify(items=[serializers.metric(m) for m in db().execute(stmt).scalars()])
+
+
+@api.get("/jobs/<int:job_id>/events")
+def job_events(job_id: int):
+    """The job's events in order (state changes, resumes, failures)."""
+    service.get_job(session=db(), user=current_user(), job_id=job_id)
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+    if not current_user().is_admin:
+        stmt = stmt.where(JobEvent.kind != "traceback")
+    return jsonify(items=[serializers.event(e) for e in db().execute(stmt).scalars()])
+
+
+@api.get("/models")
+def list_models():
+    """The caller's registered model versions, newest first."""
+    stmt = select(ModelVersion).order_by(ModelVersion.id.desc()).limit(_int_arg("limit", 100, hi=MAX_PAGE))
+    if not current_user().is_admin:
+        stmt = stmt.where(ModelVersion.owner_id == current_user().id)
+    return jsonify(items=[serializers.model_version(m) for m in db().execute(stmt).scalars()])
+
+
+@api.get("/datasets")
+def list_datasets():
+    """Built-in datasets a spec may name."""
+    items = [
+        {"id": f"{catalog.BUILTIN_PREFIX}{d.name}", "task": d.task, "source": d.source, "description": d.description,
+         "rows": d.num_rows, "features": d.num_features, "classes": d.num_classes, "target": d.target}
+        for d in catalog.BUILTIN_DATASETS.values()
+    ]
+    return jsonify(items=items)
+
+
+@api.errorhandler(405)
+def _method_not_allowed(exc):
+    return problem(405, "Method Not Allowed", str(exc.description))

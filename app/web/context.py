@@ -1,0 +1,29 @@
+"""Request-scoped helpers: the database session, the settings, the authenticated user."""
+
+from __future__ import annotations
+
+from flask import current_app, g
+from sqlalchemy.orm import Session
+
+from app.db import session_factory
+from app.settings import Settings
+
+
+def settings() -> Settings:
+    """The settings this app was built with."""
+    return current_app.extensions["kiln"]
+
+
+def db() -> Session:
+    """The request's session (created on first use, closed at teardown)."""
+    if "db_session" not in g:
+        g.db_session = session_factory(settings().database_url)()
+    return g.db_session
+
+
+def close_session(_exc: BaseException | None = None) -> None:
+    """Roll back anything uncommitted and close the request's session."""
+    session = g.pop("db_session", None)
+    if session is not None:
+        session.rollback()
+        session.close()

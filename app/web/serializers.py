@@ -1,0 +1,92 @@
+"""JSON shapes of API resources."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import Checkpoint, Job, JobEvent, Metric, ModelVersion
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC, or None."""
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """The fields shown in job lists."""
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "name": job.name,
+        "state": job.state,
+        "progress": round(job.progress, 4),
+        "epoch": job.epoch,
+        "attempts": job.attempts,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "error": {"class": job.error_class, "message": job.error_message} if job.error_class else None,
+    }
+
+
+def job_detail(session: Session, job: Job) -> dict[str, Any]:
+    """Everything a user needs about one job."""
+    latest = session.execute(
+        select(Metric).where(Metric.job_id == job.id, Metric.scope == "epoch").order_by(Metric.id.desc()).limit(1)
+    ).scalar_one_or_none()
+    checkpoints = session.execute(
+        select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step, Checkpoint.id)
+    ).scalars()
+    model = session.get(ModelVersion, job.model_version_id) if job.model_version_id else None
+    body = job_summary(job)
+    body.update(
+        {
+            "queue": job.queue,
+            "priority": job.priority,
+            "max_attempts": job.max_attempts,
+            "step": job.step,
+            "queued_at": iso(job.queued_at),
+            "updated_at": iso(job.updated_at),
+            "cancel_requested_at": iso(job.cancel_requested_at),
+            "resumed_from_epoch": job.resumed_from_epoch,
+            "latest_metrics": dict(latest.values, epoch=latest.epoch) if latest else None,
+            "checkpoints": [checkpoint(c) for c in checkpoints],
+            "model": model_version(model) if model else None,
+            "result": job.result,
+            "spec": job.spec,
+        }
+    )
+    return body
+
+
+def checkpoint(c: Checkpoint) -> dict[str, Any]:
+    """A checkpoint row."""
+    return {
+        "id": c.id, "epoch": c.epoch, "step": c.step, "attempt": c.attempt, "path": c.path,
+        "size_bytes": c.size_bytes, "sha256": c.sha256, "is_best": c.is_best, "reason": c.reason,
+        "metric": {c.metric_name: c.metric_value} if c.metric_name else None, "created_at": iso(c.created_at),
+    }
+
+
+def model_version(m: ModelVersion) -> dict[str, Any]:
+    """A registered model version."""
+    return {
+        "id": m.id, "name": m.name, "version": m.version, "ref": f"{m.name}@{m.version}", "job_id": m.job_id,
+        "arch": m.arch, "task": m.task, "signature": m.signature, "metrics": m.metrics, "created_at": iso(m.created_at),
+    }
+
+
+def metric(m: Metric) -> dict[str, Any]:
+    """One metrics report."""
+    return {"id": m.id, "attempt": m.attempt, "scope": m.scope, "epoch": m.epoch, "step": m.step,
+            "values": m.values, "at": iso(m.at)}
+
+
+def event(e: JobEvent) -> dict[str, Any]:
+    """One job event."""
+    return {"id": e.id, "at": iso(e.at), "kind": e.kind, "from": e.from_state, "to": e.to_state,
+            "attempt": e.attempt, "message": e.message}

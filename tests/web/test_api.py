@@ -1,0 +1,124 @@
+"""The JSON API without workers: validation, tenancy, authentication, listing, cancellation."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from app.db import session_scope
+from app.models import Job
+
+MLP = {"kind": "train", "name": "digits-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
+       "hyperparameters": {"epochs": 1}}
+
+
+def job_count(settings) -> int:
+    with session_scope(settings.database_url) as s:
+        return s.execute(select(func.count()).select_from(Job)).scalar_one()
+
+
+def test_submit_records_a_queued_job_and_answers_201(client, auth, settings):
+    r = client.post("/api/v1/jobs", json=MLP, headers=auth)
+    assert r.status_code == 201, r.get_json()
+    body = r.get_json()
+    assert body["state"] == "queued" and body["kind"] == "train" and body["name"] == "digits-mlp"
+    assert r.headers["Location"] == f"/api/v1/jobs/{body['id']}"
+    assert client.get(r.headers["Location"], headers=auth).get_json()["id"] == body["id"]
+
+
+@pytest.mark.parametrize(
+    "payload,field",
+    [
+        ({**MLP, "model": {"arch": "resnet50"}}, "model"),
+        ({**MLP, "hyperparameters": {"epochs": -3}}, "hyperparameters.epochs"),
+        ({**MLP, "dataset": {"id": "builtin:imagenet"}}, "dataset.id"),
+        ({**MLP, "dataset": {"id": "builtin:digits", "target": "nope"}}, "dataset.target"),
+        ({"kind": "predict", "model": "999999", "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "no-such-model@latest", "inputs": [[0.0] * 64]}, "model"),
+    ],
+)
+def test_bad_specs_answer_422_problem_json_and_create_nothing(client, auth, settings, payload, field):
+    before = job_count(settings)
+    r = client.post("/api/v1/jobs", json=payload, headers=auth)
+    assert r.status_code == 422
+    assert r.mimetype == "application/problem+json"
+    body = r.get_json()
+    assert body["status"] == 422 and field in body["detail"]
+    assert any(e["field"] == field for e in body["errors"])
+    assert job_count(settings) == before
+
+
+def test_malformed_json_is_a_clear_4xx(client, auth, settings):
+    before = job_count(settings)
+    r = client.post("/api/v1/jobs", data="{not json", headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 422 and r.mimetype == "application/problem+json"
+    assert job_count(settings) == before
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer kiln_wrong"}, {"Authorization": "Basic abc"}])
+def test_missing_or_wrong_token_answers_401(client, headers):
+    r = client.get("/api/v1/jobs", headers=headers)
+    assert r.status_code == 401 and r.mimetype == "application/problem+json"
+    assert "Bearer" in r.headers["WWW-Authenticate"]
+    assert client.post("/api/v1/jobs", json=MLP, headers=headers).status_code == 401
+
+
+def test_another_users_job_is_404_on_every_endpoint(client, make_user):
+    _, alice = make_user()
+    _, bob = make_user()
+    a = {"Authorization": f"Bearer {alice}"}
+    b = {"Authorization": f"Bearer {bob}"}
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=a).get_json()["id"]
+    missing = job_id + 10_000
+    for method, path in [
+        ("get", "/api/v1/jobs/{}"), ("get", "/api/v1/jobs/{}/metrics"), ("get", "/api/v1/jobs/{}/events"),
+        ("post", "/api/v1/jobs/{}/cancel"), ("post", "/api/v1/jobs/{}/retry"),
+    ]:
+        theirs = getattr(client, method)(path.format(job_id), headers=b)
+        absent = getattr(client, method)(path.format(missing), headers=b)
+        assert theirs.status_code == absent.status_code == 404, path
+        assert theirs.get_json()["detail"].replace(str(job_id), "N") == absent.get_json()["detail"].replace(str(missing), "N")
+    assert job_id not in [j["id"] for j in client.get("/api/v1/jobs", headers=b).get_json()["items"]]
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=a).status_code == 200
+
+
+def test_admin_sees_every_job(client, make_user):
+    _, alice = make_user()
+    _, admin = make_user(admin=True)
+    job_id = client.post("/api/v1/jobs", json=MLP, headers={"Authorization": f"Bearer {alice}"}).get_json()["id"]
+    assert client.get(f"/api/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+
+
+def test_list_is_newest_first_with_a_cursor(client, auth):
+    ids = [client.post("/api/v1/jobs", json={**MLP, "name": f"j{i}"}, headers=auth).get_json()["id"] for i in range(5)]
+    page1 = client.get("/api/v1/jobs?limit=2", headers=auth).get_json()
+    assert [j["id"] for j in page1["items"]] == ids[::-1][:2]
+    page2 = client.get(f"/api/v1/jobs?limit=2&cursor={page1['next_cursor']}", headers=auth).get_json()
+    assert [j["id"] for j in page2["items"]] == ids[::-1][2:4]
+    page3 = client.get(f"/api/v1/jobs?limit=2&cursor={page2['next_cursor']}", headers=auth).get_json()
+    assert [j["id"] for j in page3["items"]] == ids[:1] and page3["next_cursor"] is None
+    assert client.get("/api/v1/jobs?limit=0", headers=auth).status_code == 422
+    assert client.get("/api/v1/jobs?limit=abc", headers=auth).status_code == 422
+
+
+def test_cancel_of_a_queued_job_is_immediate_and_persisted(client, auth):
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=auth).get_json()["id"]
+    r = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth)
+    assert r.status_code == 202
+    body = r.get_json()
+    assert body["state"] == "cancelled" and body["cancel_requested_at"]
+    events = client.get(f"/api/v1/jobs/{job_id}/events", headers=auth).get_json()["items"]
+    assert [(e["from"], e["to"]) for e in events if e["kind"] == "state"] == [("queued", "cancelled")]
+    again = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth)
+    assert again.status_code == 409 and again.mimetype == "application/problem+json"
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["checks"] == {"database": "ok", "broker": "ok"}
+
+
+def test_unknown_api_route_is_problem_json(client, auth):
+    r = client.get("/api/v1/nope", headers=auth)
+    assert r.status_code == 404 and r.mimetype == "application/problem+json"

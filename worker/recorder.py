@@ -1,0 +1,126 @@
+"""The recorder: a running attempt's fenced link to the database (metrics, checkpoints, lease).
+
+It implements ``worker.ml.hooks.TrainingHooks``. A heartbeat thread renews the lease and reads
+the persisted cancel flag, so a stop request reaches the training loop within one heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from app import storage
+from app.db import session_scope
+from app.jobs import attempts
+from app.jobs.errors import StaleAttempt
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    """Writes one attempt's progress, always under its fencing token and lease owner."""
+
+    def __init__(self, *, job_id: int, token: int, owner: str, settings: Settings, keep_last: int,
+                 max_runtime_s: float, total_epochs: int | None = None):
+        self.job_id, self.token, self.owner, self.settings = job_id, token, owner, settings
+        self.keep_last = keep_last
+        self.total_epochs = total_epochs
+        self.deadline = time.monotonic() + max_runtime_s
+        self.best_checkpoint_id: int | None = None
+        self.last_checkpoint_id: int | None = None
+        self._reason: str | None = None
+        self._lost = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{job_id}", daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> "Recorder":
+        """Start renewing the lease in the background."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the heartbeat thread."""
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the training loop to stop at its next step check (first reason wins)."""
+        if self._reason is None:
+            self._reason = reason
+
+    @property
+    def lost(self) -> bool:
+        """Whether the lease was lost (another attempt owns the job now)."""
+        return self._lost
+
+    def _heartbeat(self) -> None:
+        interval = max(0.2, min(self.settings.heartbeat_seconds, self.settings.lease_seconds / 3))
+        while not self._done.wait(interval):
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    job = attempts.renew(
+                        session=session, job_id=self.job_id, token=self.token, owner=self.owner,
+                        lease_seconds=self.settings.lease_seconds,
+                    )
+                    if job.cancel_requested_at is not None:
+                        self.request_stop("cancel")
+            except StaleAttempt:
+                log.warning("event=lease_lost job_id=%s attempt=%s", self.job_id, self.token)
+                self._lost = True
+                self.request_stop("stale")
+                return
+            except Exception as exc:  # noqa: BLE001 - a database blip must not kill the heartbeat
+                log.warning("event=heartbeat_failed job_id=%s attempt=%s error=%r", self.job_id, self.token, exc)
+
+    # -- TrainingHooks -----------------------------------------------------------------------
+
+    def stop_reason(self) -> str | None:
+        """Why the run must stop now, or None."""
+        if self._reason is None and time.monotonic() > self.deadline:
+            self._reason = "timeout"
+        return self._reason
+
+    def on_metrics(self, scope: str, epoch: int, step: int, values: dict[str, float]) -> None:
+        """Store a metrics report under the lease."""
+        progress = None
+        if scope == "epoch" and self.total_epochs:
+            progress = epoch / self.total_epochs
+        with session_scope(self.settings.database_url) as session:
+            attempts.record_metrics(
+                session=session, job_id=self.job_id, token=self.token, owner=self.owner,
+                lease_seconds=self.settings.lease_seconds, scope=scope, epoch=epoch, step=step,
+                values={k: float(v) for k, v in values.items()}, progress=progress,
+            )
+
+    def on_progress(self, epoch: int, step: int, fraction: float) -> None:
+        """Progress travels with metrics; nothing extra to write."""
+
+    def on_checkpoint(self, epoch: int, step: int, data: bytes, *, metric_name: str | None,
+                      metric_value: float | None, is_best: bool, reason: str) -> None:
+        """Write the file atomically, then its row (fenced); apply retention, file first."""
+        root = self.settings.storage_root
+        relative = f"jobs/{self.job_id}/checkpoints/a{self.token}-e{epoch:05d}-s{step:09d}.safetensors"
+        size, digest = storage.write_atomic(root, relative, data)
+        try:
+            with session_scope(self.settings.database_url) as session:
+                row = attempts.add_checkpoint(
+                    session=session, job_id=self.job_id, token=self.token, owner=self.owner,
+                    lease_seconds=self.settings.lease_seconds, epoch=epoch, step=step, path=relative,
+                    size=size, sha256=digest, metric_name=metric_name, metric_value=metric_value,
+                    is_best=is_best, reason=reason,
+                )
+                self.last_checkpoint_id = row.id
+                if is_best:
+                    self.best_checkpoint_id = row.id
+                for old in attempts.expired_checkpoints(session=session, job_id=self.job_id, keep_last=self.keep_last):
+                    storage.delete(root, old.path)
+                    session.delete(old)
+        except StaleAttempt:
+            storage.delete(root, relative)
+            raise
+        log.info("event=checkpoint job_id=%s attempt=%s epoch=%s step=%s bytes=%s", self.job_id, self.token, epoch, step, size)
+
