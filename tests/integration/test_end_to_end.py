@@ -1,0 +1,103 @@
+"""End to end on real parts: the API, a real Redis, a real Celery worker process, real training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app import storage
+from app.jobs.schemas import SplitConfig
+from tests.conftest import wait_for_job
+
+pytestmark = pytest.mark.integration
+
+
+def held_out_digits(n: int = 50) -> tuple[list[list[float]], list[int]]:
+    """``n`` digits from the test split, which no training job ever sees."""
+    from worker.ml.datasets import load_builtin_raw, split_indices
+
+    x, y = load_builtin_raw("digits")
+    _, _, test_idx = split_indices(len(x), SplitConfig())
+    idx = np.asarray(test_idx)[:n]
+    return x[idx].tolist(), [int(v) for v in y[idx]]
+
+
+def train_and_check(client, auth, worker, settings, model: dict, hyperparameters: dict, min_accuracy: float) -> dict:
+    spec = {"kind": "train", "name": f"digits-{model['arch']}", "model": model,
+            "dataset": {"id": "builtin:digits"}, "hyperparameters": hyperparameters}
+    r = client.post("/api/v1/jobs", json=spec, headers=auth)
+    assert r.status_code == 201, r.get_json()
+    job = wait_for_job(client, auth, r.get_json()["id"], worker=worker)
+    assert job["state"] == "succeeded", job
+    assert job["progress"] == 1.0
+
+    epochs = [m for m in client.get(f"/api/v1/jobs/{job['id']}/metrics?scope=epoch", headers=auth).get_json()["items"]]
+    assert [m["epoch"] for m in epochs] == list(range(1, hyperparameters["epochs"] + 1))
+    assert epochs[-1]["values"]["train_loss"] < epochs[0]["values"]["train_loss"]
+    assert job["latest_metrics"]["val_accuracy"] >= min_accuracy, job["latest_metrics"]
+
+    assert job["checkpoints"], "every training job writes checkpoints"
+    for ckpt in job["checkpoints"]:
+        path = storage.resolve(settings.storage_root, ckpt["path"])
+        assert path.is_file()
+        assert storage.sha256_bytes(path.read_bytes()) == ckpt["sha256"]
+        assert path.stat().st_size == ckpt["size_bytes"]
+    assert job["model"]["ref"] == f"digits-{model['arch']}@1" or job["model"]["name"] == f"digits-{model['arch']}"
+    return job
+
+
+def predict_and_score(client, auth, worker, model_ref: str, n: int = 50) -> float:
+    inputs, labels = held_out_digits(n)
+    r = client.post("/api/v1/jobs", json={"kind": "predict", "model": model_ref, "inputs": inputs}, headers=auth)
+    assert r.status_code == 201, r.get_json()
+    job = wait_for_job(client, auth, r.get_json()["id"], worker=worker)
+    assert job["state"] == "succeeded", job
+    predictions = job["result"]["predictions"]
+    assert len(predictions) == n
+    assert all(abs(sum(p["probabilities"]) - 1.0) < 1e-4 for p in predictions)
+    return sum(int(p["class"]) == label for p, label in zip(predictions, labels)) / n
+
+
+def test_digits_mlp_trains_registers_and_predicts(client, auth, worker, settings):
+    job = train_and_check(client, auth, worker, settings, {"arch": "mlp", "hidden_sizes": [128]},
+                          {"epochs": 8, "batch_size": 32, "learning_rate": 0.003}, min_accuracy=0.9)
+    accuracy = predict_and_score(client, auth, worker, str(job["id"]))
+    assert accuracy >= 0.9, accuracy
+
+
+def test_digits_lstm_tiny_preset(client, auth, worker, settings):
+    # Bar 0.85: a tiny 1-layer LSTM reading the 8 image rows as 8 steps, a few epochs on CPU.
+    job = train_and_check(client, auth, worker, settings, {"arch": "lstm", "hidden_size": 64},
+                          {"epochs": 8, "batch_size": 32, "learning_rate": 0.005}, min_accuracy=0.85)
+    assert predict_and_score(client, auth, worker, f"{job['model']['name']}@latest") >= 0.85
+
+
+def test_digits_transformer_tiny_preset(client, auth, worker, settings):
+    # Bar 0.85: a 1-layer, 32-wide encoder over the 8 rows, a few epochs on CPU.
+    job = train_and_check(
+        client, auth, worker, settings,
+        {"arch": "transformer", "d_model": 32, "nhead": 4, "num_layers": 1, "dim_feedforward": 64, "dropout": 0.0},
+        {"epochs": 8, "batch_size": 32, "learning_rate": 0.003}, min_accuracy=0.85,
+    )
+    assert predict_and_score(client, auth, worker, str(job["id"])) >= 0.85
+
+
+def test_prediction_with_wrong_input_width_is_422_and_creates_nothing(client, auth, worker, settings):
+    job = train_and_check(client, auth, worker, settings, {"arch": "mlp", "hidden_sizes": [32]},
+                          {"epochs": 2}, min_accuracy=0.5)
+    before = client.get("/api/v1/jobs?limit=200", headers=auth).get_json()["items"]
+    r = client.post("/api/v1/jobs", json={"kind": "predict", "model": str(job["id"]), "inputs": [[0.0] * 63]},
+                    headers=auth)
+    assert r.status_code == 422 and r.mimetype == "application/problem+json"
+    assert r.get_json()["errors"][0]["field"] == "inputs[0]" and "expects 64" in r.get_json()["detail"]
+    assert client.get("/api/v1/jobs?limit=200", headers=auth).get_json()["items"] == before
+
+
+def test_another_user_cannot_predict_with_my_model(client, make_user, worker, settings):
+    _, alice = make_user()
+    _, bob = make_user()
+    a, b = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    job = train_and_check(client, a, worker, settings, {"arch": "mlp", "hidden_sizes": [16]}, {"epochs": 1}, 0.3)
+    r = client.post("/api/v1/jobs", json={"kind": "predict", "model": str(job["id"]), "inputs": [[0.0] * 64]},
+                    headers=b)
+    assert r.status_code == 422 and "no trained model" in r.get_json()["detail"]
