@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app import catalog
+from app import catalog, datasets
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import PredictSpec, TrainSpec
@@ -96,9 +96,14 @@ def _check_train(session: Session, user: User, spec: TrainSpec) -> None:
                 raise SpecError.at(f"dataset.features[{i}]", f"column {name!r} is not numeric")
         if ds.target is None and ds.task != catalog.FORECASTING:
             raise SpecError.at("dataset.target", "an uploaded dataset needs a target column")
-        task = ds.task or dataset.schema.get("task", catalog.CLASSIFICATION)
+        task = ds.task or datasets.default_task(dataset.schema, target=ds.target, text_column=ds.text_column)
         if task == catalog.TEXT_CLASSIFICATION and ds.text_column is None:
             raise SpecError.at("dataset.text_column", "text classification needs a text column")
+        if task in (catalog.CLASSIFICATION, catalog.TEXT_CLASSIFICATION) and ds.target is not None:
+            if columns[ds.target]["distinct"] < 2:
+                raise SpecError.at("dataset.target", f"target {ds.target!r} has a single class; a classifier needs two or more")
+        if task in (catalog.REGRESSION, catalog.FORECASTING) and ds.target is not None and not columns[ds.target]["numeric"]:
+            raise SpecError.at("dataset.target", f"target {ds.target!r} is not numeric, so it cannot be a {task} target")
         if task == catalog.FORECASTING and (ds.window or 16) + ds.horizon >= dataset.num_rows:
             raise SpecError.at("dataset.window", f"{dataset.num_rows} rows are too few for window {ds.window or 16} and horizon {ds.horizon}")
     if task == catalog.TEXT_CLASSIFICATION and spec.model.arch == "cnn1d" and spec.model.kernel_size > ds.max_tokens:

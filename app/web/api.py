@@ -7,7 +7,7 @@ import logging
 from flask import Blueprint, jsonify, request, url_for
 from sqlalchemy import select
 
-from app import catalog, queue
+from app import catalog, datasets, queue
 from app.jobs import service
 from app.jobs.errors import SpecError
 from app.jobs.schemas import parse_spec
@@ -136,13 +136,38 @@ def list_models():
 
 @api.get("/datasets")
 def list_datasets():
-    """Built-in datasets a spec may name."""
-    items = [
-        {"id": f"{catalog.BUILTIN_PREFIX}{d.name}", "task": d.task, "source": d.source, "description": d.description,
-         "rows": d.num_rows, "features": d.num_features, "classes": d.num_classes, "target": d.target}
+    """Built-in datasets a spec may name, then the caller's uploads."""
+    builtins = [
+        {"id": f"{catalog.BUILTIN_PREFIX}{d.name}", "builtin": True, "task": d.task, "source": d.source,
+         "description": d.description, "rows": d.num_rows, "features": d.num_features,
+         "classes": d.num_classes, "target": d.target}
         for d in catalog.BUILTIN_DATASETS.values()
     ]
-    return jsonify(items=items)
+    uploads = [serializers.dataset(d) for d in datasets.list_owned(session=db(), user=current_user())]
+    return jsonify(items=builtins + uploads)
+
+
+@api.post("/datasets")
+def upload_dataset():
+    """Upload a CSV, JSONL or Parquet file (multipart field ``file``); answers with its inferred schema."""
+    upload = request.files.get("file")
+    if upload is None or not upload.filename:
+        raise SpecError.at("file", "send the dataset as a multipart/form-data field named 'file'")
+    dataset = datasets.upload(
+        session=db(), owner=current_user(), filename=upload.filename, data=upload.read(), settings=settings(),
+        declared_format=request.form.get("format") or None, name=request.form.get("name") or None,
+    )
+    db().commit()
+    response = jsonify(serializers.dataset(dataset))
+    response.status_code = 201
+    response.headers["Location"] = url_for("api.get_dataset", dataset_id=dataset.id)
+    return response
+
+
+@api.get("/datasets/<int:dataset_id>")
+def get_dataset(dataset_id: int):
+    """One uploaded dataset with its schema."""
+    return jsonify(serializers.dataset(datasets.get(session=db(), user=current_user(), dataset_id=dataset_id)))
 
 
 @api.errorhandler(405)

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Checkpoint, Job, JobEvent, Metric, ModelVersion
+from app.models import Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion
 
 
 def iso(value: datetime | None) -> str | None:
@@ -90,3 +90,9 @@ def event(e: JobEvent) -> dict[str, Any]:
     """One job event."""
     return {"id": e.id, "at": iso(e.at), "kind": e.kind, "from": e.from_state, "to": e.to_state,
             "attempt": e.attempt, "message": e.message}
+
+
+def dataset(d: Dataset) -> dict[str, Any]:
+    """An uploaded dataset with its inferred schema."""
+    return {"id": f"dataset:{d.id}", "builtin": False, "name": d.name, "format": d.format, "rows": d.num_rows,
+            "size_bytes": d.size_bytes, "sha256": d.sha256, "schema": d.schema, "created_at": iso(d.created_at)}

@@ -1,0 +1,114 @@
+"""Uploaded datasets: format detection, schema inference and storage (pandas, no torch)."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import storage
+from app.jobs.errors import NotFound, SpecError
+from app.models import Dataset, User
+from app.settings import Settings
+
+FORMATS = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "parquet": "parquet"}
+MAX_SAMPLE_VALUES = 5
+
+
+def detect_format(filename: str, declared: str | None = None) -> str:
+    """The dataset format from an explicit ``format`` field or the file extension."""
+    name = (declared or filename.rsplit(".", 1)[-1]).lower()
+    if name not in FORMATS:
+        raise SpecError.at("file", f"unsupported format {name!r}; upload CSV (.csv), JSON Lines (.jsonl) or Parquet (.parquet)")
+    return FORMATS[name]
+
+
+def read_frame(data: bytes, fmt: str):
+    """Parse bytes as a pandas DataFrame, or raise SpecError saying what is wrong."""
+    import pandas as pd
+
+    if not data.strip():
+        raise SpecError.at("file", "the file is empty")
+    try:
+        if fmt == "csv":
+            frame = pd.read_csv(io.BytesIO(data))
+        elif fmt == "jsonl":
+            frame = pd.read_json(io.BytesIO(data), lines=True)
+        else:
+            frame = pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - any parser error is the uploader's to fix
+        raise SpecError.at("file", f"could not read the file as {fmt}: {exc}") from None
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise SpecError.at("file", "the file has no rows or no columns")
+    return frame
+
+
+def infer_schema(frame) -> dict[str, Any]:
+    """Columns with dtype, whether numeric, distinct count and a few sample values."""
+    import pandas as pd
+
+    columns = []
+    for name in frame.columns:
+        series = frame[name]
+        numeric = bool(pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series))
+        samples = series.dropna().head(MAX_SAMPLE_VALUES).tolist()
+        columns.append({
+            "name": str(name), "dtype": str(series.dtype), "numeric": numeric,
+            "distinct": int(series.nunique(dropna=True)), "missing": int(series.isna().sum()),
+            "samples": [s if isinstance(s, (int, float, bool)) else str(s)[:80] for s in samples],
+        })
+    return {"columns": columns, "rows": int(frame.shape[0])}
+
+
+def default_task(schema: dict[str, Any], *, target: str | None, text_column: str | None) -> str:
+    """The task an uploaded dataset implies when the spec names none.
+
+    A text column means text classification; a numeric target with more than 20 distinct values
+    means regression; any other target means classification; no target means forecasting.
+    """
+    if text_column:
+        return "text_classification"
+    if target is None:
+        return "forecasting"
+    column = next((c for c in schema.get("columns", []) if c["name"] == target), None)
+    if column and column["numeric"] and column["distinct"] > 20:
+        return "regression"
+    return "classification"
+
+
+def upload(*, session: Session, owner: User, filename: str, data: bytes, settings: Settings,
+           declared_format: str | None = None, name: str | None = None) -> Dataset:
+    """Validate and store an uploaded file, record it with its sha256 and inferred schema."""
+    fmt = detect_format(filename, declared_format)
+    frame = read_frame(data, fmt)
+    schema = infer_schema(frame)
+    relative = f"datasets/{owner.id}/{uuid.uuid4().hex}.{fmt}"
+    size, digest = storage.write_atomic(settings.storage_root, relative, data)
+    dataset = Dataset(
+        owner_id=owner.id, name=(name or filename)[:200], format=fmt, path=relative, size_bytes=size,
+        sha256=digest, num_rows=schema["rows"], schema=schema,
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get(*, session: Session, user: User, dataset_id: int) -> Dataset:
+    """An uploaded dataset the user may see (others' answer NotFound)."""
+    stmt = select(Dataset).where(Dataset.id == dataset_id)
+    if not user.is_admin:
+        stmt = stmt.where(Dataset.owner_id == user.id)
+    dataset = session.execute(stmt).scalar_one_or_none()
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} not found")
+    return dataset
+
+
+def list_owned(*, session: Session, user: User) -> list[Dataset]:
+    """The user's uploaded datasets, newest first."""
+    return list(session.execute(
+        select(Dataset).where(Dataset.owner_id == user.id).order_by(Dataset.id.desc())
+    ).scalars())
