@@ -31,7 +31,7 @@ class Settings:
     # Leases: a running attempt renews its lease every ``heartbeat_seconds``; the reaper takes
     # back a job whose lease has been expired for longer than ``lease_seconds``.
     lease_seconds: float = 30.0
-    heartbeat_seconds: float = 5.0
+    heartbeat_seconds: float = 2.0
     # The reconciler republishes a queued job nobody claimed after this long.
     requeue_after_seconds: float = 60.0
     reaper_interval_seconds: float = 5.0

@@ -68,6 +68,8 @@ class Recorder:
                     )
                     if job.cancel_requested_at is not None:
                         self.request_stop("cancel")
+                    elif job.pause_requested_at is not None:
+                        self.request_stop("pause")
             except StaleAttempt:
                 log.warning("event=lease_lost job_id=%s attempt=%s", self.job_id, self.token)
                 self._lost = True

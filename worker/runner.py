@@ -16,6 +16,7 @@ from app.jobs.errors import JobFailure, JobTimeout, StaleAttempt, UserError
 from app.jobs.schemas import PredictSpec, TrainSpec, parse_spec
 from app.models import Checkpoint, Dataset, Job, ModelVersion, utcnow
 from app.settings import Settings
+from worker import failpoints
 from worker.recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def _model_checkpoint(session, model: ModelVersion, settings: Settings) -> bytes
 def _train(job_id: int, spec: TrainSpec, recorder: Recorder, settings: Settings) -> str:
     from worker.ml import training
 
+    failpoints.check_job(spec.name)
     resume, resume_epoch = _load_resume(job_id, recorder.token, settings)
     init_from = dataset_file = dataset_format = None
     with session_scope(settings.database_url) as session:

@@ -59,7 +59,13 @@ def requeue_or_fail(
 ) -> str:
     """Return a running job to the queue (attempts left, with backoff) or fail it; returns the new state."""
     token = job.attempts
-    if retryable and job.attempts < job.max_attempts:
+    if job.cancel_requested_at is not None or job.pause_requested_at is not None:
+        # The user asked this job to stop: honour that instead of retrying it.
+        to = states.CANCELLED if job.cancel_requested_at is not None else states.PAUSED
+        ok = states.transition(session, job.id, to=to, expect=states.RUNNING, token=token,
+                               message=f"{message}; {to} as requested", data={"error_class": error_class})
+        new_state = to
+    elif retryable and job.attempts < job.max_attempts:
         ok = states.transition(
             session, job.id, to=states.QUEUED, expect=states.RUNNING, token=token,
             values={"not_before": now + timedelta(seconds=backoff_seconds(token)), "published_at": None},

@@ -181,6 +181,35 @@ def cancel(*, session: Session, user: User, job_id: int) -> Job:
     return job
 
 
+def pause(*, session: Session, user: User, job_id: int) -> Job:
+    """Pause a job: a queued one at once; a running one checkpoints at its next step and frees its worker."""
+    job = get_job(session=session, user=user, job_id=job_id)
+    if job.state not in (states.QUEUED, states.RUNNING):
+        raise Conflict(f"only queued or running jobs can be paused; job {job_id} is {job.state}")
+    if job.kind != "train":
+        raise Conflict("only training jobs can be paused")
+    if job.pause_requested_at is None:
+        job.pause_requested_at = utcnow()
+        session.flush()
+    states.transition(session, job_id, to=states.PAUSED, expect=states.QUEUED, message="paused before it ran")
+    session.refresh(job)
+    return job
+
+
+def resume(*, session: Session, user: User, job_id: int) -> Job:
+    """Queue a paused job again; it continues from its newest valid checkpoint."""
+    job = get_job(session=session, user=user, job_id=job_id)
+    ok = states.transition(
+        session, job_id, to=states.QUEUED, expect=states.PAUSED,
+        values={"pause_requested_at": None, "published_at": None, "not_before": None},
+        event="resume", message="resumed by user",
+    )
+    if not ok:
+        raise Conflict(f"only paused jobs can be resumed; job {job_id} is {job.state}")
+    session.refresh(job)
+    return job
+
+
 def retry(*, session: Session, user: User, job_id: int, settings: Settings) -> Job:
     """Queue a failed or cancelled job again; it resumes from its newest valid checkpoint."""
     job = get_job(session=session, user=user, job_id=job_id)
@@ -190,7 +219,8 @@ def retry(*, session: Session, user: User, job_id: int, settings: Settings) -> J
     ok = states.transition(
         session, job_id, to=states.QUEUED, expect=(states.FAILED, states.CANCELLED),
         values={
-            "max_attempts": job.attempts + budget, "cancel_requested_at": None, "error_class": None,
+            "max_attempts": job.attempts + budget, "cancel_requested_at": None, "pause_requested_at": None,
+            "error_class": None,
             "error_message": None, "published_at": None, "not_before": None,
         },
         event="retry", message="retried by user",

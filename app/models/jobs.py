@@ -35,6 +35,7 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pause_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     progress: Mapped[float] = mapped_column(default=0.0)
     epoch: Mapped[int] = mapped_column(default=0)
     step: Mapped[int] = mapped_column(default=0)

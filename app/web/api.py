@@ -103,6 +103,23 @@ def retry_job(job_id: int):
     return jsonify(serializers.job_detail(db(), job)), 202
 
 
+@api.post("/jobs/<int:job_id>/pause")
+def pause_job(job_id: int):
+    """Pause: checkpoint and free the worker (a queued job pauses at once)."""
+    job = service.pause(session=db(), user=current_user(), job_id=job_id)
+    db().commit()
+    return jsonify(serializers.job_detail(db(), job)), 202
+
+
+@api.post("/jobs/<int:job_id>/resume")
+def resume_job(job_id: int):
+    """Queue a paused job again; it continues from its checkpoint."""
+    job = service.resume(session=db(), user=current_user(), job_id=job_id)
+    db().commit()
+    _publish(job)
+    return jsonify(serializers.job_detail(db(), job)), 202
+
+
 @api.get("/jobs/<int:job_id>/metrics")
 def job_metrics(job_id: int):
     """Metrics reports in order; ``scope`` (epoch|step|test) and ``after`` (an id) filter."""

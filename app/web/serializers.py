@@ -52,6 +52,7 @@ def job_detail(session: Session, job: Job) -> dict[str, Any]:
             "queued_at": iso(job.queued_at),
             "updated_at": iso(job.updated_at),
             "cancel_requested_at": iso(job.cancel_requested_at),
+            "pause_requested_at": iso(job.pause_requested_at),
             "resumed_from_epoch": job.resumed_from_epoch,
             "latest_metrics": dict(latest.values, epoch=latest.epoch) if latest else None,
             "checkpoints": [checkpoint(c) for c in checkpoints],

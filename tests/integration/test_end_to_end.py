@@ -97,7 +97,7 @@ def test_another_user_cannot_predict_with_my_model(client, make_user, worker, se
     _, alice = make_user()
     _, bob = make_user()
     a, b = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
-    job = train_and_check(client, a, worker, settings, {"arch": "mlp", "hidden_sizes": [16]}, {"epochs": 1}, 0.3)
+    job = train_and_check(client, a, worker, settings, {"arch": "mlp", "hidden_sizes": [16]}, {"epochs": 2}, 0.3)
     r = client.post("/api/v1/jobs", json={"kind": "predict", "model": str(job["id"]), "inputs": [[0.0] * 64]},
                     headers=b)
     assert r.status_code == 422 and "no trained model" in r.get_json()["detail"]

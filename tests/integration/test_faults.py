@@ -1,0 +1,186 @@
+"""Fault injection on real parts: SIGKILL, SIGSTOP, SIGTERM, cancel, pause, poison jobs, lost publishes.
+
+Each test states its pass criterion in its assertions. The cluster has its own database, its own
+Redis, real ``kiln worker`` processes and a real ``kiln reaper`` with a 4 s lease.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from app import queue
+from app.db import session_scope
+from app.jobs import service
+from app.jobs.schemas import parse_spec
+from app.models import Checkpoint, JobEvent, Metric, User
+from tests.integration.cluster import Cluster, assert_no_overlap
+
+pytestmark = pytest.mark.integration
+
+# About one second per epoch on one CPU thread: long enough to interrupt mid-epoch.
+SLOW = {"kind": "train", "model": {"arch": "gru", "hidden_size": 128, "num_layers": 2},
+        "dataset": {"id": "builtin:digits"}, "hyperparameters": {"epochs": 8, "batch_size": 8, "seed": 3}}
+LOSS_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_f1")
+
+
+def slow(name: str, **hyper) -> dict:
+    return {**SLOW, "name": name, "hyperparameters": {**SLOW["hyperparameters"], **hyper}}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    env = {"KILN_FAILPOINT_FAIL_JOBS_NAMED": "poison"}
+    c.start_worker(**env)
+    c.start_worker(**env)
+    c.start_reaper()
+    c.failpoint_env = env
+    yield c
+    c.close()
+
+
+def running_at_epoch(cluster: Cluster, job_id: int, epoch: int) -> dict:
+    return cluster.wait(job_id, states=("running",), until=lambda j: j["epoch"] >= epoch)
+
+
+def test_sigkill_mid_epoch_resumes_from_checkpoint_with_identical_weights(cluster):
+    reference = cluster.submit(slow("reference"))
+    killed = cluster.submit(slow("killed"))
+    running_at_epoch(cluster, killed, 3)
+    victim = cluster.worker_running(killed)
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait()
+    newest_at_kill = max(c.epoch for c in cluster.rows(Checkpoint, killed))
+    cluster.start_worker(**cluster.failpoint_env)  # a replacement, so the job need not wait for the other
+
+    job = cluster.wait(killed, timeout=150)
+    ref = cluster.wait(reference, timeout=150)
+    assert job["state"] == ref["state"] == "succeeded", job
+    attempts = cluster.attempts(killed)
+    assert [a.number for a in attempts] == [1, 2]
+    assert attempts[0].outcome == "worker_lost"
+    assert_no_overlap(attempts)
+    assert job["resumed_from_epoch"] == newest_at_kill >= 2
+    assert any(e.kind == "resumed" for e in cluster.rows(JobEvent, killed))
+
+    # The resumed run ends exactly where an uninterrupted one does.
+    mine, theirs = cluster.final_weights(killed), cluster.final_weights(reference)
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.allclose(mine[key], theirs[key], atol=1e-6), key
+    for key in LOSS_KEYS:
+        assert job["result"]["final_metrics"][key] == pytest.approx(ref["result"]["final_metrics"][key], abs=1e-6)
+
+    # At most the interrupted epoch was redone: attempt 2 reports epochs after the checkpoint only.
+    second = [m.epoch for m in cluster.rows(Metric, killed) if m.attempt == 2 and m.scope == "epoch"]
+    assert second[0] == job["resumed_from_epoch"] + 1
+
+
+def test_sigstopped_worker_past_its_lease_has_its_late_writes_refused(cluster):
+    job_id = cluster.submit(slow("stopped"))
+    running_at_epoch(cluster, job_id, 2)
+    frozen = cluster.worker_running(job_id)
+    os.kill(frozen.proc.pid, signal.SIGSTOP)
+    try:
+        cluster.wait(job_id, states=("running",), until=lambda j: j["attempts"] == 2, timeout=60)
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+    job = cluster.wait(job_id, timeout=150)
+    assert job["state"] == "succeeded"
+    first, second = cluster.attempts(job_id)
+    assert_no_overlap([first, second])
+    # Nothing the first attempt tried after losing its lease was stored.
+    assert all(m.at <= first.ended_at for m in cluster.rows(Metric, job_id) if m.attempt == 1)
+    assert all(c.created_at <= first.ended_at for c in cluster.rows(Checkpoint, job_id) if c.attempt == 1)
+    finished = [e for e in cluster.rows(JobEvent, job_id) if e.to_state == "succeeded"]
+    assert [e.attempt for e in finished] == [2]
+    deadline = time.monotonic() + 20
+    while "lease_lost" not in frozen.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "lease_lost" in frozen.log()
+
+
+def test_sigterm_checkpoints_and_requeues_the_running_job(cluster):
+    job_id = cluster.submit(slow("drained"))
+    running_at_epoch(cluster, job_id, 2)
+    leaving = cluster.worker_running(job_id)
+    leaving.proc.send_signal(signal.SIGTERM)
+    assert leaving.proc.wait(timeout=30) is not None
+    job = cluster.wait(job_id, timeout=150)
+    assert job["state"] == "succeeded"
+    events = cluster.rows(JobEvent, job_id)
+    assert any(e.to_state == "queued" and "shutting down" in (e.message or "") for e in events)
+    assert job["resumed_from_epoch"] is not None and job["resumed_from_epoch"] >= 2
+    assert cluster.attempts(job_id)[0].outcome == "queued"
+    cluster.start_worker(**cluster.failpoint_env)
+
+
+def test_cancelling_a_running_job_stops_it_within_five_seconds_with_a_checkpoint(cluster):
+    job_id = cluster.submit(slow("cancelled", epochs=30))
+    running_at_epoch(cluster, job_id, 1)
+    started = time.monotonic()
+    assert cluster.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=cluster.auth).status_code == 202
+    job = cluster.wait(job_id, states=("cancelled",), timeout=15)
+    assert time.monotonic() - started < 5.0
+    assert any(c["reason"] == "cancel" for c in job["checkpoints"])
+
+    # Retry continues from that checkpoint.
+    assert cluster.client.post(f"/api/v1/jobs/{job_id}/retry", headers=cluster.auth).status_code == 202
+    resumed = cluster.wait(job_id, states=("running", "succeeded"), until=lambda j: j["attempts"] == 2)
+    assert resumed["resumed_from_epoch"] is not None and resumed["resumed_from_epoch"] >= 1
+    cluster.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=cluster.auth)
+    assert cluster.wait(job_id, states=("cancelled",), timeout=15)["state"] == "cancelled"
+
+
+def test_pause_frees_the_worker_and_resume_continues(cluster):
+    job_id = cluster.submit(slow("paused"))
+    running_at_epoch(cluster, job_id, 2)
+    assert cluster.client.post(f"/api/v1/jobs/{job_id}/pause", headers=cluster.auth).status_code == 202
+    paused = cluster.wait(job_id, states=("paused",), timeout=15)
+    assert any(c["reason"] == "pause" for c in paused["checkpoints"])
+    assert cluster.client.post(f"/api/v1/jobs/{job_id}/resume", headers=cluster.auth).status_code == 202
+    job = cluster.wait(job_id, timeout=150)
+    assert job["state"] == "succeeded" and job["resumed_from_epoch"] >= 2
+    assert any(e["message"] and e["message"].startswith("resumed from epoch") for e in
+               cluster.client.get(f"/api/v1/jobs/{job_id}/events", headers=cluster.auth).get_json()["items"])
+
+
+def _submit_without_publishing(cluster: Cluster, spec: dict) -> int:
+    """What the web does up to the commit, then "crashes" before publishing."""
+    with session_scope(cluster.settings.database_url) as s:
+        owner = s.query(User).order_by(User.id).first()
+        job = service.submit(session=s, owner=owner, spec=parse_spec(spec), settings=cluster.settings)
+        return job.id
+
+
+def test_a_crash_between_commit_and_publish_still_runs_the_job(cluster):
+    job_id = _submit_without_publishing(cluster, slow("unpublished", epochs=2))
+    job = cluster.wait(job_id, timeout=60)
+    assert job["state"] == "succeeded" and job["attempts"] == 1
+
+
+def test_a_cancelled_queued_job_never_starts_even_when_its_message_arrives(cluster):
+    job_id = _submit_without_publishing(cluster, slow("never", epochs=2))
+    cluster.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=cluster.auth)
+    assert queue.publish(cluster.settings, job_id=job_id, kind="train", token=0)
+    time.sleep(3)
+    job = cluster.job(job_id)
+    assert job["state"] == "cancelled" and job["attempts"] == 0 and job["started_at"] is None
+
+
+def test_poison_job_fails_after_max_attempts_without_holding_up_others(cluster):
+    poison = cluster.submit({**slow("poison-pill", epochs=2), "max_attempts": 2})
+    healthy = cluster.submit(slow("healthy", epochs=2))
+    job = cluster.wait(poison, timeout=90)
+    assert job["state"] == "failed" and job["attempts"] == 2
+    assert job["error"]["class"] == "internal"
+    assert "Traceback" not in job["error"]["message"]
+    assert cluster.wait(healthy, timeout=90)["state"] == "succeeded"
+    kinds = [e["kind"] for e in cluster.client.get(f"/api/v1/jobs/{poison}/events", headers=cluster.auth).get_json()["items"]]
+    assert "traceback" not in kinds  # the owner sees the message; the traceback is for operators
+    assert any(e.kind == "traceback" and "InjectedFault" in e.data["traceback"] for e in cluster.rows(JobEvent, poison))
