@@ -131,8 +131,9 @@ def test_cancelling_a_running_job_stops_it_within_five_seconds_with_a_checkpoint
 
     # Retry continues from that checkpoint.
     assert cluster.client.post(f"/api/v1/jobs/{job_id}/retry", headers=cluster.auth).status_code == 202
-    resumed = cluster.wait(job_id, states=("running", "succeeded"), until=lambda j: j["attempts"] == 2)
-    assert resumed["resumed_from_epoch"] is not None and resumed["resumed_from_epoch"] >= 1
+    resumed = cluster.wait(job_id, states=("running", "succeeded"),
+                           until=lambda j: j["attempts"] == 2 and j["resumed_from_epoch"] is not None)
+    assert resumed["resumed_from_epoch"] >= 1
     cluster.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=cluster.auth)
     assert cluster.wait(job_id, states=("cancelled",), timeout=15)["state"] == "cancelled"
 
