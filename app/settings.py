@@ -92,6 +92,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_max_retries": None,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_seconds,
+            # Sweep for expired unacked messages every 10 s (kombu's default is every 100 s).
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": 5,
             "socket_timeout": 10,
             "retry_on_timeout": True,

@@ -1,0 +1,53 @@
+"""Broker faults on real parts: redelivered messages and a Redis that restarts empty."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.integration.cluster import Cluster, assert_no_overlap
+
+pytestmark = pytest.mark.integration
+
+JOB = {"kind": "train", "model": {"arch": "gru", "hidden_size": 128, "num_layers": 2},
+       "dataset": {"id": "builtin:digits"}, "hyperparameters": {"epochs": 6, "batch_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # A visibility timeout far shorter than a job: Redis hands every running job's message to
+    # the other worker again and again, as it would in production for jobs longer than the timeout.
+    c = Cluster(tmp_path_factory.mktemp("broker"), visibility_timeout_seconds=2)
+    c.start_worker(KILN_VISIBILITY_TIMEOUT_SECONDS="2")
+    c.start_worker(KILN_VISIBILITY_TIMEOUT_SECONDS="2")
+    c.start_reaper()
+    yield c
+    c.close()
+
+
+def test_a_redelivered_message_does_nothing(cluster):
+    # Kombu restores expired unacked messages every 10 s, so the job outlasts two such rounds.
+    job_id = cluster.submit({**JOB, "name": "redelivered", "hyperparameters": {**JOB["hyperparameters"], "epochs": 24}})
+    job = cluster.wait(job_id, timeout=120)
+    assert job["state"] == "succeeded"
+    assert job["attempts"] == 1 and len(cluster.attempts(job_id)) == 1
+    # The duplicate really arrived, and was acknowledged and dropped.
+    assert any(f"event=dropped job_id={job_id} " in w.log() for w in cluster.workers)
+
+
+def test_redis_restarting_empty_loses_no_job_and_runs_none_twice(cluster):
+    ids = [cluster.submit({**JOB, "name": f"restart-{i}"}) for i in range(4)]
+    # Two run, two wait in the queue; then Redis dies and comes back with nothing in it.
+    deadline = time.monotonic() + 60
+    while sum(cluster.job(i)["state"] == "running" for i in ids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    cluster.redis.kill()
+    time.sleep(2)
+    cluster.redis.start()
+    for job_id in ids:
+        job = cluster.wait(job_id, timeout=180)
+        assert job["state"] == "succeeded", job
+        attempts = cluster.attempts(job_id)
+        assert len(attempts) == 1, [(a.number, a.outcome) for a in attempts]
+        assert_no_overlap(attempts)
