@@ -16,6 +16,7 @@ from app.settings import Settings
 
 FORMATS = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "parquet": "parquet"}
 MAX_SAMPLE_VALUES = 5
+MAX_INFERRED_CLASSES = 20
 
 
 def detect_format(filename: str, declared: str | None = None) -> str:
@@ -63,20 +64,23 @@ def infer_schema(frame) -> dict[str, Any]:
     return {"columns": columns, "rows": int(frame.shape[0])}
 
 
-def default_task(schema: dict[str, Any], *, target: str | None, text_column: str | None) -> str:
-    """The task an uploaded dataset implies when the spec names none.
+def default_task(schema: dict[str, Any], *, target: str | None, text_column: str | None,
+                 window: int | None = None) -> str:
+    """The task an uploaded dataset implies when the spec names none (the worker uses the same rules).
 
-    A text column means text classification; a numeric target with more than 20 distinct values
-    means regression; any other target means classification; no target means forecasting.
+    A text column means text classification; a window means forecasting; a non-numeric target, or
+    an integer one with at most 20 distinct values, means classification; otherwise regression.
     """
     if text_column:
         return "text_classification"
-    if target is None:
+    if window is not None:
         return "forecasting"
     column = next((c for c in schema.get("columns", []) if c["name"] == target), None)
-    if column and column["numeric"] and column["distinct"] > 20:
-        return "regression"
-    return "classification"
+    if column is None or not column["numeric"]:
+        return "classification"
+    if column["dtype"].lower().startswith(("int", "uint")) and column["distinct"] <= MAX_INFERRED_CLASSES:
+        return "classification"
+    return "regression"
 
 
 def upload(*, session: Session, owner: User, filename: str, data: bytes, settings: Settings,

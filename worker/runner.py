@@ -95,20 +95,20 @@ def _fail(job_id: int, token: int, settings: Settings, error_class: str, message
     return new_state
 
 
-def _load_resume(job_id: int, token: int, settings: Settings) -> tuple[bytes | None, int | None]:
-    """Bytes of the newest checkpoint whose sha256 verifies (falling back to older ones)."""
+def _load_resume(job_id: int, token: int, settings: Settings) -> tuple[bytes | None, int, int]:
+    """Bytes, epoch and step of the newest checkpoint whose sha256 verifies (older ones as fallback)."""
     with session_scope(settings.database_url) as session:
         rows = attempts.checkpoints_newest_first(session=session, job_id=job_id)
-        candidates = [(c.id, c.path, c.sha256, c.epoch) for c in rows]
-    for ckpt_id, path, digest, epoch in candidates:
+        candidates = [(c.id, c.path, c.sha256, c.epoch, c.step) for c in rows]
+    for ckpt_id, path, digest, epoch, step in candidates:
         try:
-            return storage.read_verified(settings.storage_root, path, digest), epoch
+            return storage.read_verified(settings.storage_root, path, digest), epoch, step
         except (OSError, storage.StorageError) as exc:
             log.warning("event=checkpoint_unusable job_id=%s checkpoint=%s error=%s", job_id, ckpt_id, exc)
             with session_scope(settings.database_url) as session:
                 attempts.record_event(session=session, job_id=job_id, token=token, kind="checkpoint_skipped",
                                       message=f"checkpoint at epoch {epoch} is unusable ({exc}); trying an older one")
-    return None, None
+    return None, 0, 0
 
 
 def _model_checkpoint(session, model: ModelVersion, settings: Settings) -> bytes:
@@ -123,7 +123,7 @@ def _train(job_id: int, spec: TrainSpec, recorder: Recorder, settings: Settings)
     from worker.ml import training
 
     failpoints.check_job(spec.name)
-    resume, resume_epoch = _load_resume(job_id, recorder.token, settings)
+    resume, resume_epoch, resume_step = _load_resume(job_id, recorder.token, settings)
     init_from = dataset_file = dataset_format = None
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
@@ -136,12 +136,9 @@ def _train(job_id: int, spec: TrainSpec, recorder: Recorder, settings: Settings)
             if ds is None:
                 raise UserError(f"dataset {spec.dataset.id} no longer exists")
             dataset_file, dataset_format = storage.resolve(settings.storage_root, ds.path), ds.format
-        if resume is not None:
-            session.execute(
-                Job.__table__.update().where(Job.id == job_id).values(resumed_from_epoch=resume_epoch)
-            )
-            attempts.record_event(session=session, job_id=job_id, token=recorder.token, kind="resumed",
-                                  message=f"resumed from epoch {resume_epoch}")
+        attempts.mark_start(session=session, job_id=job_id, token=recorder.token, owner=recorder.owner,
+                            lease_seconds=settings.lease_seconds, epoch=resume_epoch, step=resume_step,
+                            resumed=resume is not None)
     result = training.train(
         spec, hooks=recorder, dataset_file=dataset_file, dataset_format=dataset_format,
         resume=resume, init_from=init_from, device=spec.resources.device,

@@ -71,6 +71,19 @@ def renew(*, session: Session, job_id: int, token: int, owner: str, lease_second
     return session.get(Job, job_id, populate_existing=True)
 
 
+def mark_start(*, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
+               epoch: int, step: int, resumed: bool) -> None:
+    """Record where the attempt really starts (its checkpoint), and say so if it resumed."""
+    job = renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds)
+    job.epoch, job.step = epoch, step
+    session.execute(
+        update(Attempt).where(Attempt.job_id == job_id, Attempt.number == token).values(start_epoch=epoch, start_step=step)
+    )
+    if resumed:
+        job.resumed_from_epoch = epoch
+        record_event(session=session, job_id=job_id, token=token, kind="resumed", message=f"resumed from epoch {epoch}")
+
+
 def record_metrics(
     *, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
     scope: str, epoch: int, step: int, values: dict[str, float], progress: float | None = None,

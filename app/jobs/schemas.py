@@ -88,6 +88,12 @@ class SplitConfig(Strict):
     test_fraction: float = Field(default=0.15, ge=0.0, le=0.5)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> "SplitConfig":
+        if self.val_fraction + self.test_fraction > 0.8:
+            raise ValueError("val_fraction + test_fraction must leave at least 20% of rows for training")
+        return self
+
 
 class DatasetRef(Strict):
     """Which data to train on, and which columns play which part."""
@@ -111,7 +117,9 @@ class DatasetRef(Strict):
 class EarlyStopping(Strict):
     """Stop when ``metric`` has not improved for ``patience`` epochs."""
 
-    metric: str = Field(default="val_loss", max_length=64)
+    metric: Literal[
+        "train_loss", "val_loss", "val_accuracy", "val_f1", "val_rmse", "val_mae", "val_r2"
+    ] = "val_loss"
     mode: Literal["min", "max"] | None = None
     patience: int = Field(default=5, ge=1, le=10000)
     min_delta: float = Field(default=0.0, ge=0.0)

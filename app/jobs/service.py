@@ -75,6 +75,12 @@ def _check_train(session: Session, user: User, spec: TrainSpec) -> None:
             raise SpecError.at("dataset.target", f"{ds.target!r} is not a column of {ds.id} (target is {meta.target!r})")
         if task != meta.task:
             raise SpecError.at("dataset.task", f"{ds.id} is a {meta.task} dataset, not {task}")
+        if ds.text_column is not None:
+            raise SpecError.at("dataset.text_column", f"{ds.id} has no text column")
+        if ds.window is not None and task != catalog.FORECASTING:
+            raise SpecError.at("dataset.window", f"window applies to forecasting; {ds.id} is a {task} dataset")
+        if ds.features is not None and task == catalog.FORECASTING:
+            raise SpecError.at("dataset.features", "forecasting uses the target series alone; drop dataset.features")
         if task == catalog.FORECASTING:
             window = ds.window or meta.default_window or 16
             if window + ds.horizon >= meta.num_rows // 2:
@@ -96,7 +102,8 @@ def _check_train(session: Session, user: User, spec: TrainSpec) -> None:
                 raise SpecError.at(f"dataset.features[{i}]", f"column {name!r} is not numeric")
         if ds.target is None and ds.task != catalog.FORECASTING:
             raise SpecError.at("dataset.target", "an uploaded dataset needs a target column")
-        task = ds.task or datasets.default_task(dataset.schema, target=ds.target, text_column=ds.text_column)
+        task = ds.task or datasets.default_task(dataset.schema, target=ds.target, text_column=ds.text_column,
+                                                window=ds.window)
         if task == catalog.TEXT_CLASSIFICATION and ds.text_column is None:
             raise SpecError.at("dataset.text_column", "text classification needs a text column")
         if task in (catalog.CLASSIFICATION, catalog.TEXT_CLASSIFICATION) and ds.target is not None:

@@ -1,0 +1,90 @@
+"""Checkpoints are plain safetensors files that round-trip every part of a run's state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_tensors
+
+from app.jobs.errors import UserError
+from worker.ml import checkpoints
+from worker.ml.prediction import signature
+from worker.ml.training import train
+
+
+@pytest.fixture(scope="module")
+def stopped_run(fake_hooks, spec_for):
+    """A run with dropout, a schedule and a tokenizer-free tabular task, stopped mid-epoch 2."""
+    hooks = fake_hooks(stop_at_step=9, stop_reason_value="cancel")
+    spec = spec_for(model={"dropout": 0.2}, epochs=3, batch_size=16, scheduler="cosine", warmup_epochs=1)
+    train(spec, hooks=hooks)
+    return spec, hooks
+
+
+def test_checkpoint_is_pure_safetensors(stopped_run, tmp_path):
+    _, hooks = stopped_run
+    data = hooks.checkpoints[-1].data
+    path = tmp_path / "ckpt.safetensors"
+    path.write_bytes(data)
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        metadata = f.metadata()
+    assert all(n.split(".")[0] in {"model", "best_model", "optimizer", "rng", "normalizer"} for n in names)
+    assert metadata["format"] == "kiln-checkpoint/1"
+    # Every metadata value is JSON text: nothing in the file needs unpickling.
+    for key in ("signature", "spec", "training", "optimizer", "scheduler"):
+        json.loads(metadata[key])
+    weights_only = {k: v for k, v in load_tensors(data).items() if k.startswith("model.")}
+    assert weights_only and all(isinstance(v, torch.Tensor) for v in weights_only.values())
+
+
+def test_round_trip_keeps_every_part(stopped_run):
+    spec, hooks = stopped_run
+    saved = hooks.checkpoints[-1]
+    decoded = checkpoints.decode(saved.data)
+    assert saved.reason == "cancel" and saved.epoch == 2 and saved.step == 9
+    assert decoded.training["epoch"] == 1 and decoded.training["step"] == 9
+    assert decoded.training["position"] == 2  # 7 batches per epoch: 2 done in the second
+    assert decoded.spec == spec.model_dump(mode="json")
+    assert decoded.signature["task"] == "classification" and decoded.signature["arch"] == "mlp"
+    assert decoded.scheduler is not None and decoded.optimizer["state"]
+    assert set(decoded.normalizer) == {"features.mean", "features.std"}
+    assert decoded.best_model is not None  # the best epoch's weights differ from the current ones
+    assert decoded.rng["torch"].dtype == torch.uint8
+    again = checkpoints.decode(checkpoints.encode(decoded))
+    for name, tensor in decoded.model.items():
+        assert torch.equal(tensor, again.model[name])
+    for index, state in decoded.optimizer["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, again.optimizer["state"][index][key]) if isinstance(value, torch.Tensor) \
+                else value == again.optimizer["state"][index][key]
+    assert again.optimizer["param_groups"] == decoded.optimizer["param_groups"]
+    assert again.training == decoded.training and again.scheduler == decoded.scheduler
+
+
+def test_signature_is_readable_without_loading_tensors(stopped_run):
+    _, hooks = stopped_run
+    sig = signature(hooks.checkpoints[-1].data)
+    assert sig["input_shape"] == [4] and sig["classes"] == ["setosa", "versicolor", "virginica"]
+    assert sig["feature_names"][0] == "sepal length (cm)" and sig["dataset"] == "builtin:iris"
+
+
+def test_text_checkpoint_carries_the_vocabulary(tmp_path, fake_hooks, spec_for):
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\n" + "\n".join(f"good {i} day,pos\nbad {i} night,neg" for i in range(10)) + "\n")
+    hooks = fake_hooks()
+    train(spec_for("gru", "dataset:2", model={"hidden_size": 4}, epochs=1, data={"text_column": "text"}),
+          hooks=hooks, dataset_file=path, dataset_format="csv")
+    decoded = checkpoints.decode(hooks.checkpoints[-1].data)
+    assert decoded.vocabulary[:2] == ["<pad>", "<unk>"] and "good" in decoded.vocabulary
+
+
+def test_foreign_bytes_are_refused():
+    with pytest.raises(UserError, match="not a safetensors file"):
+        signature(b"\x80\x04\x95 definitely a pickle")
+    plain = checkpoints.save_tensors({"w": torch.zeros(2)})
+    with pytest.raises(UserError, match="not a Kiln checkpoint"):
+        checkpoints.decode(plain)

@@ -1,0 +1,149 @@
+"""Checkpoints as one safetensors file: tensors for state, JSON strings in the header for the rest.
+
+Nothing is pickled, so reading a checkpoint cannot run code. Tensor names:
+``model.*`` (weights), ``best_model.*`` (best weights when they differ from ``model.*``),
+``optimizer.<param>.<name>`` (optimizer state), ``rng.torch`` / ``rng.cuda.<i>`` (generator
+states) and ``normalizer.{features,targets}.{mean,std}``. Header metadata keys: ``format``,
+``signature``, ``spec``, ``training`` (position, best metric, early stopping), ``optimizer``
+(param groups and non-tensor state), ``scheduler`` (its state_dict) and ``vocabulary``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from app.jobs.errors import UserError
+from worker.ml.preparation import Standardizer
+
+FORMAT = "kiln-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    """Everything one checkpoint holds, in memory."""
+
+    model: dict[str, torch.Tensor]
+    signature: dict
+    spec: dict
+    training: dict = field(default_factory=dict)
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_model: dict[str, torch.Tensor] | None = None
+    normalizer: dict[str, torch.Tensor] = field(default_factory=dict)
+    vocabulary: list[str] | None = None
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    # safetensors refuses shared or strided storage; a contiguous CPU copy is always accepted.
+    return tensor.detach().to("cpu").contiguous().clone()
+
+
+def encode(checkpoint: Checkpoint) -> bytes:
+    """The checkpoint as safetensors bytes."""
+    tensors = {f"model.{k}": _cpu(v) for k, v in checkpoint.model.items()}
+    if checkpoint.best_model is not None:
+        tensors.update({f"best_model.{k}": _cpu(v) for k, v in checkpoint.best_model.items()})
+    tensors.update({f"rng.{k}": _cpu(v) for k, v in checkpoint.rng.items()})
+    tensors.update({f"normalizer.{k}": _cpu(v) for k, v in checkpoint.normalizer.items()})
+    metadata = {
+        "format": FORMAT,
+        "signature": json.dumps(checkpoint.signature),
+        "spec": json.dumps(checkpoint.spec),
+        "training": json.dumps(checkpoint.training),
+    }
+    if checkpoint.optimizer is not None:
+        scalars: dict[str, dict] = {}
+        for index, values in checkpoint.optimizer["state"].items():
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{index}.{name}"] = _cpu(value)
+                else:
+                    scalars.setdefault(str(index), {})[name] = value
+        metadata["optimizer"] = json.dumps({"param_groups": checkpoint.optimizer["param_groups"], "scalars": scalars})
+    if checkpoint.scheduler is not None:
+        metadata["scheduler"] = json.dumps(checkpoint.scheduler)
+    if checkpoint.vocabulary is not None:
+        metadata["vocabulary"] = json.dumps(checkpoint.vocabulary)
+    return save_tensors(tensors, metadata=metadata)
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The header metadata of safetensors bytes, without reading any tensor."""
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size])
+        metadata = header.get("__metadata__") or {}
+    except (struct.error, ValueError, UnicodeDecodeError, AttributeError):
+        raise UserError("the checkpoint is not a safetensors file") from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"the checkpoint is not a Kiln checkpoint (format {metadata.get('format')!r})")
+    return metadata
+
+
+def signature_of(data: bytes) -> dict:
+    """The model signature stored in a checkpoint."""
+    return json.loads(read_metadata(data)["signature"])
+
+
+def decode(data: bytes) -> Checkpoint:
+    """A checkpoint from safetensors bytes written by :func:`encode`."""
+    metadata = read_metadata(data)
+    tensors = load_tensors(data)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        prefix, _, rest = name.partition(".")
+        groups.setdefault(prefix, {})[rest] = tensor
+    optimizer = None
+    if "optimizer" in metadata:
+        saved = json.loads(metadata["optimizer"])
+        state: dict[int, dict] = {}
+        for key, tensor in groups.get("optimizer", {}).items():
+            index, _, name = key.partition(".")
+            state.setdefault(int(index), {})[name] = tensor
+        for index, values in saved["scalars"].items():
+            state.setdefault(int(index), {}).update(values)
+        for group in saved["param_groups"]:
+            if isinstance(group.get("betas"), list):  # JSON turned the tuple into a list
+                group["betas"] = tuple(group["betas"])
+        optimizer = {"state": state, "param_groups": saved["param_groups"]}
+    return Checkpoint(
+        model=groups.get("model", {}),
+        signature=json.loads(metadata["signature"]),
+        spec=json.loads(metadata["spec"]),
+        training=json.loads(metadata.get("training", "{}")),
+        optimizer=optimizer,
+        scheduler=json.loads(metadata["scheduler"]) if "scheduler" in metadata else None,
+        rng=groups.get("rng", {}),
+        best_model=groups.get("best_model"),
+        normalizer=groups.get("normalizer", {}),
+        vocabulary=json.loads(metadata["vocabulary"]) if "vocabulary" in metadata else None,
+    )
+
+
+def pack_standardizers(features: Standardizer | None, targets: Standardizer | None) -> dict[str, torch.Tensor]:
+    """Normaliser statistics as float64 tensors for the checkpoint."""
+    packed = {}
+    for role, scale in (("features", features), ("targets", targets)):
+        if scale is not None:
+            packed[f"{role}.mean"] = torch.from_numpy(np.asarray(scale.mean, dtype=np.float64))
+            packed[f"{role}.std"] = torch.from_numpy(np.asarray(scale.std, dtype=np.float64))
+    return packed
+
+
+def unpack_standardizers(packed: dict[str, torch.Tensor]) -> tuple[Standardizer | None, Standardizer | None]:
+    """Feature and target normalisers from checkpoint tensors (None where not normalised)."""
+    found = []
+    for role in ("features", "targets"):
+        if f"{role}.mean" in packed:
+            found.append(Standardizer(packed[f"{role}.mean"].numpy(), packed[f"{role}.std"].numpy()))
+        else:
+            found.append(None)
+    return found[0], found[1]

@@ -1,0 +1,271 @@
+"""Turning a loaded table into arrays for one task: columns, labels, windows, tokens, normalisation.
+
+Decisions a user may notice:
+- The task is ``dataset.task`` if given, else the built-in's catalog task; for uploads a text column
+  means text classification, a window means forecasting, a target that is not numeric or is an
+  integer with at most 20 distinct values means classification, anything else regression.
+- An upload's target defaults to its last column (for text, a column named ``label`` if any);
+  its features to every other numeric column; a text column defaults to one named ``text``.
+- Forecasting is univariate (the target column only) and split in time order, never shuffled:
+  train, then validation, then test; a window whose targets straddle two parts is dropped.
+- Normalisation statistics come from the training part only and travel in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from app.catalog import CLASSIFICATION, FORECASTING, REGRESSION, TEXT_CLASSIFICATION
+from app.jobs.errors import UserError
+from app.jobs.schemas import DatasetRef
+from worker.ml.datasets import Table, split_indices
+from worker.ml.text import Tokenizer
+
+MAX_INFERRED_CLASSES = 20
+DEFAULT_WINDOW = 16
+
+
+@dataclass
+class Standardizer:
+    """Per-feature mean and standard deviation from the training rows."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, values: np.ndarray, axis: int | tuple[int, ...] = 0) -> "Standardizer":
+        """Statistics of ``values`` along ``axis``; a constant feature keeps scale 1."""
+        mean = np.asarray(values, dtype=np.float64).mean(axis=axis)
+        std = np.asarray(values, dtype=np.float64).std(axis=axis)
+        return cls(mean=np.atleast_1d(mean), std=np.atleast_1d(np.where(std > 1e-12, std, 1.0)))
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """Standardised values."""
+        return (values - self.mean) / self.std
+
+    def invert(self, values: np.ndarray) -> np.ndarray:
+        """Values back in original units."""
+        return values * self.std + self.mean
+
+
+@dataclass
+class PreparedData:
+    """Arrays for training, validation and test, and what prediction needs to repeat the encoding."""
+
+    task: str
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    signature: dict
+    features: Standardizer | None = None
+    targets: Standardizer | None = None
+    tokenizer: Tokenizer | None = None
+
+
+def prepare(dataset: DatasetRef, table: Table) -> PreparedData:
+    """Choose columns and task, split, encode and normalise the rows of ``table``."""
+    task = _task_of(dataset, table)
+    # Settings that only one task reads are refused elsewhere, so a mistake is never ignored.
+    if dataset.window is not None and task != FORECASTING:
+        raise UserError(f"dataset.window applies to forecasting, and this is a {task} job")
+    if dataset.text_column is not None and task != TEXT_CLASSIFICATION:
+        raise UserError(f"dataset.text_column applies to text classification, and this is a {task} job")
+    if task == FORECASTING:
+        data = _prepare_forecasting(dataset, table)
+    elif task == TEXT_CLASSIFICATION:
+        data = _prepare_text(dataset, table)
+    else:
+        data = _prepare_tabular(dataset, table, task)
+    data.signature.update(task=task, dataset=dataset.id, normalize=dataset.normalize)
+    data.signature["rows"] = {name: int(len(y)) for name, (_, y) in data.splits.items()}
+    return data
+
+
+def _task_of(dataset: DatasetRef, table: Table) -> str:
+    if table.task is not None:
+        if dataset.task is not None and dataset.task != table.task:
+            raise UserError(f"{dataset.id} is a {table.task} dataset; it cannot be used for {dataset.task}")
+        return table.task
+    if dataset.task is not None:
+        return dataset.task
+    if dataset.text_column is not None:
+        return TEXT_CLASSIFICATION
+    if dataset.window is not None:
+        return FORECASTING
+    target = _column(table.frame, dataset.target or table.frame.columns[-1], "target")
+    values = table.frame[target]
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return CLASSIFICATION
+    if pd.api.types.is_integer_dtype(values) and values.nunique() <= MAX_INFERRED_CLASSES:
+        return CLASSIFICATION
+    return REGRESSION
+
+
+def _column(frame: pd.DataFrame, name: str, role: str) -> str:
+    if name not in frame.columns:
+        shown = ", ".join(repr(c) for c in list(frame.columns)[:50])
+        raise UserError(f"unknown {role} column {name!r}; the dataset has columns: {shown}")
+    return name
+
+
+def _target_of(dataset: DatasetRef, table: Table) -> str:
+    if table.target is not None and dataset.target not in (None, table.target):
+        raise UserError(f"{dataset.id} has target column {table.target!r}, not {dataset.target!r}")
+    return _column(table.frame, dataset.target or table.target or table.frame.columns[-1], "target")
+
+
+def _numeric(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """A column as float64, or a UserError naming the column and the first bad row (1-based)."""
+    raw = frame[column]
+    values = pd.to_numeric(raw, errors="coerce") if not pd.api.types.is_bool_dtype(raw) else raw.astype(float)
+    bad = np.flatnonzero(values.isna().to_numpy() & raw.notna().to_numpy())
+    if len(bad):
+        row = int(bad[0])
+        raise UserError(f"column {column!r} has a non-numeric value {raw.iloc[row]!r} at row {row + 1}")
+    missing = np.flatnonzero(values.isna().to_numpy())
+    if len(missing):
+        raise UserError(f"column {column!r} has no value at row {int(missing[0]) + 1}")
+    return values.to_numpy(dtype=np.float64)
+
+
+def _labels(table: Table, target: str) -> tuple[np.ndarray, list]:
+    values = table.frame[target]
+    if table.classes is not None:
+        return values.to_numpy(dtype=np.int64), list(table.classes)
+    missing = np.flatnonzero(values.isna().to_numpy())
+    if len(missing):
+        raise UserError(f"target column {target!r} has no value at row {int(missing[0]) + 1}")
+    plain = [v.item() if hasattr(v, "item") else v for v in values.tolist()]
+    try:
+        classes = sorted(set(plain))
+    except TypeError:  # mixed types, e.g. 1 and "a": order them as text
+        classes = sorted(set(plain), key=str)
+    if len(classes) < 2:
+        raise UserError(f"target column {target!r} has a single class ({classes[0]!r}); "
+                        "classification needs at least two")
+    index = {label: i for i, label in enumerate(classes)}
+    return np.array([index[v] for v in plain], dtype=np.int64), classes
+
+
+def _split(n: int, dataset: DatasetRef) -> dict[str, np.ndarray]:
+    train, val, test = split_indices(n, dataset.split)
+    if len(train) == 0:
+        raise UserError(f"too few rows ({n}) to leave any for training after the validation and test split")
+    return {"train": train, "val": val, "test": test}
+
+
+def _prepare_tabular(dataset: DatasetRef, table: Table, task: str) -> PreparedData:
+    frame = table.frame
+    target = _target_of(dataset, table)
+    if dataset.features is not None:
+        features = [_column(frame, name, "feature") for name in dataset.features]
+    elif table.feature_names is not None:
+        features = list(table.feature_names)
+    else:
+        features = [c for c in frame.columns if c != target and pd.api.types.is_numeric_dtype(frame[c])]
+    if not features:
+        raise UserError("no numeric feature columns; name them in dataset.features")
+    if target in features:
+        raise UserError(f"column {target!r} is the target; it cannot also be a feature")
+    x = np.stack([_numeric(frame, name) for name in features], axis=1)
+    classes = None
+    if task == CLASSIFICATION:
+        y, classes = _labels(table, target)
+    else:
+        y = _numeric(frame, target)
+    parts = _split(len(frame), dataset)
+    features_scale = Standardizer.fit(x[parts["train"]]) if dataset.normalize else None
+    targets_scale = None
+    if task == REGRESSION and dataset.normalize:
+        targets_scale = Standardizer.fit(y[parts["train"]])
+    if features_scale is not None:
+        x = features_scale.apply(x)
+    if targets_scale is not None:
+        y = targets_scale.apply(y)
+    shape = table.sequence_shape
+    if shape is None or shape[0] * shape[1] != len(features) or features != table.feature_names:
+        shape = (len(features), 1)
+    signature = {
+        "input_kind": "vector", "input_shape": [len(features)], "sequence_shape": list(shape),
+        "num_outputs": len(classes) if classes is not None else 1, "classes": classes,
+        "target": target, "feature_names": features,
+    }
+    splits = {name: (x[idx].astype(np.float32), _target_dtype(y[idx], task)) for name, idx in parts.items()}
+    return PreparedData(task, splits, signature, features_scale, targets_scale)
+
+
+def _target_dtype(y: np.ndarray, task: str) -> np.ndarray:
+    return y.astype(np.int64) if task in (CLASSIFICATION, TEXT_CLASSIFICATION) else y.astype(np.float32)
+
+
+def _prepare_forecasting(dataset: DatasetRef, table: Table) -> PreparedData:
+    if dataset.features:
+        raise UserError("forecasting reads only the target column's past values; leave dataset.features unset")
+    frame = table.frame
+    if dataset.target is None and table.target is None:
+        numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+        target = numeric[0] if len(numeric) == 1 else _column(frame, frame.columns[-1], "target")
+    else:
+        target = _target_of(dataset, table)
+    series = _numeric(frame, target)
+    window = dataset.window or table.default_window or DEFAULT_WINDOW
+    horizon = dataset.horizon
+    n = len(series)
+    # Cut the series in time; a window belongs to the part that holds all of its targets.
+    targets_total = n - window
+    train_fraction = 1.0 - dataset.split.val_fraction - dataset.split.test_fraction
+    cut_val = window + int(round(max(targets_total, 0) * train_fraction))
+    cut_test = window + int(round(max(targets_total, 0) * (1.0 - dataset.split.test_fraction)))
+    bounds = {"train": (window, cut_val), "val": (cut_val, cut_test), "test": (cut_test, n)}
+    starts = {name: np.arange(lo - window, hi - window - horizon + 1) for name, (lo, hi) in bounds.items()}
+    fractions = {"train": train_fraction, "val": dataset.split.val_fraction, "test": dataset.split.test_fraction}
+    short = [name for name, s in starts.items() if len(s) < 1 and fractions[name] > 0]
+    if short:
+        raise UserError(
+            f"too few rows ({n}) for window {window} and horizon {horizon}: the {', '.join(short)} part "
+            f"gets no complete window; use a shorter window or more data"
+        )
+    scale = Standardizer.fit(series[:cut_val]) if dataset.normalize else None
+    scaled = scale.apply(series) if scale is not None else series
+    splits = {}
+    for name, s in starts.items():
+        x = np.stack([scaled[i:i + window] for i in s]) if len(s) else np.zeros((0, window))
+        y = np.stack([scaled[i + window:i + window + horizon] for i in s]) if len(s) else np.zeros((0, horizon))
+        splits[name] = (x[..., None].astype(np.float32), y.astype(np.float32))
+    signature = {
+        "input_kind": "sequence", "input_shape": [window, 1], "sequence_shape": [window, 1],
+        "num_outputs": horizon, "classes": None, "target": target, "feature_names": [target],
+        "window": window, "horizon": horizon,
+    }
+    return PreparedData(FORECASTING, splits, signature, scale, scale)
+
+
+def _prepare_text(dataset: DatasetRef, table: Table) -> PreparedData:
+    frame = table.frame
+    if dataset.text_column is not None:
+        text_column = _column(frame, dataset.text_column, "text")
+    elif "text" in frame.columns:
+        text_column = "text"
+    else:
+        raise UserError("text classification needs dataset.text_column naming the column that holds the text")
+    others = [c for c in frame.columns if c != text_column]
+    if dataset.target is None and not others:
+        raise UserError(f"the dataset has only the text column {text_column!r}; it needs a label column too")
+    default_target = "label" if "label" in others else others[-1]
+    target = _column(frame, dataset.target or default_target, "target")
+    if target == text_column:
+        raise UserError(f"column {target!r} cannot be both the text and the target")
+    y, classes = _labels(table, target)
+    texts = frame[text_column].fillna("").astype(str).tolist()
+    parts = _split(len(frame), dataset)
+    tokenizer = Tokenizer.build((texts[i] for i in parts["train"]), vocab_size=dataset.vocab_size,
+                                max_tokens=dataset.max_tokens)
+    ids = tokenizer.encode(texts)
+    splits = {name: (ids[idx], y[idx]) for name, idx in parts.items()}
+    signature = {
+        "input_kind": "tokens", "input_shape": [dataset.max_tokens], "sequence_shape": [dataset.max_tokens, 1],
+        "num_outputs": len(classes), "classes": classes, "target": target, "feature_names": [text_column],
+        "text_column": text_column, "max_tokens": dataset.max_tokens, "vocab_size": len(tokenizer.vocabulary),
+    }
+    return PreparedData(TEXT_CLASSIFICATION, splits, signature, tokenizer=tokenizer)

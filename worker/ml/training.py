@@ -1,0 +1,269 @@
+"""The training loop, in the shape of pytorch/examples mnist: ``train_epoch`` then ``evaluate``.
+
+Metrics, progress and checkpoints leave through ``hooks``; ``hooks.stop_reason()`` is asked
+before every optimizer step, and a stop saves a checkpoint at that exact position.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from app.jobs.schemas import TrainSpec
+from worker.ml import checkpoints
+from worker.ml.architectures import ModelShape, build_model
+from worker.ml.datasets import load_table
+from worker.ml.devices import autocast_for, out_of_memory, resolve_device, to_device, uses_bf16
+from worker.ml.evaluation import evaluate, loss_sum, monitorable_metrics
+from worker.ml.hooks import TrainingHooks
+from worker.ml.optimization import build_optimizer, build_scheduler, current_lr, steps_per_epoch
+from worker.ml.preparation import FORECASTING, PreparedData, prepare
+from worker.ml.progress import (
+    Monitor, Progress, check_resumable, epoch_permutation, load_weights, restore_rng, rng_state,
+)
+
+SIGNATURE_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports back to the runner."""
+
+    epochs_completed: int
+    steps: int
+    final_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    best_metric_name: str | None
+    best_metric_value: float | None
+    best_epoch: int | None
+    signature: dict
+    stopped: str | None
+    resumed_from_epoch: int | None
+
+
+@dataclass
+class Run:
+    """The fixed parts of one run: spec, data, model, optimizer, device and where reports go."""
+
+    spec: TrainSpec
+    hooks: TrainingHooks
+    data: PreparedData
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    device: torch.device
+    bf16: bool
+    monitor: Monitor
+    best_weights: dict[str, torch.Tensor] | None = None
+    progress: Progress = field(default_factory=Progress)
+    # Throughput of the epoch under way, in this process (not saved: it is not reproducible).
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def autocast(self):
+        """The forward-pass autocast context of this run."""
+        return autocast_for(self.device, self.bf16)
+
+
+def train(
+    spec: TrainSpec,
+    *,
+    hooks: TrainingHooks,
+    dataset_file: Path | None = None,
+    dataset_format: str | None = None,
+    resume: bytes | None = None,
+    init_from: bytes | None = None,
+    device: str = "auto",
+) -> TrainResult:
+    """Train ``spec``'s model on its dataset, from scratch, a resume checkpoint, or init weights."""
+    target = resolve_device(spec.resources.device if device == "auto" else device)
+    try:
+        return _train(spec, hooks, dataset_file, dataset_format, resume, init_from, target)
+    except torch.cuda.OutOfMemoryError:
+        pass  # leave the except block first, so the traceback's frames can free their tensors
+    raise out_of_memory(spec.hyperparameters.batch_size, target)
+
+
+def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device) -> TrainResult:
+    hp = spec.hyperparameters
+    torch.manual_seed(hp.seed)
+    data = prepare(spec.dataset, load_table(spec.dataset, dataset_file, dataset_format))
+    signature = {**data.signature, "arch": spec.model.arch, "model": spec.model.model_dump(mode="json"),
+                 "format": SIGNATURE_FORMAT}
+    model = build_model(spec.model, ModelShape.from_signature(signature)).to(device)
+    if init_from is not None:
+        load_weights(model, checkpoints.decode(init_from).model, "init_from")
+    tensors = {name: (torch.from_numpy(x), torch.from_numpy(y)) for name, (x, y) in data.splits.items()}
+    num_batches = -(-len(tensors["train"][0]) // hp.batch_size)
+    optimizer = build_optimizer(hp, model)
+    scheduler = build_scheduler(hp, optimizer, steps_per_epoch(num_batches, hp.grad_accum_steps))
+    monitor = Monitor.for_spec(spec, monitorable_metrics(data.task, has_validation=len(tensors["val"][0]) > 0))
+    run = Run(spec, hooks, data, tensors, model, optimizer, scheduler, device,
+              uses_bf16(device, spec.resources.precision), monitor)
+    resumed_from = None
+    if resume is not None:
+        resumed_from = _restore(run, checkpoints.decode(resume), signature)
+    progress = run.progress
+    while not progress.finished and progress.epoch < hp.epochs:
+        reason = train_epoch(run)
+        if reason is not None:
+            save_checkpoint(run, signature, reason=reason)
+            return _result(run, signature, {}, reason, resumed_from)
+        _end_epoch(run, signature)
+    progress.finished = True
+    test_metrics = _test(run)
+    hooks.on_progress(progress.epoch, progress.step, 1.0)
+    return _result(run, signature, test_metrics, None, resumed_from)
+
+
+def train_epoch(run: Run) -> str | None:
+    """Train from the current position to the end of the epoch; the stop reason if asked to stop."""
+    hp, progress, model = run.spec.hyperparameters, run.progress, run.model
+    x, y = run.tensors["train"]
+    order = epoch_permutation(len(x), hp.seed, progress.epoch)
+    batches = [order[i:i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
+    model.train()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    started, seen = time.perf_counter(), 0
+    for first in range(progress.position, len(batches), hp.grad_accum_steps):
+        reason = run.hooks.stop_reason()
+        if reason:
+            return reason
+        group = batches[first:first + hp.grad_accum_steps]
+        group_samples = sum(len(b) for b in group)
+        run.optimizer.zero_grad(set_to_none=True)
+        group_loss = 0.0
+        for indices in group:
+            xb, yb = to_device(x[indices], run.device), to_device(y[indices], run.device)
+            with run.autocast():
+                outputs = model(xb)
+            # Dividing the summed loss by the group's samples makes k accumulated micro-batches
+            # take the same step as one batch k times larger.
+            loss = loss_sum(run.data.task, outputs, yb) / group_samples
+            loss.backward()
+            group_loss += loss.item()
+        if hp.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
+        lr = current_lr(run.optimizer)
+        run.optimizer.step()
+        if run.scheduler is not None:
+            run.scheduler.step()
+        progress.step += 1
+        progress.position = first + len(group)
+        progress.loss_sum += group_loss * group_samples
+        progress.samples += group_samples
+        seen += group_samples
+        if progress.step % hp.log_every_steps == 0:
+            run.hooks.on_metrics("step", progress.reported_epoch, progress.step, {"train_loss": group_loss, "lr": lr})
+            fraction = (progress.epoch + progress.position / len(batches)) / hp.epochs
+            run.hooks.on_progress(progress.reported_epoch, progress.step, min(fraction, 1.0))
+    elapsed = time.perf_counter() - started
+    run.timing = {"samples_per_sec": seen / elapsed if elapsed > 0 else 0.0, "epoch_time_s": elapsed}
+    return None
+
+
+def _evaluate(run: Run, split: str) -> dict[str, float]:
+    x, y = run.tensors[split]
+    return evaluate(run.model, x, y, task=run.data.task, device=run.device, targets=run.data.targets,
+                    batch_size=max(run.spec.hyperparameters.batch_size, 256), bf16=run.bf16)
+
+
+def _end_epoch(run: Run, signature: dict) -> None:
+    """Validate, report, track the best weights, decide on early stopping, and checkpoint."""
+    hp, progress = run.spec.hyperparameters, run.progress
+    started = time.perf_counter()
+    timing = run.timing
+    metrics = {"train_loss": progress.loss_sum / max(progress.samples, 1), "lr": current_lr(run.optimizer)}
+    if len(run.tensors["val"][0]):
+        val = _evaluate(run, "val")
+        val.pop("naive_rmse", None)
+        metrics.update({f"val_{k}": v for k, v in val.items()})
+    metrics["samples_per_sec"] = timing.get("samples_per_sec", 0.0)
+    metrics["epoch_time_s"] = timing.get("epoch_time_s", 0.0) + time.perf_counter() - started
+    if run.device.type == "cuda":
+        metrics["cuda_peak_mem_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+    progress.epoch += 1
+    progress.position, progress.loss_sum, progress.samples = 0, 0.0, 0
+    progress.last_metrics = metrics
+    run.hooks.on_metrics("epoch", progress.epoch, progress.step, metrics)
+    run.hooks.on_progress(progress.epoch, progress.step, progress.epoch / hp.epochs)
+    value = metrics[run.monitor.name]
+    improved = run.monitor.improves(value, progress.best_value)
+    if improved:
+        progress.best_value, progress.best_epoch, progress.best_step = value, progress.epoch, progress.step
+        progress.bad_epochs = 0
+        run.best_weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    else:
+        progress.bad_epochs += 1
+    stopping = hp.early_stopping
+    if progress.epoch >= hp.epochs or (stopping is not None and progress.bad_epochs >= stopping.patience):
+        progress.finished = True
+    if progress.finished or progress.epoch % run.spec.checkpoint.every_epochs == 0:
+        save_checkpoint(run, signature, reason="periodic", metric_name=run.monitor.name,
+                        metric_value=value, is_best=improved)
+
+
+def save_checkpoint(run: Run, signature: dict, *, reason: str, metric_name: str | None = None,
+                    metric_value: float | None = None, is_best: bool = False) -> None:
+    """Encode the run's exact state and hand it to ``hooks.on_checkpoint``."""
+    progress = run.progress
+    data = run.data
+    best = None if progress.best_step == progress.step else run.best_weights
+    encoded = checkpoints.encode(checkpoints.Checkpoint(
+        model=run.model.state_dict(),
+        signature=signature,
+        spec=run.spec.model_dump(mode="json"),
+        training=progress.to_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
+        rng=rng_state(run.device),
+        best_model=best,
+        normalizer=checkpoints.pack_standardizers(data.features, data.targets),
+        vocabulary=data.tokenizer.vocabulary if data.tokenizer is not None else None,
+    ))
+    run.hooks.on_checkpoint(progress.reported_epoch, progress.step, encoded, metric_name=metric_name,
+                            metric_value=metric_value, is_best=is_best, reason=reason)
+
+
+def _restore(run: Run, saved: checkpoints.Checkpoint, signature: dict) -> int:
+    """Load a resume checkpoint into the run; the number of epochs it had completed."""
+    check_resumable(saved, signature)
+    load_weights(run.model, saved.model, "resume")
+    if saved.optimizer is not None:
+        run.optimizer.load_state_dict(saved.optimizer)
+    if run.scheduler is not None and saved.scheduler is not None:
+        run.scheduler.load_state_dict(saved.scheduler)
+    run.progress = Progress.from_dict(saved.training)
+    if saved.best_model is not None:
+        run.best_weights = {k: v.to(run.device) for k, v in saved.best_model.items()}
+    elif run.progress.best_step == run.progress.step:
+        run.best_weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    # Last, so nothing above draws from the generators after they are put back.
+    restore_rng(saved.rng, run.device)
+    return run.progress.epoch
+
+
+def _test(run: Run) -> dict[str, float]:
+    """Evaluate the best weights on the test split and report them (empty without a test split)."""
+    if not len(run.tensors["test"][0]):
+        return {}
+    if run.best_weights is not None:
+        run.model.load_state_dict(run.best_weights)
+    metrics = {f"test_{k}": v for k, v in _evaluate(run, "test").items()}
+    if run.data.task != FORECASTING:
+        metrics.pop("test_naive_rmse", None)
+    run.hooks.on_metrics("test", run.progress.epoch, run.progress.step, metrics)
+    return metrics
+
+
+def _result(run: Run, signature: dict, test_metrics: dict, stopped: str | None, resumed_from: int | None):
+    progress = run.progress
+    return TrainResult(
+        epochs_completed=progress.epoch, steps=progress.step, final_metrics=dict(progress.last_metrics),
+        test_metrics=test_metrics, best_metric_name=run.monitor.name, best_metric_value=progress.best_value,
+        best_epoch=progress.best_epoch, signature=signature, stopped=stopped, resumed_from_epoch=resumed_from,
+    )
