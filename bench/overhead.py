@@ -1,0 +1,121 @@
+"""Overhead of running training as a Kiln job versus a plain PyTorch loop, in one invocation.
+
+    .venv/bin/python -m bench.overhead --repeats 3
+
+Both sides train the same model on the same data with the same seed and batch order. The Kiln
+side is a real job: a SQLite database, the runner, the recorder (a metrics row per epoch and step
+report, a heartbeat thread), and a safetensors checkpoint per epoch written atomically with its
+sha256. It prints the median wall time of each, their ratio (goal <= 1.05) and both final losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SPEC = {"kind": "train", "name": "overhead", "model": {"arch": "mlp", "hidden_sizes": [512, 512]},
+        "dataset": {"id": "builtin:digits"},
+        "hyperparameters": {"epochs": 15, "batch_size": 32, "learning_rate": 0.001, "seed": 0},
+        "checkpoint": {"every_epochs": 1, "keep_last": 3}}
+
+
+def plain_loop(spec_dict: dict) -> float:
+    """A careful hand-written loop: same data, model, optimizer, seed and batch order. Final train loss."""
+    from app.jobs.schemas import parse_spec
+    from worker.ml.architectures import ModelShape, build_model
+    from worker.ml.datasets import load_table
+    from worker.ml.evaluation import loss_sum
+    from worker.ml.progress import epoch_permutation
+    from worker.ml.preparation import prepare
+
+    spec = parse_spec(spec_dict)
+    hp = spec.hyperparameters
+    torch.manual_seed(hp.seed)
+    data = prepare(spec.dataset, load_table(spec.dataset, None, None))
+    signature = {**data.signature, "arch": spec.model.arch, "model": spec.model.model_dump(mode="json"), "format": 1}
+    model = build_model(spec.model, ModelShape.from_signature(signature))
+    x, y = (torch.from_numpy(a) for a in data.splits["train"])
+    xv, yv = (torch.from_numpy(a) for a in data.splits["val"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    epoch_loss = 0.0
+    for epoch in range(hp.epochs):
+        model.train()
+        order = epoch_permutation(len(x), hp.seed, epoch)
+        total, seen = 0.0, 0
+        for i in range(0, len(order), hp.batch_size):
+            idx = order[i:i + hp.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_sum(data.task, model(x[idx]), y[idx]) / len(idx)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        epoch_loss = total / seen
+        model.eval()
+        with torch.no_grad():  # validation each epoch, as any careful script does
+            loss_sum(data.task, model(xv), yv)
+    return epoch_loss
+
+
+def kiln_job(spec_dict: dict, workdir: Path) -> float:
+    """The same training as a Kiln job through the runner; returns its final train loss."""
+    from app import settings as settings_module
+    from app.accounts import create_user
+    from app.db import session_scope
+    from app.jobs import service
+    from app.jobs.schemas import parse_spec
+    from app.migrate import upgrade
+    from app.models import Job
+    from worker import runner
+
+    url = f"sqlite:///{workdir / 'bench.db'}"
+    upgrade(url)
+    settings = settings_module.SETTINGS.with_overrides(database_url=url, storage_root=workdir / "storage")
+    with session_scope(url) as s:
+        user, _ = create_user(session=s, email="bench@example.com")
+        job_id = service.submit(session=s, owner=user, spec=parse_spec(spec_dict), settings=settings).id
+    outcome = runner.run(job_id, 0, worker="bench", settings=settings)
+    assert outcome == "succeeded", outcome
+    with session_scope(url) as s:
+        return s.get(Job, job_id).result["final_metrics"]["train_loss"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=SPEC["hyperparameters"]["epochs"])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = {**SPEC, "hyperparameters": {**SPEC["hyperparameters"], "epochs": args.epochs}}
+    import logging
+
+    logging.disable(logging.INFO)
+    plain_loop(spec)  # warm-up: imports, dataset cache, allocator
+    plain_times, kiln_times, losses = [], [], {}
+    for i in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+            started = time.perf_counter()
+            losses["kiln"] = kiln_job(spec, Path(tmp))
+            kiln_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        losses["plain"] = plain_loop(spec)
+        plain_times.append(time.perf_counter() - started)
+        print(f"run {i + 1}: plain {plain_times[-1]:.3f}s  kiln {kiln_times[-1]:.3f}s", flush=True)
+    plain, kiln = statistics.median(plain_times), statistics.median(kiln_times)
+    equal = abs(losses["plain"] - losses["kiln"]) <= 1e-6
+    print(f"plain loop median: {plain:.3f}s")
+    print(f"kiln job median:   {kiln:.3f}s")
+    print(f"ratio kiln/plain:  {kiln / plain:.3f}  (goal <= 1.05)")
+    print(f"final train loss:  plain {losses['plain']:.8f}  kiln {losses['kiln']:.8f}  equal={equal}")
+    return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
