@@ -101,3 +101,17 @@ def test_another_user_cannot_predict_with_my_model(client, make_user, worker, se
     r = client.post("/api/v1/jobs", json={"kind": "predict", "model": str(job["id"]), "inputs": [[0.0] * 64]},
                     headers=b)
     assert r.status_code == 422 and "no trained model" in r.get_json()["detail"]
+
+
+def test_fine_tuning_starts_from_the_trained_weights(client, auth, worker, settings):
+    base = train_and_check(client, auth, worker, settings, {"arch": "mlp", "hidden_sizes": [64]},
+                           {"epochs": 4, "learning_rate": 0.003}, min_accuracy=0.85)
+    spec = {"kind": "train", "name": "digits-finetuned", "model": {"arch": "mlp", "hidden_sizes": [64]},
+            "dataset": {"id": "builtin:digits"}, "hyperparameters": {"epochs": 1, "learning_rate": 0.0005},
+            "init_from": f"{base['model']['name']}@latest"}
+    job = wait_for_job(client, auth, client.post("/api/v1/jobs", json=spec, headers=auth).get_json()["id"], worker=worker)
+    assert job["state"] == "succeeded", job
+    # One slow epoch keeps the accuracy the base reached; from random weights it would be far lower.
+    assert job["latest_metrics"]["val_accuracy"] >= base["latest_metrics"]["val_accuracy"] - 0.01
+    bad = client.post("/api/v1/jobs", json={**spec, "model": {"arch": "lstm"}}, headers=auth)
+    assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "init_from"

@@ -185,3 +185,30 @@ def test_poison_job_fails_after_max_attempts_without_holding_up_others(cluster):
     kinds = [e["kind"] for e in cluster.client.get(f"/api/v1/jobs/{poison}/events", headers=cluster.auth).get_json()["items"]]
     assert "traceback" not in kinds  # the owner sees the message; the traceback is for operators
     assert any(e.kind == "traceback" and "InjectedFault" in e.data["traceback"] for e in cluster.rows(JobEvent, poison))
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_uses_the_one_before(cluster):
+    job_id = cluster.submit(slow("corrupted"))
+    running_at_epoch(cluster, job_id, 3)
+    cluster.client.post(f"/api/v1/jobs/{job_id}/pause", headers=cluster.auth)
+    paused = cluster.wait(job_id, states=("paused",), timeout=15)
+    newest, previous = sorted(paused["checkpoints"], key=lambda c: c["step"], reverse=True)[:2]
+    path = cluster.settings.storage_root / newest["path"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: the sha256 no longer matches
+    path.write_bytes(bytes(data))
+    cluster.client.post(f"/api/v1/jobs/{job_id}/resume", headers=cluster.auth)
+    job = cluster.wait(job_id, timeout=150)
+    assert job["state"] == "succeeded"
+    assert previous["step"] < newest["step"]
+    assert job["resumed_from_epoch"] == previous["epoch"]
+    skipped = [e for e in cluster.rows(JobEvent, job_id) if e.kind == "checkpoint_skipped"]
+    assert skipped and "sha256" in skipped[0].message
+
+
+def test_a_job_past_max_runtime_fails_as_timeout_with_a_checkpoint(cluster):
+    job_id = cluster.submit({**slow("too-slow", epochs=50), "max_runtime_s": 3})
+    job = cluster.wait(job_id, timeout=60)
+    assert job["state"] == "failed" and job["error"]["class"] == "timeout"
+    assert "max_runtime_s" in job["error"]["message"] and job["attempts"] == 1
+    assert any(c["reason"] == "timeout" for c in job["checkpoints"])
