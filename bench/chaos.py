@@ -23,6 +23,7 @@ from tests.integration.cluster import Cluster
 
 SPEC = {"kind": "train", "model": {"arch": "gru", "hidden_size": 128, "num_layers": 2},
         "dataset": {"id": "builtin:digits"}, "max_attempts": 20}
+STEP_REPORTS_EVERY = 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,9 +58,11 @@ def summarize(cluster: Cluster, ids: list[int]) -> dict:
         overlapping += pairs
         finishes = [e for e in cluster.rows(JobEvent, job_id) if e.to_state == "succeeded"]
         run_twice += pairs > 0 or len(finishes) > 1
+        # The furthest epoch each attempt reached: an epoch report counts a finished epoch, a step
+        # report the epoch in progress, so a kill mid-epoch counts that epoch as one to redo.
         epochs_by_attempt: dict[int, int] = {}
         for m in cluster.rows(Metric, job_id):
-            if m.scope == "epoch":
+            if m.scope in ("epoch", "step"):
                 epochs_by_attempt[m.attempt] = max(epochs_by_attempt.get(m.attempt, 0), m.epoch)
         for a in attempts[1:]:
             reached = max((e for n, e in epochs_by_attempt.items() if n < a.number), default=0)
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
                 cluster.start_worker()
             cluster.start_reaper()
             ids = [cluster.submit({**SPEC, "name": f"chaos-{i}",
-                                   "hyperparameters": {"epochs": args.epochs, "batch_size": 8, "seed": i}})
+                                   "hyperparameters": {"epochs": args.epochs, "batch_size": 8, "seed": i,
+                                                       "log_every_steps": STEP_REPORTS_EVERY}})
                    for i in range(args.jobs)]
             started = time.monotonic()
             events = ["kill"] * args.kills + ["redis"] * args.redis_restarts

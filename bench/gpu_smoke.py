@@ -51,16 +51,12 @@ def spec(epochs: int, batch_size: int):
 
 def plain(spec_obj) -> float:
     """Plain fp32 CUDA loop; returns samples per second over all epochs."""
-    from worker.ml.architectures import ModelShape, build_model
-    from worker.ml.datasets import load_table
+    from bench.plain import data_and_model
     from worker.ml.evaluation import loss_sum
-    from worker.ml.preparation import prepare
 
     hp = spec_obj.hyperparameters
-    torch.manual_seed(hp.seed)
-    data = prepare(spec_obj.dataset, load_table(spec_obj.dataset, None, None))
-    signature = {**data.signature, "arch": spec_obj.model.arch, "model": spec_obj.model.model_dump(mode="json"), "format": 1}
-    model = build_model(spec_obj.model, ModelShape.from_signature(signature)).cuda()
+    data, model = data_and_model(spec_obj)
+    model = model.cuda()
     x, y = (torch.from_numpy(a).cuda() for a in data.splits["train"])
     opt = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate)
     torch.cuda.synchronize()

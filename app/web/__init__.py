@@ -55,9 +55,11 @@ def register_errors(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    """The JSON API and the health endpoints."""
+    """The JSON API, its OpenAPI document and the health endpoints."""
     from app.web.api import api
     from app.web.health import health
+    from app.web.openapi import openapi
 
     app.register_blueprint(health)
+    app.register_blueprint(openapi)
     app.register_blueprint(api, url_prefix="/api/v1")

@@ -122,3 +122,14 @@ def test_health_and_readiness(client):
 def test_unknown_api_route_is_problem_json(client, auth):
     r = client.get("/api/v1/nope", headers=auth)
     assert r.status_code == 404 and r.mimetype == "application/problem+json"
+
+
+def test_openapi_document_describes_the_spec_without_a_token(client):
+    doc = client.get("/api/v1/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.1")
+    schemas = doc["components"]["schemas"]
+    assert {"TrainSpec", "PredictSpec", "JobSpec", "Problem"} <= set(schemas)
+    assert set(doc["paths"]) >= {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/datasets"}
+    arch_tags = {s["properties"]["arch"].get("const") or tuple(s["properties"]["arch"].get("enum", ()))
+                 for name, s in schemas.items() if name.endswith("Config") and "arch" in s.get("properties", {})}
+    assert "mlp" in arch_tags and "transformer" in arch_tags

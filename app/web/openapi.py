@@ -1,0 +1,73 @@
+"""The OpenAPI 3.1 document of the JSON API; job spec schemas come straight from the pydantic models."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from flask import Blueprint, jsonify
+from pydantic.json_schema import models_json_schema
+
+from app.jobs.schemas import PredictSpec, TrainSpec
+
+openapi = Blueprint("openapi", __name__)
+
+PROBLEM = {"description": "problem details", "content": {"application/problem+json": {
+    "schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def _op(summary: str, ok: str = "200", body: str | None = None, errors: tuple[int, ...] = ()) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {ok: {"description": "success"}, "401": PROBLEM}}
+    for code in errors:
+        op["responses"][str(code)] = PROBLEM
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"$ref": body}}}}
+    return op
+
+
+@lru_cache(maxsize=1)
+def document() -> dict[str, Any]:
+    """Build the document once per process."""
+    _, schemas = models_json_schema(
+        [(TrainSpec, "validation"), (PredictSpec, "validation")], ref_template="#/components/schemas/{model}"
+    )
+    components = schemas.get("$defs", {})
+    components["JobSpec"] = {"oneOf": [{"$ref": "#/components/schemas/TrainSpec"},
+                                       {"$ref": "#/components/schemas/PredictSpec"}],
+                             "discriminator": {"propertyName": "kind"}}
+    components["Problem"] = {"type": "object", "properties": {
+        "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+        "detail": {"type": "string"}, "errors": {"type": "array", "items": {"type": "object", "properties": {
+            "field": {"type": "string"}, "message": {"type": "string"}}}}}}
+    job = {"parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "integer"}}]}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Kiln API", "version": "1"},
+        "servers": [{"url": "/api/v1"}],
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/jobs": {"post": _op("Submit a job", "201", "#/components/schemas/JobSpec", errors=(422,)),
+                      "get": _op("List jobs, newest first (limit, cursor, state, kind)", errors=(422,))},
+            "/jobs/{job_id}": {**job, "get": _op("A job", errors=(404,))},
+            "/jobs/{job_id}/cancel": {**job, "post": _op("Cancel", "202", errors=(404, 409))},
+            "/jobs/{job_id}/retry": {**job, "post": _op("Retry a failed or cancelled job", "202", errors=(404, 409))},
+            "/jobs/{job_id}/pause": {**job, "post": _op("Pause", "202", errors=(404, 409))},
+            "/jobs/{job_id}/resume": {**job, "post": _op("Resume a paused job", "202", errors=(404, 409))},
+            "/jobs/{job_id}/metrics": {**job, "get": _op("Metrics reports (scope, after, limit)", errors=(404,))},
+            "/jobs/{job_id}/events": {**job, "get": _op("Job events", errors=(404,))},
+            "/models": {"get": _op("Model versions")},
+            "/datasets": {"get": _op("Built-in and uploaded datasets"),
+                          "post": _op("Upload CSV, JSONL or Parquet (multipart field 'file')", "201", errors=(422,))},
+            "/datasets/{dataset_id}": {"get": _op("An uploaded dataset with its schema", errors=(404,)),
+                                       "parameters": [{"name": "dataset_id", "in": "path", "required": True,
+                                                       "schema": {"type": "integer"}}]},
+        },
+    }
+
+
+@openapi.get("/api/v1/openapi.json")
+def openapi_json():
+    """The OpenAPI document (no token needed)."""
+    return jsonify(document())
