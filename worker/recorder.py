@@ -23,14 +23,14 @@ class Recorder:
     """Writes one attempt's progress, always under its fencing token and lease owner."""
 
     def __init__(self, *, job_id: int, token: int, owner: str, settings: Settings, keep_last: int,
-                 max_runtime_s: float, total_epochs: int | None = None):
+                 max_runtime_s: float):
         self.job_id, self.token, self.owner, self.settings = job_id, token, owner, settings
         self.keep_last = keep_last
-        self.total_epochs = total_epochs
         self.deadline = time.monotonic() + max_runtime_s
         self.best_checkpoint_id: int | None = None
         self.last_checkpoint_id: int | None = None
         self._reason: str | None = None
+        self._progress_written = 0.0
         self._lost = False
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{job_id}", daemon=True)
@@ -88,18 +88,22 @@ class Recorder:
 
     def on_metrics(self, scope: str, epoch: int, step: int, values: dict[str, float]) -> None:
         """Store a metrics report under the lease."""
-        progress = None
-        if scope == "epoch" and self.total_epochs:
-            progress = epoch / self.total_epochs
         with session_scope(self.settings.database_url) as session:
             attempts.record_metrics(
                 session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                 lease_seconds=self.settings.lease_seconds, scope=scope, epoch=epoch, step=step,
-                values={k: float(v) for k, v in values.items()}, progress=progress,
+                values={k: float(v) for k, v in values.items()},
             )
 
     def on_progress(self, epoch: int, step: int, fraction: float) -> None:
-        """Progress travels with metrics; nothing extra to write."""
+        """Store progress when it moved by at least half a percent (one small fenced write)."""
+        if fraction < 1.0 and fraction - self._progress_written < 0.005:
+            return
+        with session_scope(self.settings.database_url) as session:
+            job = attempts.renew(session=session, job_id=self.job_id, token=self.token, owner=self.owner,
+                                 lease_seconds=self.settings.lease_seconds)
+            job.progress = max(0.0, min(1.0, fraction))
+        self._progress_written = fraction
 
     def on_checkpoint(self, epoch: int, step: int, data: bytes, *, metric_name: str | None,
                       metric_value: float | None, is_best: bool, reason: str) -> None:

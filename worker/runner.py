@@ -53,7 +53,6 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
         job_id=job_id, token=number, owner=owner, settings=settings,
         keep_last=spec.checkpoint.keep_last if isinstance(spec, TrainSpec) else 1,
         max_runtime_s=spec.max_runtime_s,
-        total_epochs=spec.hyperparameters.epochs if isinstance(spec, TrainSpec) else None,
     ).start()
     _active.add(recorder)
     if _shutting_down:

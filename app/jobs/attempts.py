@@ -86,15 +86,13 @@ def mark_start(*, session: Session, job_id: int, token: int, owner: str, lease_s
 
 def record_metrics(
     *, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
-    scope: str, epoch: int, step: int, values: dict[str, float], progress: float | None = None,
+    scope: str, epoch: int, step: int, values: dict[str, float],
 ) -> None:
-    """Store one metrics report (and progress) from the attempt holding the lease."""
+    """Store one metrics report from the attempt holding the lease."""
     job = renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds)
     session.add(Metric(job_id=job_id, attempt=token, scope=scope, epoch=epoch, step=step, values=values))
     if scope != "test":
         job.epoch, job.step = epoch, step
-    if progress is not None:
-        job.progress = max(0.0, min(1.0, progress))
 
 
 def add_checkpoint(

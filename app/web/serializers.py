@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion
+from app.models import Attempt, Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion
 
 
 def iso(value: datetime | None) -> str | None:
@@ -42,6 +42,7 @@ def job_detail(session: Session, job: Job) -> dict[str, Any]:
         select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step, Checkpoint.id)
     ).scalars()
     model = session.get(ModelVersion, job.model_version_id) if job.model_version_id else None
+    history = session.execute(select(Attempt).where(Attempt.job_id == job.id).order_by(Attempt.number)).scalars()
     body = job_summary(job)
     body.update(
         {
@@ -56,12 +57,20 @@ def job_detail(session: Session, job: Job) -> dict[str, Any]:
             "resumed_from_epoch": job.resumed_from_epoch,
             "latest_metrics": dict(latest.values, epoch=latest.epoch) if latest else None,
             "checkpoints": [checkpoint(c) for c in checkpoints],
+            "attempt_history": [attempt(a) for a in history],
             "model": model_version(model) if model else None,
             "result": job.result,
             "spec": job.spec,
         }
     )
     return body
+
+
+def attempt(a: Attempt) -> dict[str, Any]:
+    """One run of a job by one worker process."""
+    return {"number": a.number, "worker": a.worker, "host": a.host, "pid": a.pid, "started_at": iso(a.started_at),
+            "ended_at": iso(a.ended_at), "start_epoch": a.start_epoch, "start_step": a.start_step,
+            "outcome": a.outcome}
 
 
 def checkpoint(c: Checkpoint) -> dict[str, Any]:

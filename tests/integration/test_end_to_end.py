@@ -115,3 +115,18 @@ def test_fine_tuning_starts_from_the_trained_weights(client, auth, worker, setti
     assert job["latest_metrics"]["val_accuracy"] >= base["latest_metrics"]["val_accuracy"] - 0.01
     bad = client.post("/api/v1/jobs", json={**spec, "model": {"arch": "lstm"}}, headers=auth)
     assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "init_from"
+
+
+def test_cuda_requested_on_a_cpu_worker_fails_as_user_error_without_retries(client, auth, worker):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this worker has CUDA")
+    spec = {"kind": "train", "name": "wants-gpu", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
+            "hyperparameters": {"epochs": 1}, "resources": {"device": "cuda"}}
+    job = wait_for_job(client, auth, client.post("/api/v1/jobs", json=spec, headers=auth).get_json()["id"], worker=worker)
+    assert job["state"] == "failed" and job["error"]["class"] == "user_error"
+    assert "cuda" in job["error"]["message"].lower() and job["attempts"] == 1
+    history = job["attempt_history"]
+    assert [(a["number"], a["outcome"]) for a in history] == [(1, "user_error")]
+    assert history[0]["pid"] > 0 and history[0]["ended_at"] is not None
