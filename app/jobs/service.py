@@ -115,6 +115,9 @@ def _check_train(session: Session, user: User, spec: TrainSpec) -> None:
             raise SpecError.at("dataset.window", f"{dataset.num_rows} rows are too few for window {ds.window or 16} and horizon {ds.horizon}")
     if task == catalog.TEXT_CLASSIFICATION and spec.model.arch == "cnn1d" and spec.model.kernel_size > ds.max_tokens:
         raise SpecError.at("model.kernel_size", "kernel_size is longer than dataset.max_tokens")
+    if spec.resources.gpus > 1:
+        # Kept in the schema for the DDP launcher to come; until then, say so rather than use one GPU.
+        raise SpecError.at("resources.gpus", "multi-GPU (DDP) training is not available yet; use 1")
     if spec.init_from is not None:
         base = resolve_model(session=session, user=user, ref=spec.init_from, field="init_from")
         if base.arch != spec.model.arch:

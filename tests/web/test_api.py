@@ -33,6 +33,11 @@ def test_submit_records_a_queued_job_and_answers_201(client, auth, settings):
         ({**MLP, "hyperparameters": {"epochs": -3}}, "hyperparameters.epochs"),
         ({**MLP, "dataset": {"id": "builtin:imagenet"}}, "dataset.id"),
         ({**MLP, "dataset": {"id": "builtin:digits", "target": "nope"}}, "dataset.target"),
+        ({**MLP, "dataset": {"id": "builtin:digits", "window": 8}}, "dataset.window"),
+        ({**MLP, "dataset": {"id": "builtin:sunspots", "features": ["x"]}}, "dataset.features"),
+        ({**MLP, "dataset": {"id": "builtin:digits", "split": {"val_fraction": 0.5, "test_fraction": 0.5}}},
+         "dataset.split"),
+        ({**MLP, "resources": {"gpus": 4}}, "resources.gpus"),
         ({"kind": "predict", "model": "999999", "inputs": [[0.0] * 64]}, "model"),
         ({"kind": "predict", "model": "no-such-model@latest", "inputs": [[0.0] * 64]}, "model"),
     ],
@@ -133,3 +138,19 @@ def test_openapi_document_describes_the_spec_without_a_token(client):
     arch_tags = {s["properties"]["arch"].get("const") or tuple(s["properties"]["arch"].get("enum", ()))
                  for name, s in schemas.items() if name.endswith("Config") and "arch" in s.get("properties", {})}
     assert "mlp" in arch_tags and "transformer" in arch_tags
+
+
+def test_prometheus_metrics_count_jobs_by_state(client, auth):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def queued_train() -> float:
+        text = client.get("/metrics").get_data(as_text=True)
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        return sum(s.value for s in families["kiln_jobs"].samples
+                   if s.labels == {"state": "queued", "kind": "train"})
+
+    before = queued_train()
+    client.post("/api/v1/jobs", json=MLP, headers=auth)
+    assert queued_train() == before + 1
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "kiln_queue_oldest_wait_seconds" in text and "kiln_queue_depth" in text

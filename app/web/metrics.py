@@ -1,0 +1,90 @@
+"""Prometheus ``/metrics``: jobs by state, queue depth and wait, failures by class, worker heartbeats.
+
+Values are read from the database (and Redis for queue depth) at scrape time, so every web
+process answers the same numbers.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select
+
+from app.db import session_scope
+from app.models import Attempt, Job, utcnow
+from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
+from app.web.context import settings
+
+metrics = Blueprint("metrics", __name__)
+
+
+class KilnCollector:
+    """Collects Kiln's gauges from the database and the broker."""
+
+    def __init__(self, config: Settings):
+        self.config = config
+
+    def collect(self):
+        """Yield one family per metric."""
+        now = utcnow()
+        jobs = GaugeMetricFamily("kiln_jobs", "Jobs by state and kind", labels=["state", "kind"])
+        failures = GaugeMetricFamily("kiln_jobs_failed", "Failed jobs by failure class", labels=["class"])
+        wait = GaugeMetricFamily("kiln_queue_oldest_wait_seconds", "Age of the oldest queued job", labels=["queue"])
+        heartbeat = GaugeMetricFamily("kiln_worker_heartbeat_age_seconds",
+                                      "Seconds since each worker running a job renewed its lease", labels=["worker"])
+        duration = GaugeMetricFamily("kiln_job_duration_seconds_avg",
+                                     "Mean run time of succeeded jobs (start to finish)", labels=["kind"])
+        with session_scope(self.config.database_url) as s:
+            for state, kind, n in s.execute(select(Job.state, Job.kind, func.count()).group_by(Job.state, Job.kind)):
+                jobs.add_metric([state, kind], n)
+            for cls, n in s.execute(select(Job.error_class, func.count()).where(Job.state == "failed")
+                                    .group_by(Job.error_class)):
+                failures.add_metric([cls or "unknown"], n)
+            for queue, oldest in s.execute(select(Job.queue, func.min(Job.queued_at)).where(Job.state == "queued")
+                                           .group_by(Job.queue)):
+                wait.add_metric([queue], _age(now, oldest))
+            for worker, last in s.execute(select(Attempt.worker, func.max(Attempt.heartbeat_at))
+                                          .where(Attempt.ended_at.is_(None)).group_by(Attempt.worker)):
+                heartbeat.add_metric([worker], _age(now, last))
+            rows = s.execute(select(Job.kind, Job.started_at, Job.finished_at)
+                             .where(Job.state == "succeeded").order_by(Job.id.desc()).limit(500)).all()
+        by_kind: dict[str, list[float]] = {}
+        for kind, started, finished in rows:
+            if started and finished:
+                by_kind.setdefault(kind, []).append((_aware(finished) - _aware(started)).total_seconds())
+        for kind, values in by_kind.items():
+            duration.add_metric([kind], sum(values) / len(values))
+        yield from (jobs, failures, wait, heartbeat, duration)
+        yield self._queue_depth()
+
+    def _queue_depth(self) -> GaugeMetricFamily:
+        depth = GaugeMetricFamily("kiln_queue_depth", "Messages waiting in the broker", labels=["queue"])
+        try:
+            import redis
+
+            client = redis.Redis.from_url(self.config.redis_url, socket_connect_timeout=1, socket_timeout=1)
+            for queue in (TRAIN_QUEUE, PREDICT_QUEUE):
+                depth.add_metric([queue], client.llen(queue))
+        except Exception:  # noqa: BLE001 - a down broker shows as a missing series, /readyz says why
+            pass
+        return depth
+
+
+def _aware(value):
+    from datetime import timezone
+
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _age(now, then) -> float:
+    return max(0.0, (now - _aware(then)).total_seconds()) if then else 0.0
+
+
+@metrics.get("/metrics")
+def prometheus():
+    """Prometheus text exposition (scrape from inside the network; no token)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KilnCollector(settings()))
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
+                    headers={"Content-Type": CONTENT_TYPE_LATEST})
