@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -69,8 +68,10 @@ def reaper() -> None:
     """Run the reaper/reconciler loop (only one instance acts at a time)."""
     from app.reaper import run_forever
 
+    from app.logs import configure
+
     settings = _settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure(settings.log_level, settings.log_format)
     run_forever(settings)
 
 

@@ -40,6 +40,7 @@ class Settings:
     visibility_timeout_seconds: int = 3600
     max_upload_bytes: int = 200 * 1024 * 1024
     log_level: str = "INFO"
+    log_format: str = "json"
 
     def __post_init__(self) -> None:
         if not self.database_url:

@@ -1,7 +1,7 @@
 """Shared fixtures: a real database (SQLite or PostgreSQL), a real Redis, real worker processes.
 
 ``KILN_TEST_DATABASE=postgresql`` runs the suite on PostgreSQL (a fresh database per run);
-the default is a SQLite file. Redis is ``KILN_TEST_REDIS_URL`` (default db 12 on localhost).
+the default is a SQLite file. Redis is a private redis-server per run, or ``KILN_TEST_REDIS_URL``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from app.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("KILN_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("KILN_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
+REDIS_URL = os.environ.get("KILN_TEST_REDIS_URL")
 BACKEND = os.environ.get("KILN_TEST_DATABASE", "sqlite")
 
 
@@ -69,11 +69,19 @@ def database_url(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """A real Redis database, emptied at the start of the run."""
-    client = redis_lib.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    return REDIS_URL
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real Redis for this run: a private redis-server (so parallel runs never share a queue),
+    or ``KILN_TEST_REDIS_URL`` when set (emptied first)."""
+    if REDIS_URL:
+        redis_lib.Redis.from_url(REDIS_URL).flushdb()
+        yield REDIS_URL
+        return
+    from tests.integration.cluster import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import logging
 import os
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_shutting_down
+from celery.signals import setup_logging, worker_process_init, worker_shutting_down
 
 from app.settings import CELERY
 
@@ -15,6 +15,15 @@ celery.config_from_object(CELERY)
 celery.conf.include = ["worker.tasks"]
 
 log = logging.getLogger(__name__)
+
+
+@setup_logging.connect
+def _logging(**_kwargs) -> None:
+    # Connected, so Celery leaves logging to Kiln: the same JSON lines as the web and reaper.
+    from app.logs import configure
+    from app.settings import SETTINGS
+
+    configure(SETTINGS.log_level, SETTINGS.log_format)
 
 
 @worker_process_init.connect

@@ -6,6 +6,7 @@ the persisted cancel flag, so a stop request reaches the training loop within on
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -33,19 +34,23 @@ class Recorder:
         self._progress_written = 0.0
         self._lost = False
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> "Recorder":
-        """Start renewing the lease in the background."""
+        """Start renewing the lease in the background, in the caller's logging context."""
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._heartbeat,),
+                                        name=f"heartbeat-{self.job_id}", daemon=True)
         self._thread.start()
         return self
 
     def close(self) -> None:
         """Stop the heartbeat thread."""
         self._done.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def request_stop(self, reason: str) -> None:
         """Ask the training loop to stop at its next step check (first reason wins)."""

@@ -14,6 +14,7 @@ from app.db import session_scope
 from app.jobs import attempts, recovery, states
 from app.jobs.errors import JobFailure, JobTimeout, StaleAttempt, UserError
 from app.jobs.schemas import PredictSpec, TrainSpec, parse_spec
+from app.logs import bind_job
 from app.models import Checkpoint, Dataset, Job, ModelVersion, utcnow
 from app.settings import Settings
 from worker import failpoints
@@ -48,7 +49,14 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
         job = session.get(Job, job_id)
         spec = parse_spec(job.spec)
         number, owner = attempt.number, attempts.lease_owner(attempt)
-    log.info("event=claimed job_id=%s attempt=%s worker=%s", job_id, number, worker)
+    with bind_job(job_id, number):
+        log.info("event=claimed job_id=%s attempt=%s worker=%s", job_id, number, worker)
+        return _run_claimed(job_id, number, owner, spec, settings=settings)
+
+
+def _run_claimed(job_id: int, number: int, owner: str, spec: TrainSpec | PredictSpec, *,
+                 settings: Settings) -> str:
+    """Run a claimed attempt to its end, classifying any failure."""
     recorder = Recorder(
         job_id=job_id, token=number, owner=owner, settings=settings,
         keep_last=spec.checkpoint.keep_last if isinstance(spec, TrainSpec) else 1,

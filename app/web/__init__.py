@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from flask import Flask
@@ -36,8 +35,10 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
 
 
 def register_logging(settings: settings_module.Settings) -> None:
-    """Key=value log lines at the configured level."""
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    """JSON (or text) log lines at the configured level."""
+    from app.logs import configure
+
+    configure(settings.log_level, settings.log_format)
 
 
 def register_sessions(app: Flask) -> None:
