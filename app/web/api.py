@@ -45,6 +45,13 @@ def _json_body() -> dict:
     return body
 
 
+def _conditional(payload: dict):
+    """A JSON response with an ETag; a poll whose ``If-None-Match`` matches gets 304 and no body."""
+    response = jsonify(payload)
+    response.add_etag()
+    return response.make_conditional(request)
+
+
 def _publish(job) -> None:
     if queue.publish(settings(), job_id=job.id, kind=job.kind, token=job.attempts, priority=job.priority):
         service.mark_published(session=db(), job_id=job.id)
@@ -75,15 +82,15 @@ def list_jobs():
         session=db(), user=current_user(), limit=_int_arg("limit", 50, hi=MAX_PAGE),
         before_id=_int_arg("cursor", None), state=state, kind=request.args.get("kind") or None,
     )
-    return jsonify(items=[serializers.job_summary(j) for j in jobs],
-                   next_cursor=str(next_cursor) if next_cursor else None)
+    return _conditional({"items": [serializers.job_summary(j) for j in jobs],
+                         "next_cursor": str(next_cursor) if next_cursor else None})
 
 
 @api.get("/jobs/<int:job_id>")
 def get_job(job_id: int):
     """One job: state, progress, metrics, checkpoints, result, error."""
     job = service.get_job(session=db(), user=current_user(), job_id=job_id)
-    return jsonify(serializers.job_detail(db(), job))
+    return _conditional(serializers.job_detail(db(), job))
 
 
 @api.post("/jobs/<int:job_id>/cancel")
@@ -129,7 +136,7 @@ def job_metrics(job_id: int):
         stmt = stmt.where(Metric.scope == scope)
     if (after := _int_arg("after", None, lo=0)) is not None:
         stmt = stmt.where(Metric.id > after)
-    return jsonify(items=[serializers.metric(m) for m in db().execute(stmt).scalars()])
+    return _conditional({"items": [serializers.metric(m) for m in db().execute(stmt).scalars()]})
 
 
 @api.get("/jobs/<int:job_id>/events")

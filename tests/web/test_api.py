@@ -154,3 +154,14 @@ def test_prometheus_metrics_count_jobs_by_state(client, auth):
     assert queued_train() == before + 1
     text = client.get("/metrics").get_data(as_text=True)
     assert "kiln_queue_oldest_wait_seconds" in text and "kiln_queue_depth" in text
+
+
+def test_polling_with_an_etag_answers_304_until_the_job_changes(client, auth):
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=auth).get_json()["id"]
+    first = client.get(f"/api/v1/jobs/{job_id}", headers=auth)
+    etag = first.headers["ETag"]
+    again = client.get(f"/api/v1/jobs/{job_id}", headers={**auth, "If-None-Match": etag})
+    assert again.status_code == 304 and again.get_data() == b""
+    client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth)
+    changed = client.get(f"/api/v1/jobs/{job_id}", headers={**auth, "If-None-Match": etag})
+    assert changed.status_code == 200 and changed.get_json()["state"] == "cancelled"
