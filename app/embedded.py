@@ -1,4 +1,4 @@
-"""``kiln up``: the all-in-one embedded run (SQLite, a real embedded Redis, one worker, reaper, web)."""
+"""``kiln up``: the all-in-one embedded run (SQLite, a real embedded Redis, workers, reaper, web)."""
 
 from __future__ import annotations
 
@@ -85,8 +85,13 @@ def run_all(settings: Settings, *, host: str, port: int, workers: int) -> int:
     upgrade(settings.database_url)
     token = admin_token(settings, var_dir)
     kiln = [sys.executable, "-m", "app.cli"]
+    host_name = socket.gethostname()
     for i in range(workers):
-        children.append(subprocess.Popen(kiln + ["worker", "--name", f"kiln-up-{i}@{socket.gethostname()}"], env=env))
+        children.append(subprocess.Popen(
+            kiln + ["worker", "--queues", "train,default", "--name", f"kiln-train-{i}@{host_name}"], env=env))
+    # Predictions get a worker of their own, so they never wait behind a long training job.
+    children.append(subprocess.Popen(kiln + ["worker", "--queues", "predict", "--name", f"kiln-predict@{host_name}"],
+                                     env=env))
     children.append(subprocess.Popen(kiln + ["reaper"], env=env))
     children.append(subprocess.Popen(kiln + ["web", "--host", host, "--port", str(port), "--workers", "2"], env=env))
     url = f"http://{host}:{port}"

@@ -62,6 +62,26 @@ def test_kiln_up_runs_a_job_end_to_end_and_stops_cleanly_on_ctrl_c(tmp_path):
             time.sleep(0.5)
         assert job["state"] == "succeeded", job
         assert (tmp_path / "var" / "kiln.db").exists() and (tmp_path / "var" / "storage").is_dir()
+
+        # A prediction does not wait behind a long training job.
+        long = http("POST", url + "/api/v1/jobs", token, {
+            "kind": "train", "name": "up-long", "model": {"arch": "gru", "hidden_size": 128, "num_layers": 2},
+            "dataset": {"id": "builtin:digits"}, "hyperparameters": {"epochs": 200, "batch_size": 8}})
+        while http("GET", f"{url}/api/v1/jobs/{long['id']}", token)["state"] != "running":
+            time.sleep(0.2)
+        digit = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
+                 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
+        pred = http("POST", url + "/api/v1/jobs", token, {"kind": "predict", "model": "up-digits@latest",
+                                                         "inputs": [digit]})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pred = http("GET", f"{url}/api/v1/jobs/{pred['id']}", token)
+            if pred["state"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.2)
+        assert pred["state"] == "succeeded", pred
+        assert http("GET", f"{url}/api/v1/jobs/{long['id']}", token)["state"] == "running"
+        assert pred["result"]["predictions"][0]["class"] == 0
     finally:
         proc.send_signal(signal.SIGINT)
         try:
