@@ -130,3 +130,28 @@ def test_cuda_requested_on_a_cpu_worker_fails_as_user_error_without_retries(clie
     history = job["attempt_history"]
     assert [(a["number"], a["outcome"]) for a in history] == [(1, "user_error")]
     assert history[0]["pid"] > 0 and history[0]["ended_at"] is not None
+
+
+def test_sine_forecasting_beats_the_naive_forecast_and_predicts_a_horizon(client, auth, worker):
+    spec = {"kind": "train", "name": "sine-lstm", "model": {"arch": "lstm", "hidden_size": 32},
+            "dataset": {"id": "builtin:sine", "window": 16, "horizon": 3},
+            "hyperparameters": {"epochs": 6, "batch_size": 32, "learning_rate": 0.005}}
+    job = wait_for_job(client, auth, client.post("/api/v1/jobs", json=spec, headers=auth).get_json()["id"],
+                       worker=worker)
+    assert job["state"] == "succeeded", job
+    test = job["result"]["test_metrics"]
+    assert test["test_rmse"] < test["test_naive_rmse"], test
+    from worker.ml.datasets import load_builtin_raw
+
+    series = np.asarray(load_builtin_raw("sine")[0]).reshape(-1)
+    window = series[-16:].tolist()
+    r = client.post("/api/v1/jobs", json={"kind": "predict", "model": "sine-lstm@latest", "inputs": [window]},
+                    headers=auth)
+    assert r.status_code == 201, r.get_json()
+    pred = wait_for_job(client, auth, r.get_json()["id"], worker=worker)
+    assert pred["state"] == "succeeded", pred
+    values = pred["result"]["predictions"][0]["values"]
+    assert len(values) == 3 and all(np.isfinite(values))
+    bad = client.post("/api/v1/jobs", json={"kind": "predict", "model": "sine-lstm@latest", "inputs": [window[:10]]},
+                      headers=auth)
+    assert bad.status_code == 422 and "expects 16" in bad.get_json()["detail"]
