@@ -38,6 +38,8 @@ class Settings:
     max_attempts: int = 3
     # Redis broker visibility timeout: the database lease, not this, decides who runs a job.
     visibility_timeout_seconds: int = 3600
+    # How often a worker sweeps Redis for unacked messages past the visibility timeout.
+    unacked_restore_seconds: int = 10
     max_upload_bytes: int = 200 * 1024 * 1024
     log_level: str = "INFO"
     log_format: str = "json"
@@ -94,7 +96,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_seconds,
             # Sweep for expired unacked messages every 10 s (kombu's default is every 100 s).
-            "unacked_restore_interval": 10,
+            "unacked_restore_interval": settings.unacked_restore_seconds,
             "unacked_restore_throttle": 1,
             "socket_connect_timeout": 5,
             "socket_timeout": 10,

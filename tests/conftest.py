@@ -102,6 +102,8 @@ def settings_env(settings: settings_module.Settings) -> dict[str, str]:
         KILN_HEARTBEAT_SECONDS=str(settings.heartbeat_seconds),
         KILN_REQUEUE_AFTER_SECONDS=str(settings.requeue_after_seconds),
         KILN_REAPER_INTERVAL_SECONDS=str(settings.reaper_interval_seconds),
+        KILN_VISIBILITY_TIMEOUT_SECONDS=str(settings.visibility_timeout_seconds),
+        KILN_UNACKED_RESTORE_SECONDS=str(settings.unacked_restore_seconds),
         KILN_TORCH_THREADS="1", PYTHONUNBUFFERED="1",
     )
     return env

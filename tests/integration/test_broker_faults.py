@@ -18,17 +18,17 @@ JOB = {"kind": "train", "model": {"arch": "gru", "hidden_size": 128, "num_layers
 def cluster(tmp_path_factory):
     # A visibility timeout far shorter than a job: Redis hands every running job's message to
     # the other worker again and again, as it would in production for jobs longer than the timeout.
-    c = Cluster(tmp_path_factory.mktemp("broker"), visibility_timeout_seconds=2)
-    c.start_worker(KILN_VISIBILITY_TIMEOUT_SECONDS="2")
-    c.start_worker(KILN_VISIBILITY_TIMEOUT_SECONDS="2")
+    c = Cluster(tmp_path_factory.mktemp("broker"), visibility_timeout_seconds=2, unacked_restore_seconds=1)
+    c.start_worker()
+    c.start_worker()
     c.start_reaper()
     yield c
     c.close()
 
 
 def test_a_redelivered_message_does_nothing(cluster):
-    # Kombu restores expired unacked messages every 10 s, so the job outlasts two such rounds.
-    job_id = cluster.submit({**JOB, "name": "redelivered", "hyperparameters": {**JOB["hyperparameters"], "epochs": 24}})
+    # The idle worker sweeps every second for messages unacked past 2 s: the job outlasts several.
+    job_id = cluster.submit({**JOB, "name": "redelivered", "hyperparameters": {**JOB["hyperparameters"], "epochs": 12}})
     job = cluster.wait(job_id, timeout=120)
     assert job["state"] == "succeeded"
     assert job["attempts"] == 1 and len(cluster.attempts(job_id)) == 1
