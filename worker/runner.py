@@ -12,7 +12,7 @@ from sqlalchemy import select
 from app import storage
 from app.db import session_scope
 from app.jobs import attempts, recovery, states
-from app.jobs.errors import JobFailure, JobTimeout, StaleAttempt, UserError
+from app.jobs.errors import JobFailure, JobTimeout, SpecError, StaleAttempt, UserError
 from app.jobs.schemas import PredictSpec, TrainSpec, parse_spec
 from app.logs import bind_job
 from app.models import Checkpoint, Dataset, Job, ModelVersion, utcnow
@@ -46,11 +46,15 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
         if attempt is None:
             log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
             return "dropped"
-        job = session.get(Job, job_id)
-        spec = parse_spec(job.spec)
+        raw_spec = session.get(Job, job_id).spec
         number, owner = attempt.number, attempts.lease_owner(attempt)
     with bind_job(job_id, number):
         log.info("event=claimed job_id=%s attempt=%s worker=%s", job_id, number, worker)
+        try:
+            spec = parse_spec(raw_spec)
+        except SpecError as exc:  # a spec stored by an older release that this one no longer accepts
+            return _fail(job_id, number, settings, "user_error", f"the stored spec is no longer valid: {exc}",
+                         retryable=False)
         return _run_claimed(job_id, number, owner, spec, settings=settings)
 
 

@@ -77,3 +77,14 @@ def test_a_problem_only_the_worker_sees_fails_as_user_error_with_no_retry(settin
         job = s.get(Job, job_id)
         assert job.state == "failed" and job.error_class == "user_error" and job.attempts == 1
         assert "window" in job.error_message
+
+
+def test_a_stored_spec_this_release_rejects_fails_the_job_instead_of_looping(settings, submitted):
+    job_id = submitted({**SPEC, "hyperparameters": {"epochs": 1}})
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        job.spec = {**job.spec, "model": {"arch": "retired-arch"}}
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "failed"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.error_class == "user_error" and "no longer valid" in job.error_message
