@@ -46,7 +46,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def release_cuda_memory() -> None:
-    """Free cached CUDA blocks after a failure so the next job on this GPU starts clean."""
+    """Free cached CUDA blocks after a job (or a failure) so the next job on this GPU starts clean."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

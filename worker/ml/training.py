@@ -16,7 +16,9 @@ from app.jobs.schemas import TrainSpec
 from worker.ml import checkpoints
 from worker.ml.architectures import ModelShape, build_model
 from worker.ml.datasets import load_table
-from worker.ml.devices import autocast_for, out_of_memory, resolve_device, to_device, uses_bf16
+from worker.ml.devices import (
+    autocast_for, out_of_memory, release_cuda_memory, resolve_device, to_device, uses_bf16,
+)
 from worker.ml.evaluation import evaluate, loss_sum, monitorable_metrics
 from worker.ml.hooks import TrainingHooks
 from worker.ml.optimization import build_optimizer, build_scheduler, current_lr, steps_per_epoch
@@ -84,6 +86,10 @@ def train(
         return _train(spec, hooks, dataset_file, dataset_format, resume, init_from, target)
     except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first, so the traceback's frames can free their tensors
+    finally:
+        if target.type == "cuda":
+            # The worker process lives on: hand the cached blocks of this job back to the device.
+            release_cuda_memory()
     raise out_of_memory(spec.hyperparameters.batch_size, target)
 
 

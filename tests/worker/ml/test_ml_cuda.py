@@ -52,3 +52,14 @@ def test_out_of_memory_becomes_advice(fake_hooks, spec_for):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+
+
+def test_device_memory_is_released_after_the_job(fake_hooks, spec_for):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    spec = spec_for("transformer", "builtin:digits", device="cuda", epochs=1, batch_size=64,
+                    model={"d_model": 64, "nhead": 4, "num_layers": 2})
+    train(spec, hooks=fake_hooks())
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+    assert torch.cuda.memory_reserved() <= before + 2 * 2**20  # the cache was emptied, not kept for later
