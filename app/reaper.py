@@ -6,17 +6,20 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from app import queue
 from app.db import session_scope
-from app.jobs import recovery, service
+from app.jobs import recovery, service, storage_gc
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+SWEEP_EVERY_SECONDS = 600.0
 
 
-def tick(settings: Settings, *, owner: str) -> dict[str, int]:
-    """One pass: reap expired leases, then republish queued jobs that lack a live message."""
+def tick(settings: Settings, *, owner: str, sweep: bool = False) -> dict[str, int]:
+    """One pass: reap expired leases, republish queued jobs that lack a live message, and (when
+    ``sweep``) delete orphaned checkpoint files."""
     with session_scope(settings.database_url) as session:
         if not recovery.acquire_lease(session=session, name="reaper", owner=owner,
                                       seconds=max(10.0, settings.reaper_interval_seconds * 3)):
@@ -33,7 +36,15 @@ def tick(settings: Settings, *, owner: str) -> dict[str, int]:
             published += 1
             with session_scope(settings.database_url) as session:
                 service.mark_published(session=session, job_id=w.job_id)
-    return {"acting": 1, "reaped": len(reaped), "republished": published}
+    swept = 0
+    if sweep:
+        with session_scope(settings.database_url) as session:
+            removed = storage_gc.sweep_orphans(session=session, root=settings.storage_root,
+                                               older_than_seconds=max(3600.0, settings.lease_seconds * 4))
+        swept = len(removed)
+        if removed:
+            log.info("event=orphans_removed count=%s", swept)
+    return {"acting": 1, "reaped": len(reaped), "republished": published, "swept": swept}
 
 
 def run_forever(settings: Settings, stop: threading.Event | None = None) -> None:
@@ -41,9 +52,13 @@ def run_forever(settings: Settings, stop: threading.Event | None = None) -> None
     stop = stop or threading.Event()
     owner = f"{socket.gethostname()}:{os.getpid()}"
     log.info("event=reaper_started owner=%s interval=%s", owner, settings.reaper_interval_seconds)
+    next_sweep = 0.0
     while not stop.is_set():
         try:
-            tick(settings, owner=owner)
+            due = time.monotonic() >= next_sweep
+            tick(settings, owner=owner, sweep=due)
+            if due:
+                next_sweep = time.monotonic() + SWEEP_EVERY_SECONDS
         except Exception as exc:  # noqa: BLE001 - keep reaping through database or broker blips
             log.warning("event=reaper_tick_failed error=%r", exc)
         stop.wait(settings.reaper_interval_seconds)
