@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from app import catalog, datasets
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
-from app.jobs.schemas import PredictSpec, TrainSpec
+from app.jobs.schemas import DatasetRef, PredictSpec, TrainSpec
 from app.models import Dataset, Job, JobEvent, ModelVersion, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
 
@@ -62,57 +62,66 @@ def resolve_model(*, session: Session, user: User, ref: str, field: str = "model
     return model
 
 
+def _check_builtin(ds: DatasetRef) -> str:
+    """Check a spec's use of a built-in dataset; returns the task."""
+    meta = catalog.builtin(ds.id)
+    if meta is None:
+        known = ", ".join(f"builtin:{n}" for n in catalog.BUILTIN_DATASETS)
+        raise SpecError.at("dataset.id", f"unknown dataset {ds.id!r}; built-in datasets are {known}")
+    task = ds.task or meta.task
+    columns = set(meta.columns) | ({meta.target} if meta.target else set())
+    if ds.target is not None and meta.target is not None and ds.target not in columns:
+        raise SpecError.at("dataset.target", f"{ds.target!r} is not a column of {ds.id} (target is {meta.target!r})")
+    if task != meta.task:
+        raise SpecError.at("dataset.task", f"{ds.id} is a {meta.task} dataset, not {task}")
+    if ds.text_column is not None:
+        raise SpecError.at("dataset.text_column", f"{ds.id} has no text column")
+    if ds.window is not None and task != catalog.FORECASTING:
+        raise SpecError.at("dataset.window", f"window applies to forecasting; {ds.id} is a {task} dataset")
+    if ds.features is not None and task == catalog.FORECASTING:
+        raise SpecError.at("dataset.features", "forecasting uses the target series alone; drop dataset.features")
+    if task == catalog.FORECASTING:
+        window = ds.window or meta.default_window or 16
+        if window + ds.horizon >= meta.num_rows // 2:
+            raise SpecError.at("dataset.window", f"window {window} + horizon {ds.horizon} is too long for {meta.num_rows} rows")
+    return task
+
+
+def _check_upload(session: Session, user: User, ds: DatasetRef) -> str:
+    """Check a spec's use of an uploaded dataset against its stored schema; returns the task."""
+    dataset = session.execute(
+        select(Dataset).where(Dataset.id == int(ds.id.split(":", 1)[1]), Dataset.owner_id == user.id)
+    ).scalar_one_or_none()
+    if dataset is None:
+        raise SpecError.at("dataset.id", f"no dataset {ds.id!r}")
+    columns = {c["name"]: c for c in dataset.schema.get("columns", [])}
+    for field, name in (("dataset.target", ds.target), ("dataset.text_column", ds.text_column)):
+        if name is not None and name not in columns:
+            raise SpecError.at(field, f"{name!r} is not a column of {ds.id} (columns: {', '.join(columns)})")
+    for i, name in enumerate(ds.features or []):
+        if name not in columns:
+            raise SpecError.at(f"dataset.features[{i}]", f"{name!r} is not a column of {ds.id}")
+        if not columns[name].get("numeric", False):
+            raise SpecError.at(f"dataset.features[{i}]", f"column {name!r} is not numeric")
+    if ds.target is None and ds.task != catalog.FORECASTING:
+        raise SpecError.at("dataset.target", "an uploaded dataset needs a target column")
+    task = ds.task or datasets.default_task(dataset.schema, target=ds.target, text_column=ds.text_column,
+                                            window=ds.window)
+    if task == catalog.TEXT_CLASSIFICATION and ds.text_column is None:
+        raise SpecError.at("dataset.text_column", "text classification needs a text column")
+    if task in (catalog.CLASSIFICATION, catalog.TEXT_CLASSIFICATION) and ds.target is not None:
+        if columns[ds.target]["distinct"] < 2:
+            raise SpecError.at("dataset.target", f"target {ds.target!r} has a single class; a classifier needs two or more")
+    if task in (catalog.REGRESSION, catalog.FORECASTING) and ds.target is not None and not columns[ds.target]["numeric"]:
+        raise SpecError.at("dataset.target", f"target {ds.target!r} is not numeric, so it cannot be a {task} target")
+    if task == catalog.FORECASTING and (ds.window or 16) + ds.horizon >= dataset.num_rows:
+        raise SpecError.at("dataset.window", f"{dataset.num_rows} rows are too few for window {ds.window or 16} and horizon {ds.horizon}")
+    return task
+
+
 def _check_train(session: Session, user: User, spec: TrainSpec) -> None:
     ds = spec.dataset
-    if ds.id.startswith(catalog.BUILTIN_PREFIX):
-        meta = catalog.builtin(ds.id)
-        if meta is None:
-            known = ", ".join(f"builtin:{n}" for n in catalog.BUILTIN_DATASETS)
-            raise SpecError.at("dataset.id", f"unknown dataset {ds.id!r}; built-in datasets are {known}")
-        task = ds.task or meta.task
-        columns = set(meta.columns) | ({meta.target} if meta.target else set())
-        if ds.target is not None and meta.target is not None and ds.target not in columns:
-            raise SpecError.at("dataset.target", f"{ds.target!r} is not a column of {ds.id} (target is {meta.target!r})")
-        if task != meta.task:
-            raise SpecError.at("dataset.task", f"{ds.id} is a {meta.task} dataset, not {task}")
-        if ds.text_column is not None:
-            raise SpecError.at("dataset.text_column", f"{ds.id} has no text column")
-        if ds.window is not None and task != catalog.FORECASTING:
-            raise SpecError.at("dataset.window", f"window applies to forecasting; {ds.id} is a {task} dataset")
-        if ds.features is not None and task == catalog.FORECASTING:
-            raise SpecError.at("dataset.features", "forecasting uses the target series alone; drop dataset.features")
-        if task == catalog.FORECASTING:
-            window = ds.window or meta.default_window or 16
-            if window + ds.horizon >= meta.num_rows // 2:
-                raise SpecError.at("dataset.window", f"window {window} + horizon {ds.horizon} is too long for {meta.num_rows} rows")
-    else:
-        dataset = session.execute(
-            select(Dataset).where(Dataset.id == int(ds.id.split(":", 1)[1]), Dataset.owner_id == user.id)
-        ).scalar_one_or_none()
-        if dataset is None:
-            raise SpecError.at("dataset.id", f"no dataset {ds.id!r}")
-        columns = {c["name"]: c for c in dataset.schema.get("columns", [])}
-        for field, name in (("dataset.target", ds.target), ("dataset.text_column", ds.text_column)):
-            if name is not None and name not in columns:
-                raise SpecError.at(field, f"{name!r} is not a column of {ds.id} (columns: {', '.join(columns)})")
-        for i, name in enumerate(ds.features or []):
-            if name not in columns:
-                raise SpecError.at(f"dataset.features[{i}]", f"{name!r} is not a column of {ds.id}")
-            if not columns[name].get("numeric", False):
-                raise SpecError.at(f"dataset.features[{i}]", f"column {name!r} is not numeric")
-        if ds.target is None and ds.task != catalog.FORECASTING:
-            raise SpecError.at("dataset.target", "an uploaded dataset needs a target column")
-        task = ds.task or datasets.default_task(dataset.schema, target=ds.target, text_column=ds.text_column,
-                                                window=ds.window)
-        if task == catalog.TEXT_CLASSIFICATION and ds.text_column is None:
-            raise SpecError.at("dataset.text_column", "text classification needs a text column")
-        if task in (catalog.CLASSIFICATION, catalog.TEXT_CLASSIFICATION) and ds.target is not None:
-            if columns[ds.target]["distinct"] < 2:
-                raise SpecError.at("dataset.target", f"target {ds.target!r} has a single class; a classifier needs two or more")
-        if task in (catalog.REGRESSION, catalog.FORECASTING) and ds.target is not None and not columns[ds.target]["numeric"]:
-            raise SpecError.at("dataset.target", f"target {ds.target!r} is not numeric, so it cannot be a {task} target")
-        if task == catalog.FORECASTING and (ds.window or 16) + ds.horizon >= dataset.num_rows:
-            raise SpecError.at("dataset.window", f"{dataset.num_rows} rows are too few for window {ds.window or 16} and horizon {ds.horizon}")
+    task = _check_builtin(ds) if ds.id.startswith(catalog.BUILTIN_PREFIX) else _check_upload(session, user, ds)
     if task == catalog.TEXT_CLASSIFICATION and spec.model.arch == "cnn1d" and spec.model.kernel_size > ds.max_tokens:
         raise SpecError.at("model.kernel_size", "kernel_size is longer than dataset.max_tokens")
     if spec.resources.gpus > 1:
