@@ -129,14 +129,20 @@ def resume_job(job_id: int):
 
 @api.get("/jobs/<int:job_id>/metrics")
 def job_metrics(job_id: int):
-    """Metrics reports in order; ``scope`` (epoch|step|test) and ``after`` (an id) filter."""
+    """Metrics reports in order; ``scope`` (epoch|step|test) and ``after`` (an id) filter;
+    ``latest=true`` keeps only the newest attempt's report of each epoch/step (one curve)."""
     service.get_job(session=db(), user=current_user(), job_id=job_id)
     stmt = select(Metric).where(Metric.job_id == job_id).order_by(Metric.id).limit(_int_arg("limit", 1000, hi=10000))
     if scope := request.args.get("scope"):
         stmt = stmt.where(Metric.scope == scope)
     if (after := _int_arg("after", None, lo=0)) is not None:
         stmt = stmt.where(Metric.id > after)
-    return _conditional({"items": [serializers.metric(m) for m in db().execute(stmt).scalars()]})
+    rows = list(db().execute(stmt).scalars())
+    if request.args.get("latest") in ("1", "true"):
+        # One curve: where a resumed attempt redid an epoch, keep the newest attempt's report.
+        newest = {(m.scope, m.epoch, m.step): m for m in rows}
+        rows = sorted(newest.values(), key=lambda m: m.id)
+    return _conditional({"items": [serializers.metric(m) for m in rows]})
 
 
 @api.get("/jobs/<int:job_id>/events")

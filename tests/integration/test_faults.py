@@ -79,6 +79,10 @@ def test_sigkill_mid_epoch_resumes_from_checkpoint_with_identical_weights(cluste
     # At most the interrupted epoch was redone: attempt 2 reports epochs after the checkpoint only.
     second = [m.epoch for m in cluster.rows(Metric, killed) if m.attempt == 2 and m.scope == "epoch"]
     assert second[0] == job["resumed_from_epoch"] + 1
+    # The loss curve a dashboard draws has each epoch once, from the attempt that kept it.
+    curve = cluster.client.get(f"/api/v1/jobs/{killed}/metrics?scope=epoch&latest=true",
+                               headers=cluster.auth).get_json()["items"]
+    assert [m["epoch"] for m in curve] == list(range(1, 9))
 
 
 def test_sigstopped_worker_past_its_lease_has_its_late_writes_refused(cluster):
@@ -166,10 +170,17 @@ def test_a_crash_between_commit_and_publish_still_runs_the_job(cluster):
 
 
 def test_a_cancelled_queued_job_never_starts_even_when_its_message_arrives(cluster):
-    job_id = _submit_without_publishing(cluster, slow("never", epochs=2))
-    cluster.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=cluster.auth)
+    # Submitted and cancelled in one transaction, so no reconciler can publish it in between.
+    with session_scope(cluster.settings.database_url) as s:
+        owner = s.query(User).order_by(User.id).first()
+        job_id = service.submit(session=s, owner=owner, spec=parse_spec(slow("never", epochs=2)),
+                                settings=cluster.settings).id
+        service.cancel(session=s, user=owner, job_id=job_id)
     assert queue.publish(cluster.settings, job_id=job_id, kind="train", token=0)
-    time.sleep(3)
+    deadline = time.monotonic() + 30
+    while not any(f"event=dropped job_id={job_id} " in w.log() for w in cluster.workers):
+        assert time.monotonic() < deadline, "the message never reached a worker"
+        time.sleep(0.2)
     job = cluster.job(job_id)
     assert job["state"] == "cancelled" and job["attempts"] == 0 and job["started_at"] is None
 
