@@ -36,7 +36,10 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # Every Kiln transaction is short. A process frozen inside one (SIGSTOP, a partition) would
+    # hold its row locks and stall the reaper, so the server ends such a session after 15 s.
+    connect_args = {"options": "-c idle_in_transaction_session_timeout=15000"} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args)
 
 
 def _resolve(url: str | None) -> str:
