@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 TRAIN_TASK = "kiln.train"
 PREDICT_TASK = "kiln.predict"
 TASK_FOR_KIND = {"train": TRAIN_TASK, "predict": PREDICT_TASK}
-PRIORITY = {"low": 2, "normal": 5, "high": 8}
+# Redis priorities run the other way from AMQP: 0 is served first. Kombu keeps one list per step
+# (0, 3, 6, 9) and pops them in that order.
+PRIORITY = {"high": 0, "normal": 3, "low": 6}
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def publish(settings: "Settings", *, job_id: int, kind: str, token: int, priorit
         client(settings).send_task(
             TASK_FOR_KIND[kind],
             args=[job_id, token],
-            priority=PRIORITY.get(priority, 5),
+            priority=PRIORITY.get(priority, PRIORITY["normal"]),
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
         )
