@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import threading
 import time
 
 from app import storage
 from app.db import session_scope
 from app.jobs import attempts
-from app.jobs.errors import StaleAttempt
+from app.jobs.errors import StaleAttempt, UserError
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,19 @@ class Recorder:
         return self._reason
 
     def on_metrics(self, scope: str, epoch: int, step: int, values: dict[str, float]) -> None:
-        """Store a metrics report under the lease."""
+        """Store a metrics report under the lease; a non-finite loss means training diverged."""
+        for name in ("train_loss", "val_loss"):
+            if name in values and not math.isfinite(values[name]):
+                raise UserError(
+                    f"training diverged: {name} is {values[name]} at epoch {epoch}, step {step}; "
+                    "try a lower learning_rate, grad_clip, or normalize"
+                )
+        # Other metrics can be undefined (R² of a constant target): stored as null, not as NaN.
+        clean = {k: float(v) if math.isfinite(v) else None for k, v in values.items()}
         with session_scope(self.settings.database_url) as session:
             attempts.record_metrics(
                 session=session, job_id=self.job_id, token=self.token, owner=self.owner,
-                lease_seconds=self.settings.lease_seconds, scope=scope, epoch=epoch, step=step,
-                values={k: float(v) for k, v in values.items()},
+                lease_seconds=self.settings.lease_seconds, scope=scope, epoch=epoch, step=step, values=clean,
             )
 
     def on_progress(self, epoch: int, step: int, fraction: float) -> None:

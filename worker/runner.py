@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import traceback
@@ -163,19 +164,25 @@ def _train(job_id: int, spec: TrainSpec, recorder: Recorder, settings: Settings)
         if best is None:
             best = session.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)
                                    .order_by(Checkpoint.is_best.desc(), Checkpoint.step.desc()).limit(1)).scalar_one()
-        metrics = {**result.final_metrics, **result.test_metrics}
+        final, tested = _finite(result.final_metrics), _finite(result.test_metrics)
+        metrics = {**final, **tested}
         version = attempts.register_model_version(session=session, job=job, checkpoint=best,
                                                   signature=result.signature, metrics=metrics)
         attempts.finish(
             session=session, job_id=job_id, token=recorder.token, to=states.SUCCEEDED,
             result={
-                "final_metrics": result.final_metrics, "test_metrics": result.test_metrics,
-                "best_epoch": result.best_epoch, "best_metric": {result.best_metric_name: result.best_metric_value},
+                "final_metrics": final, "test_metrics": tested, "best_epoch": result.best_epoch,
+                "best_metric": _finite({result.best_metric_name: result.best_metric_value}),
                 "epochs_completed": result.epochs_completed, "model": f"{version.name}@{version.version}",
             },
             message=f"trained {result.epochs_completed} epochs; registered {version.name}@{version.version}",
         )
     return states.SUCCEEDED
+
+
+def _finite(values: dict) -> dict:
+    """Metrics fit for JSON: an undefined value (NaN, infinity) becomes null."""
+    return {k: v if v is None or not isinstance(v, float) or math.isfinite(v) else None for k, v in values.items()}
 
 
 def _stopped(job_id: int, recorder: Recorder, reason: str, settings: Settings) -> str:

@@ -18,7 +18,8 @@ Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9]
 class Strict(BaseModel):
     """Base for spec parts: unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are refused everywhere: they would poison training and are not valid JSON.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- architectures --------------------------------------------------------------------------

@@ -165,3 +165,18 @@ def test_polling_with_an_etag_answers_304_until_the_job_changes(client, auth):
     client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth)
     changed = client.get(f"/api/v1/jobs/{job_id}", headers={**auth, "If-None-Match": etag})
     assert changed.status_code == 200 and changed.get_json()["state"] == "cancelled"
+
+
+@pytest.mark.parametrize("payload,field", [
+    ({"kind": "predict", "model": "x@latest", "inputs": [[1.0, float("nan")]]}, "inputs[0]"),
+    ({**MLP, "metadata": {"score": float("inf")}}, "metadata.score"),
+])
+def test_nan_and_infinity_are_refused(client, auth, settings, payload, field):
+    import json
+
+    before = job_count(settings)
+    body = json.dumps(payload)  # Python writes NaN/Infinity literals, which some clients send
+    r = client.post("/api/v1/jobs", data=body, headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 422 and r.mimetype == "application/problem+json"
+    assert any(e["field"].startswith(field) for e in r.get_json()["errors"]), r.get_json()
+    assert job_count(settings) == before

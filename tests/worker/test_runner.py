@@ -88,3 +88,13 @@ def test_a_stored_spec_this_release_rejects_fails_the_job_instead_of_looping(set
     with session_scope(settings.database_url) as s:
         job = s.get(Job, job_id)
         assert job.error_class == "user_error" and "no longer valid" in job.error_message
+
+
+def test_a_diverging_run_fails_as_user_error_with_advice(settings, submitted):
+    job_id = submitted({**SPEC, "name": "diverges", "dataset": {"id": "builtin:diabetes", "normalize": False},
+                        "hyperparameters": {"epochs": 3, "optimizer": "sgd", "learning_rate": 10.0}})
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "failed"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.error_class == "user_error" and "diverged" in job.error_message
+        assert "learning_rate" in job.error_message and job.attempts == 1
