@@ -180,9 +180,15 @@ def _train(job_id: int, spec: TrainSpec, recorder: Recorder, settings: Settings)
     return states.SUCCEEDED
 
 
-def _finite(values: dict) -> dict:
-    """Metrics fit for JSON: an undefined value (NaN, infinity) becomes null."""
-    return {k: v if v is None or not isinstance(v, float) or math.isfinite(v) else None for k, v in values.items()}
+def _finite(value):
+    """A result fit for JSON: an undefined number (NaN, infinity) anywhere inside becomes null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _stopped(job_id: int, recorder: Recorder, reason: str, settings: Settings) -> str:
@@ -230,6 +236,6 @@ def _predict(job_id: int, spec: PredictSpec, recorder: Recorder, settings: Setti
     output = prediction.predict(data, list(spec.inputs), device="cpu")
     with session_scope(settings.database_url) as session:
         attempts.finish(session=session, job_id=job_id, token=recorder.token, to=states.SUCCEEDED,
-                        result={"model": model_ref, **output},
+                        result=_finite({"model": model_ref, **output}),
                         message=f"predicted {len(spec.inputs)} inputs with {model_ref}")
     return states.SUCCEEDED
