@@ -155,3 +155,64 @@ def test_sine_forecasting_beats_the_naive_forecast_and_predicts_a_horizon(client
     bad = client.post("/api/v1/jobs", json={"kind": "predict", "model": "sine-lstm@latest", "inputs": [window[:10]]},
                       headers=auth)
     assert bad.status_code == 422 and "expects 16" in bad.get_json()["detail"]
+
+
+def _upload(client, auth, frame, name: str) -> str:
+    import io
+
+    r = client.post("/api/v1/datasets", headers=auth, content_type="multipart/form-data",
+                    data={"file": (io.BytesIO(frame.to_csv(index=False).encode()), name)})
+    assert r.status_code == 201, r.get_json()
+    return r.get_json()["id"]
+
+
+def test_training_on_an_uploaded_csv_and_predicting_from_it(client, auth, worker):
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    n = 400
+    label = rng.integers(0, 2, n)
+    frame = pd.DataFrame({"x1": rng.normal(label * 3.0, 1.0), "x2": rng.normal(-label * 2.0, 1.0),
+                          "note": ["row"] * n, "kind": np.where(label == 1, "spam", "ham")})
+    ds = _upload(client, auth, frame, "blobs.csv")
+    spec = {"kind": "train", "name": "blobs", "model": {"arch": "mlp", "hidden_sizes": [16]},
+            "dataset": {"id": ds, "target": "kind", "features": ["x1", "x2"]},
+            "hyperparameters": {"epochs": 20, "learning_rate": 0.01}}
+    job = wait_for_job(client, auth, client.post("/api/v1/jobs", json=spec, headers=auth).get_json()["id"],
+                       worker=worker)
+    assert job["state"] == "succeeded", job
+    assert job["result"]["test_metrics"]["test_accuracy"] >= 0.9
+    r = client.post("/api/v1/jobs", json={"kind": "predict", "model": "blobs@latest",
+                                          "inputs": [[3.0, -2.0], [0.0, 0.0]]}, headers=auth)
+    pred = wait_for_job(client, auth, r.get_json()["id"], worker=worker)
+    assert [p["class"] for p in pred["result"]["predictions"]] == ["spam", "ham"]
+
+
+def test_text_classification_on_an_uploaded_csv(client, auth, worker):
+    import pandas as pd
+
+    rng = np.random.default_rng(2)
+    topics = {"sport": "goal match team score coach", "food": "bake flour oven sauce garlic"}
+    filler = "the a of and to in is was".split()
+    rows = []
+    for _ in range(300):
+        topic = rng.choice(sorted(topics))
+        words = list(rng.choice(topics[topic].split(), 2)) + list(rng.choice(filler, 5))
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "topic": topic})
+    ds = _upload(client, auth, pd.DataFrame(rows), "texts.csv")
+    spec = {"kind": "train", "name": "topics", "model": {"arch": "lstm", "hidden_size": 32},
+            "dataset": {"id": ds, "target": "topic", "text_column": "text"},
+            "hyperparameters": {"epochs": 15, "learning_rate": 0.005}}
+    job = wait_for_job(client, auth, client.post("/api/v1/jobs", json=spec, headers=auth).get_json()["id"],
+                       worker=worker)
+    assert job["state"] == "succeeded", job
+    assert job["result"]["test_metrics"]["test_accuracy"] >= 0.8  # two classes: chance is 0.5
+    r = client.post("/api/v1/jobs", json={"kind": "predict", "model": "topics@latest",
+                                          "inputs": ["the coach saw a goal", "bake it in the oven"]}, headers=auth)
+    pred = wait_for_job(client, auth, r.get_json()["id"], worker=worker)
+    assert pred["state"] == "succeeded", pred
+    assert [p["class"] for p in pred["result"]["predictions"]] == ["sport", "food"]
+    bad = client.post("/api/v1/jobs", json={"kind": "predict", "model": "topics@latest", "inputs": [[1, 2]]},
+                      headers=auth)
+    assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "inputs[0]"
