@@ -51,3 +51,11 @@ def authenticate(*, session: Session, token: str) -> User | None:
         return None
     row.last_used_at = utcnow()
     return row.user
+
+
+def revoke_tokens(*, session: Session, user: User) -> int:
+    """Revoke all of a user's live tokens; returns how many."""
+    live = [t for t in user.tokens if t.revoked_at is None]
+    for token in live:
+        token.revoked_at = utcnow()
+    return len(live)

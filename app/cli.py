@@ -113,5 +113,43 @@ def users_create(email: str, admin: bool) -> None:
     click.echo(token)
 
 
+@users.command("token")
+@click.argument("email")
+@click.option("--name", default="cli", show_default=True, help="A label for the token.")
+def users_token(email: str, name: str) -> None:
+    """Issue another API token for an existing user; the token is the last line of the output."""
+    from app.accounts import issue_token
+    from app.db import session_scope
+
+    with session_scope(_settings().database_url) as session:
+        user = _find_user(session, email)
+        token = issue_token(session=session, user=user, name=name)
+    click.echo(f"new API token for {email} (shown once):")
+    click.echo(token)
+
+
+@users.command("revoke-tokens")
+@click.argument("email")
+def users_revoke(email: str) -> None:
+    """Revoke every API token of a user (they answer 401 from now on)."""
+    from app.accounts import revoke_tokens
+    from app.db import session_scope
+
+    with session_scope(_settings().database_url) as session:
+        count = revoke_tokens(session=session, user=_find_user(session, email))
+    click.echo(f"revoked {count} token(s) of {email}")
+
+
+def _find_user(session, email: str):
+    from sqlalchemy import select
+
+    from app.models import User
+
+    user = session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
+    if user is None:
+        raise click.ClickException(f"no user {email}")
+    return user
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

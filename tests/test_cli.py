@@ -28,3 +28,17 @@ def test_db_upgrade_on_a_fresh_file(tmp_path):
     out = kiln("db", "upgrade", database_url=f"sqlite:///{tmp_path / 'new.db'}")
     assert out.returncode == 0 and "up to date" in out.stdout
     assert (tmp_path / "new.db").exists()
+
+
+def test_another_token_can_be_issued_and_all_revoked(database_url, client):
+    kiln("users", "create", "rotate@example.com", database_url=database_url)
+    out = kiln("users", "token", "rotate@example.com", database_url=database_url)
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip().splitlines()[-1]
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/v1/jobs", headers=headers).status_code == 200
+    revoked = kiln("users", "revoke-tokens", "rotate@example.com", database_url=database_url)
+    assert "revoked 2 token(s)" in revoked.stdout
+    assert client.get("/api/v1/jobs", headers=headers).status_code == 401
+    missing = kiln("users", "token", "nobody@example.com", database_url=database_url)
+    assert missing.returncode != 0 and "no user" in missing.stderr

@@ -20,11 +20,8 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
     settings = settings_module.SETTINGS.with_overrides(**overrides) if overrides else settings_module.SETTINGS
 
     app = Flask(__name__)
-    app.config.update(
-        SECRET_KEY=settings.secret_key,
-        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
-        JSON_SORT_KEYS=False,
-    )
+    app.config.update(SECRET_KEY=settings.secret_key, MAX_CONTENT_LENGTH=settings.max_upload_bytes)
+    app.json.sort_keys = False  # resources read in the order they are built: id, kind, name, state...
     app.config.update(config)
     app.extensions["kiln"] = settings
     register_logging(settings)
