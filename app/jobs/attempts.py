@@ -25,6 +25,11 @@ def claim(
     if job is None or job.state != states.QUEUED or job.attempts != token:
         return None
     now = utcnow()
+    if job.cancel_requested_at is not None or job.pause_requested_at is not None:
+        # Requeued (say, by a worker shutting down) after the user asked it to stop: honour that now.
+        to = states.CANCELLED if job.cancel_requested_at is not None else states.PAUSED
+        states.transition(session, job_id, to=to, expect=states.QUEUED, token=token, message=f"{to} as requested")
+        return None
     if job.not_before is not None and job.not_before > now:
         return None
     number = token + 1

@@ -101,3 +101,14 @@ def test_duplicate_claims_yield_one_attempt(session):
     second = attempts.claim(session=session, job_id=job.id, token=0, worker="b", host="h", pid=2, lease_seconds=30)
     assert first is not None and second is None
     assert session.query(Attempt).filter_by(job_id=job.id).count() == 1
+
+
+def test_a_requeued_job_with_a_stop_request_is_not_run_again(session):
+    cancelled = _job(session, cancel_requested_at=utcnow())
+    paused = _job(session, pause_requested_at=utcnow())
+    for job in (cancelled, paused):
+        assert attempts.claim(session=session, job_id=job.id, token=0, worker="w", host="h", pid=1,
+                              lease_seconds=30) is None
+        session.refresh(job)
+    assert (cancelled.state, paused.state) == ("cancelled", "paused")
+    assert cancelled.attempts == paused.attempts == 0

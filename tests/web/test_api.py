@@ -180,3 +180,14 @@ def test_nan_and_infinity_are_refused(client, auth, settings, payload, field):
     assert r.status_code == 422 and r.mimetype == "application/problem+json"
     assert any(e["field"].startswith(field) for e in r.get_json()["errors"]), r.get_json()
     assert job_count(settings) == before
+
+
+def test_pause_and_resume_of_a_queued_job(client, auth):
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=auth).get_json()["id"]
+    paused = client.post(f"/api/v1/jobs/{job_id}/pause", headers=auth)
+    assert paused.status_code == 202 and paused.get_json()["state"] == "paused"
+    assert client.post(f"/api/v1/jobs/{job_id}/pause", headers=auth).status_code == 409
+    resumed = client.post(f"/api/v1/jobs/{job_id}/resume", headers=auth)
+    assert resumed.status_code == 202 and resumed.get_json()["state"] == "queued"
+    assert resumed.get_json()["pause_requested_at"] is None
+    assert client.post(f"/api/v1/jobs/{job_id}/resume", headers=auth).status_code == 409
