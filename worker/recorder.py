@@ -33,7 +33,6 @@ class Recorder:
         self.last_checkpoint_id: int | None = None
         self._reason: str | None = None
         self._progress_written = 0.0
-        self._lost = False
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -58,11 +57,6 @@ class Recorder:
         if self._reason is None:
             self._reason = reason
 
-    @property
-    def lost(self) -> bool:
-        """Whether the lease was lost (another attempt owns the job now)."""
-        return self._lost
-
     def _heartbeat(self) -> None:
         interval = max(0.2, min(self.settings.heartbeat_seconds, self.settings.lease_seconds / 3))
         while not self._done.wait(interval):
@@ -78,7 +72,6 @@ class Recorder:
                         self.request_stop("pause")
             except StaleAttempt:
                 log.warning("event=lease_lost job_id=%s attempt=%s", self.job_id, self.token)
-                self._lost = True
                 self.request_stop("stale")
                 return
             except Exception as exc:  # noqa: BLE001 - a database blip must not kill the heartbeat
