@@ -16,7 +16,8 @@ from app.jobs import attempts, recovery, states
 from app.jobs.errors import JobFailure, JobTimeout, SpecError, StaleAttempt, UserError
 from app.jobs.schemas import PredictSpec, TrainSpec, parse_spec
 from app.logs import bind_job
-from app.models import Checkpoint, Dataset, Job, ModelVersion, utcnow
+from app.jobs.service import resolve_model
+from app.models import Checkpoint, Dataset, Job, ModelVersion, User, utcnow
 from app.settings import Settings
 from worker import failpoints
 from worker.recorder import Recorder
@@ -216,9 +217,6 @@ def _stopped(job_id: int, recorder: Recorder, reason: str, settings: Settings) -
 
 
 def _resolve_owned_model(session, owner_id: int, ref: str) -> ModelVersion:
-    from app.jobs.service import resolve_model
-    from app.models import User
-
     owner = session.get(User, owner_id)
     return resolve_model(session=session, user=owner, ref=ref)
 

@@ -120,11 +120,7 @@ def add_checkpoint(
 
 def expired_checkpoints(*, session: Session, job_id: int, keep_last: int) -> list[Checkpoint]:
     """Checkpoints beyond the newest ``keep_last`` that are not the best (retention)."""
-    rows = list(
-        session.execute(
-            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc(), Checkpoint.id.desc())
-        ).scalars()
-    )
+    rows = checkpoints_newest_first(session=session, job_id=job_id)
     return [c for c in rows[keep_last:] if not c.is_best]
 
 

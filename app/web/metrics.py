@@ -52,7 +52,7 @@ class KilnCollector:
         by_kind: dict[str, list[float]] = {}
         for kind, started, finished in rows:
             if started and finished:
-                by_kind.setdefault(kind, []).append((_aware(finished) - _aware(started)).total_seconds())
+                by_kind.setdefault(kind, []).append((finished - started).total_seconds())
         for kind, values in by_kind.items():
             duration.add_metric([kind], sum(values) / len(values))
         yield from (jobs, failures, wait, heartbeat, duration)
@@ -71,14 +71,8 @@ class KilnCollector:
         return depth
 
 
-def _aware(value):
-    from datetime import timezone
-
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
 def _age(now, then) -> float:
-    return max(0.0, (now - _aware(then)).total_seconds()) if then else 0.0
+    return max(0.0, (now - then).total_seconds()) if then else 0.0
 
 
 @metrics.get("/metrics")

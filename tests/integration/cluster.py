@@ -18,7 +18,7 @@ from app import settings as settings_module
 from app.db import session_scope
 from app.embedded import free_port, redis_binary
 from app.migrate import upgrade
-from app.models import Attempt, Checkpoint, Job, JobEvent, Metric
+from app.models import Attempt, Checkpoint, Job
 from tests.conftest import BACKEND, ROOT, WorkerProcess, create_pg_database, drop_pg_database, settings_env
 
 
@@ -189,5 +189,3 @@ def assert_no_overlap(attempts: list[Attempt]) -> None:
         assert earlier.ended_at is not None, f"attempt {earlier.number} never ended"
         assert earlier.ended_at <= later.started_at, (earlier.number, earlier.ended_at, later.started_at)
 
-
-__all__ = ["Cluster", "RedisServer", "assert_no_overlap", "Metric", "JobEvent", "Checkpoint"]
