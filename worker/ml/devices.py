@@ -40,9 +40,28 @@ def autocast_for(device: torch.device, bf16: bool) -> contextlib.AbstractContext
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a CPU batch to ``device``; through pinned memory, without blocking, on CUDA."""
-    if device.type != "cuda":
+    if device.type != "cuda" or tensor.is_cuda:
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+# A training split at most this large (and at most a quarter of the free GPU memory) is copied to
+# the GPU once per job; batches are then cut there, with no host-to-device copy per step.
+STAGE_LIMIT_BYTES = 2 * 2**30
+
+
+def stage(x: torch.Tensor, y: torch.Tensor, *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensors that training batches are cut from: on a CUDA ``device`` when they fit, else as given.
+
+    Batches cut from tensors left on the CPU go through ``to_device`` (pinned, non-blocking).
+    """
+    if device.type != "cuda":
+        return x, y
+    size = x.nbytes + y.nbytes
+    free, _total = torch.cuda.mem_get_info(device)
+    if size > min(STAGE_LIMIT_BYTES, free // 4):
+        return x, y
+    return x.to(device), y.to(device)
 
 
 def release_cuda_memory() -> None:

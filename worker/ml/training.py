@@ -17,7 +17,7 @@ from worker.ml import checkpoints
 from worker.ml.architectures import ModelShape, build_model
 from worker.ml.datasets import load_table
 from worker.ml.devices import (
-    autocast_for, out_of_memory, release_cuda_memory, resolve_device, to_device, uses_bf16,
+    autocast_for, out_of_memory, release_cuda_memory, resolve_device, stage, to_device, uses_bf16,
 )
 from worker.ml.evaluation import evaluate, loss_sum, monitorable_metrics
 from worker.ml.hooks import TrainingHooks
@@ -64,6 +64,8 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     # Throughput of the epoch under way, in this process (not saved: it is not reproducible).
     timing: dict[str, float] = field(default_factory=dict)
+    # The training split that batches are cut from: on the GPU already when it fits (see ``stage``).
+    train_batches: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def autocast(self):
         """The forward-pass autocast context of this run."""
@@ -108,7 +110,8 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     scheduler = build_scheduler(hp, optimizer, steps_per_epoch(num_batches, hp.grad_accum_steps))
     monitor = Monitor.for_spec(spec, monitorable_metrics(data.task, has_validation=len(tensors["val"][0]) > 0))
     run = Run(spec, hooks, data, tensors, model, optimizer, scheduler, device,
-              uses_bf16(device, spec.resources.precision), monitor)
+              uses_bf16(device, spec.resources.precision), monitor,
+              train_batches=stage(*tensors["train"], device=device))
     resumed_from = None
     if resume is not None:
         resumed_from = _restore(run, checkpoints.decode(resume), signature)
@@ -126,23 +129,30 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
 
 
 def train_epoch(run: Run) -> str | None:
-    """Train from the current position to the end of the epoch; the stop reason if asked to stop."""
+    """Train from the current position to the end of the epoch; the stop reason if asked to stop.
+
+    Losses stay on the device and are read back (a CPU-GPU sync) only every ``log_every_steps``
+    and when the epoch ends or stops. They are summed in float64 in the same order as a Python
+    float would be, so results are the same to the bit on every device path.
+    """
     hp, progress, model = run.spec.hyperparameters, run.progress, run.model
-    x, y = run.tensors["train"]
-    order = epoch_permutation(len(x), hp.seed, progress.epoch)
+    x, y = run.train_batches
+    order = epoch_permutation(len(x), hp.seed, progress.epoch).to(x.device)
     batches = [order[i:i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
     model.train()
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     started, seen = time.perf_counter(), 0
+    loss_sum_t = torch.tensor(progress.loss_sum, dtype=torch.float64, device=run.device)
     for first in range(progress.position, len(batches), hp.grad_accum_steps):
         reason = run.hooks.stop_reason()
         if reason:
+            progress.loss_sum = loss_sum_t.item()
             return reason
         group = batches[first:first + hp.grad_accum_steps]
         group_samples = sum(len(b) for b in group)
         run.optimizer.zero_grad(set_to_none=True)
-        group_loss = 0.0
+        group_loss = torch.zeros((), dtype=torch.float64, device=run.device)
         for indices in group:
             xb, yb = to_device(x[indices], run.device), to_device(y[indices], run.device)
             with run.autocast():
@@ -151,7 +161,7 @@ def train_epoch(run: Run) -> str | None:
             # take the same step as one batch k times larger.
             loss = loss_sum(run.data.task, outputs, yb) / group_samples
             loss.backward()
-            group_loss += loss.item()
+            group_loss += loss.detach().double()
         if hp.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
         lr = current_lr(run.optimizer)
@@ -160,13 +170,15 @@ def train_epoch(run: Run) -> str | None:
             run.scheduler.step()
         progress.step += 1
         progress.position = first + len(group)
-        progress.loss_sum += group_loss * group_samples
+        loss_sum_t += group_loss * group_samples
         progress.samples += group_samples
         seen += group_samples
         if progress.step % hp.log_every_steps == 0:
-            run.hooks.on_metrics("step", progress.reported_epoch, progress.step, {"train_loss": group_loss, "lr": lr})
+            run.hooks.on_metrics("step", progress.reported_epoch, progress.step,
+                                 {"train_loss": group_loss.item(), "lr": lr})
             fraction = (progress.epoch + progress.position / len(batches)) / hp.epochs
             run.hooks.on_progress(progress.reported_epoch, progress.step, min(fraction, 1.0))
+    progress.loss_sum = loss_sum_t.item()
     elapsed = time.perf_counter() - started
     run.timing = {"samples_per_sec": seen / elapsed if elapsed > 0 else 0.0, "epoch_time_s": elapsed}
     return None

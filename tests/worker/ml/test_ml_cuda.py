@@ -63,3 +63,18 @@ def test_device_memory_is_released_after_the_job(fake_hooks, spec_for):
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
     assert torch.cuda.memory_reserved() <= before + 2 * 2**20  # the cache was emptied, not kept for later
+
+
+def test_training_data_is_staged_on_the_gpu_once_and_trains_as_streamed_batches_do(fake_hooks, spec_for,
+                                                                                    monkeypatch):
+    from worker.ml import devices, training
+
+    x, y = torch.zeros(100, 8), torch.zeros(100, dtype=torch.long)
+    staged_x, staged_y = devices.stage(x, y, device=torch.device("cuda"))
+    assert staged_x.is_cuda and staged_y.is_cuda
+    spec = spec_for("mlp", "builtin:digits", device="cuda", epochs=2, batch_size=64)
+    staged = train(spec, hooks=fake_hooks())
+    monkeypatch.setattr(training, "stage", lambda x, y, *, device: (x, y))  # every batch copied from the host
+    streamed = train(spec, hooks=fake_hooks())
+    assert staged.final_metrics["train_loss"] == pytest.approx(streamed.final_metrics["train_loss"], rel=1e-6)
+    assert staged.test_metrics["test_accuracy"] == pytest.approx(streamed.test_metrics["test_accuracy"], abs=0.01)
