@@ -17,16 +17,19 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/kiln up $(ARGS)
 
-# The whole suite on SQLite, then again on PostgreSQL.
+# The whole suite on SQLite, then again on PostgreSQL. The engine tests (tests/worker/ml) touch
+# no database, so they run once, in the SQLite pass.
+PG_ONLY_DB := --ignore=tests/worker/ml
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
-	KILN_TEST_DATABASE=postgresql $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	KILN_TEST_DATABASE=postgresql $(BIN)/python -m pytest -q $(PG_ONLY_DB) $(PYTEST_ARGS)
 
 test-sqlite: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-postgresql: $(STAMP)
-	KILN_TEST_DATABASE=postgresql $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	KILN_TEST_DATABASE=postgresql $(BIN)/python -m pytest -q $(PG_ONLY_DB) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
