@@ -60,12 +60,12 @@ class Run:
     device: torch.device
     bf16: bool
     monitor: Monitor
+    # The training split that batches are cut from: on the GPU already when it fits (see ``stage``).
+    train_batches: tuple[torch.Tensor, torch.Tensor]
     best_weights: dict[str, torch.Tensor] | None = None
     progress: Progress = field(default_factory=Progress)
     # Throughput of the epoch under way, in this process (not saved: it is not reproducible).
     timing: dict[str, float] = field(default_factory=dict)
-    # The training split that batches are cut from: on the GPU already when it fits (see ``stage``).
-    train_batches: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def autocast(self):
         """The forward-pass autocast context of this run."""
@@ -110,8 +110,7 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     scheduler = build_scheduler(hp, optimizer, steps_per_epoch(num_batches, hp.grad_accum_steps))
     monitor = Monitor.for_spec(spec, monitorable_metrics(data.task, has_validation=len(tensors["val"][0]) > 0))
     run = Run(spec, hooks, data, tensors, model, optimizer, scheduler, device,
-              uses_bf16(device, spec.resources.precision), monitor,
-              train_batches=stage(*tensors["train"], device=device))
+              uses_bf16(device, spec.resources.precision), monitor, stage(*tensors["train"], device=device))
     resumed_from = None
     if resume is not None:
         resumed_from = _restore(run, checkpoints.decode(resume), signature)
