@@ -31,5 +31,9 @@ test-sqlite: $(STAMP)
 test-postgresql: $(STAMP)
 	KILN_TEST_DATABASE=postgresql $(BIN)/python -m pytest -q $(PG_ONLY_DB) $(PYTEST_ARGS)
 
+# The control-plane benchmark (docs/benchmarks.md); needs `wrk`. ARGS="--quick" checks the harness in a minute.
+bench: $(STAMP)
+	$(BIN)/python -m bench.control_plane $(ARGS)
+
 clean:
 	rm -rf $(VENV) var .pytest_cache
