@@ -51,6 +51,7 @@ class Figure:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; ``--quick`` without ``--rounds`` means one round."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=None, help="rounds per figure (default 3, or 1 with --quick)")
     p.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
@@ -124,6 +125,7 @@ def print_table(rows: list[Figure], rounds: int) -> bool:
 
 
 def main(argv=None) -> int:
+    """Measure every figure on each chosen database and print the table; 1 if a goal is missed."""
     args = parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
