@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Attempt, Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion
+from app.models import Attempt, Checkpoint, Dataset, JobEvent, Metric, ModelVersion
 
 
 def iso(value: datetime | None) -> str | None:
