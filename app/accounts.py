@@ -5,13 +5,18 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.jobs.errors import Conflict
 from app.models import ApiToken, User, utcnow
 
 TOKEN_PREFIX = "kiln_"
+# How stale a token's ``last_used_at`` may be: recording every request would make every poll a
+# write (a module constant until settings grow a knob for it).
+TOKEN_USE_RESOLUTION = timedelta(minutes=5)
 
 
 def hash_token(token: str) -> str:
@@ -40,17 +45,31 @@ def issue_token(*, session: Session, user: User, name: str = "default") -> str:
     return token
 
 
-def authenticate(*, session: Session, token: str) -> User | None:
-    """The user owning an unrevoked ``token``, or None."""
+def authenticate(*, session: Session, token: str) -> tuple[User, bool] | None:
+    """The user owning an unrevoked ``token`` and whether its use was recorded (a pending UPDATE
+    the caller commits), or None. Use is recorded at most once per ``TOKEN_USE_RESOLUTION``, so
+    a poll normally writes nothing."""
     if not token or len(token) > 200:
         return None
     row = session.execute(
-        select(ApiToken).where(ApiToken.token_sha256 == hash_token(token), ApiToken.revoked_at.is_(None))
-    ).scalar_one_or_none()
+        select(ApiToken.id, ApiToken.last_used_at, User)
+        .join(User, User.id == ApiToken.user_id)
+        .where(ApiToken.token_sha256 == hash_token(token), ApiToken.revoked_at.is_(None))
+    ).one_or_none()
     if row is None:
         return None
-    row.last_used_at = utcnow()
-    return row.user
+    token_id, last_used_at, user = row
+    now = utcnow()
+    if last_used_at is not None and now - last_used_at < TOKEN_USE_RESOLUTION:
+        return user, False
+    # Conditional, so concurrent requests of one token record its use once.
+    due = now - TOKEN_USE_RESOLUTION
+    session.execute(
+        update(ApiToken)
+        .where(ApiToken.id == token_id, or_(ApiToken.last_used_at.is_(None), ApiToken.last_used_at < due))
+        .values(last_used_at=now)
+    )
+    return user, True
 
 
 def revoke_tokens(*, session: Session, user: User) -> int:

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from datetime import datetime
+
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session
 
 from app import catalog, datasets
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import DatasetRef, PredictSpec, TrainSpec
-from app.models import Dataset, Job, JobEvent, ModelVersion, User, utcnow
+from app.models import Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
+
+
+# What a job list shows, read as plain rows (no spec or result JSON, no ORM identity map);
+# ``updated_at`` is the row's version for the list's ETag.
+SUMMARY_COLUMNS = (
+    Job.id, Job.kind, Job.name, Job.state, Job.progress, Job.epoch, Job.attempts, Job.created_at,
+    Job.started_at, Job.finished_at, Job.error_class, Job.error_message, Job.updated_at,
+)
+# What one job's page shows (everything but the lease and scheduling bookkeeping).
+DETAIL_COLUMNS = SUMMARY_COLUMNS + (
+    Job.queue, Job.priority, Job.max_attempts, Job.step, Job.queued_at, Job.cancel_requested_at,
+    Job.pause_requested_at, Job.resumed_from_epoch, Job.model_version_id, Job.result, Job.spec,
+)
 
 
 def _visible(stmt, user: User):
@@ -25,19 +40,55 @@ def get_job(*, session: Session, user: User, job_id: int) -> Job:
     return job
 
 
+def read_job(*, session: Session, user: User, job_id: int) -> Row:
+    """The columns a job's page shows, as a plain row; NotFound like :func:`get_job`."""
+    row = session.execute(_visible(select(*DETAIL_COLUMNS).where(Job.id == job_id), user)).one_or_none()
+    if row is None:
+        raise NotFound(f"job {job_id} not found")
+    return row
+
+
+def job_version(*, session: Session, user: User, job_id: int) -> tuple:
+    """A cheap version of everything a job's page shows: its ``updated_at`` (every job write,
+    lease renewals included, stamps it), its newest metric and its checkpoints (retention may
+    delete one). NotFound like :func:`get_job`."""
+    newest_metric = select(func.max(Metric.id)).where(Metric.job_id == Job.id).scalar_subquery()
+    checkpoints = select(func.count(Checkpoint.id)).where(Checkpoint.job_id == Job.id).scalar_subquery()
+    newest_checkpoint = select(func.max(Checkpoint.id)).where(Checkpoint.job_id == Job.id).scalar_subquery()
+    row = session.execute(
+        _visible(select(Job.updated_at, newest_metric, checkpoints, newest_checkpoint).where(Job.id == job_id), user)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"job {job_id} not found")
+    return tuple(row)
+
+
+def metrics_version(*, session: Session, user: User, job_id: int, scope: str | None = None) -> int | None:
+    """The newest metric id of a job (metrics are append-only, so it versions any page of them);
+    NotFound like :func:`get_job`."""
+    newest = select(func.max(Metric.id)).where(Metric.job_id == Job.id)
+    if scope:
+        newest = newest.where(Metric.scope == scope)
+    row = session.execute(_visible(select(Job.id, newest.scalar_subquery()).where(Job.id == job_id), user)).one_or_none()
+    if row is None:
+        raise NotFound(f"job {job_id} not found")
+    return row[1]
+
+
 def list_jobs(
     *, session: Session, user: User, limit: int = 50, before_id: int | None = None,
     state: str | None = None, kind: str | None = None,
-) -> tuple[list[Job], int | None]:
-    """The caller's jobs, newest first; returns the page and the cursor of the next page."""
-    stmt = _visible(select(Job), user).order_by(Job.id.desc()).limit(limit + 1)
+) -> tuple[list[Row], int | None]:
+    """The caller's jobs, newest first, as rows of :data:`SUMMARY_COLUMNS`; returns the page and
+    the cursor of the next page."""
+    stmt = _visible(select(*SUMMARY_COLUMNS), user).order_by(Job.id.desc()).limit(limit + 1)
     if before_id is not None:
         stmt = stmt.where(Job.id < before_id)
     if state:
         stmt = stmt.where(Job.state == state)
     if kind:
         stmt = stmt.where(Job.kind == kind)
-    jobs = list(session.execute(stmt).scalars())
+    jobs = list(session.execute(stmt))
     next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
     return jobs[:limit], next_cursor
 
@@ -155,8 +206,15 @@ def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVers
     return model
 
 
-def submit(*, session: Session, owner: User, spec: TrainSpec | PredictSpec, settings: Settings) -> Job:
-    """Validate cross-references and insert the job as queued (the caller commits, then publishes)."""
+def submit(
+    *, session: Session, owner: User, spec: TrainSpec | PredictSpec, settings: Settings,
+    published_at: datetime | None = None,
+) -> Job:
+    """Validate cross-references and insert the job as queued (the caller commits, then publishes).
+
+    A caller that publishes right after the commit passes ``published_at`` (now), so the submit
+    is one write transaction; if that publish never happens (a crash), the reconciler republishes
+    the job once ``published_at`` is older than ``requeue_after_seconds``."""
     model_version_id = None
     if isinstance(spec, TrainSpec):
         _check_train(session, owner, spec)
@@ -169,6 +227,7 @@ def submit(*, session: Session, owner: User, spec: TrainSpec | PredictSpec, sett
         owner_id=owner.id, kind=spec.kind, name=name, state=states.QUEUED, queue=queue,
         priority=spec.priority, spec=spec.model_dump(mode="json"),
         max_attempts=spec.max_attempts or settings.max_attempts, model_version_id=model_version_id,
+        published_at=published_at,
     )
     session.add(job)
     session.flush()
@@ -177,11 +236,14 @@ def submit(*, session: Session, owner: User, spec: TrainSpec | PredictSpec, sett
     return job
 
 
-def mark_published(*, session: Session, job_id: int) -> None:
+def mark_published(*, session: Session, job_id: int, at: datetime | None = None) -> None:
     """Remember when the wake-up message went out (the reconciler republishes lost ones)."""
-    job = session.get(Job, job_id)
-    if job is not None:
-        job.published_at = utcnow()
+    session.execute(update(Job).where(Job.id == job_id).values(published_at=at or utcnow()))
+
+
+def mark_unpublished(*, session: Session, job_id: int) -> None:
+    """Forget a publish that failed, so the reconciler republishes the job at its next pass."""
+    session.execute(update(Job).where(Job.id == job_id, Job.state == states.QUEUED).values(published_at=None))
 
 
 def cancel(*, session: Session, user: User, job_id: int) -> Job:

@@ -16,7 +16,11 @@ class Job(Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
+        # A user's list newest first, and its state and kind filters, each read as one index range.
         Index("ix_jobs_owner_id_id", "owner_id", "id"),
+        Index("ix_jobs_owner_id_state_id", "owner_id", "state", "id"),
+        Index("ix_jobs_owner_id_kind_id", "owner_id", "kind", "id"),
+        Index("ix_jobs_state_id", "state", "id"),
         Index("ix_jobs_state_lease_expires_at", "state", "lease_expires_at"),
     )
 

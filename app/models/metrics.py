@@ -14,7 +14,10 @@ class Metric(Base):
     """A set of named values measured at one point of training."""
 
     __tablename__ = "metrics"
-    __table_args__ = (Index("ix_metrics_job_id_id", "job_id", "id"),)
+    __table_args__ = (
+        Index("ix_metrics_job_id_id", "job_id", "id"),
+        Index("ix_metrics_job_id_scope_id", "job_id", "scope", "id"),  # one scope's curve, and its newest id
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))

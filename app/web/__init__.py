@@ -4,9 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask
+import orjson
+from flask import Flask, Response
+from flask.json.provider import DefaultJSONProvider
 
 from app import settings as settings_module
+
+
+class OrjsonProvider(DefaultJSONProvider):
+    """Flask's JSON provider with orjson writing responses (keys stay in the order they were built).
+
+    Parsing stays with the standard library: it reads ``NaN`` literals, which the spec validation
+    then refuses with a 422 naming the field, rather than a bare "not JSON".
+    """
+
+    _options = orjson.OPT_NON_STR_KEYS
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        """Serialise ``obj`` to a JSON string."""
+        return orjson.dumps(obj, default=DefaultJSONProvider.default, option=self._options).decode()
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        """A JSON response, encoded once, straight to bytes."""
+        obj = self._prepare_response_obj(args, kwargs)
+        body = orjson.dumps(obj, default=DefaultJSONProvider.default, option=self._options)
+        return self._app.response_class(body, mimetype=self.mimetype)
 
 
 def build_app(config: dict[str, Any] | None = None) -> Flask:
@@ -20,6 +42,7 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
     settings = settings_module.SETTINGS.with_overrides(**overrides) if overrides else settings_module.SETTINGS
 
     app = Flask(__name__)
+    app.json = OrjsonProvider(app)
     app.config.update(SECRET_KEY=settings.secret_key, MAX_CONTENT_LENGTH=settings.max_upload_bytes)
     app.json.sort_keys = False  # resources read in the order they are built: id, kind, name, state...
     app.config.update(config)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
-from flask import Blueprint, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, request, url_for
 from sqlalchemy import select
 
 from app import catalog, datasets, queue
@@ -12,7 +13,7 @@ from app.jobs import service
 from app.jobs.errors import SpecError
 from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES
-from app.models import JobEvent, Metric, ModelVersion
+from app.models import JobEvent, Metric, ModelVersion, utcnow
 from app.web import serializers
 from app.web.auth import current_user, load_user
 from app.web.context import db, settings
@@ -23,6 +24,11 @@ api.before_request(load_user)
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 200
+MAX_METRICS_PAGE = 10_000
+# ``points=N`` reads at most this many reports (the whole series of any realistic job) per request.
+DOWNSAMPLE_ROWS = 200_000
+MAX_POINTS = 10_000
+METRIC_SCOPES = ("epoch", "step", "test")
 
 
 def _int_arg(name: str, default: int | None, *, lo: int = 1, hi: int | None = None) -> int | None:
@@ -45,28 +51,48 @@ def _json_body() -> dict:
     return body
 
 
-def _conditional(payload: dict):
-    """A JSON response with an ETag; a poll whose ``If-None-Match`` matches gets 304 and no body."""
+def _etag(*parts: object) -> str:
+    """A strong ETag from a resource's cheap version and the query that shaped its body."""
+    return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
+
+
+def _not_modified(etag: str):
+    """304 when the poll's ``If-None-Match`` already has ``etag`` (decided before any body is built)."""
+    if request.if_none_match.contains_weak(etag):
+        response = Response(status=304)
+        response.set_etag(etag)
+        return response
+    return None
+
+
+def _tagged(payload: dict, etag: str):
     response = jsonify(payload)
-    response.add_etag()
-    return response.make_conditional(request)
+    response.set_etag(etag)
+    return response
 
 
-def _publish(job) -> None:
+def _publish(job, *, mark: bool) -> None:
     if queue.publish(settings(), job_id=job.id, kind=job.kind, token=job.attempts, priority=job.priority):
-        service.mark_published(session=db(), job_id=job.id)
+        if mark:
+            service.mark_published(session=db(), job_id=job.id)
+            db().commit()
+    elif not mark:
+        # The job was recorded as published in its own transaction; the broker refused it, so let
+        # the reconciler republish it at its next pass rather than after requeue_after_seconds.
+        service.mark_unpublished(session=db(), job_id=job.id)
         db().commit()
 
 
 @api.post("/jobs")
 def submit_job():
-    """Validate a spec, record the job as queued, commit, then publish its wake-up message."""
+    """Validate a spec and record the job as queued (one write transaction), then publish its wake-up message."""
     spec = parse_spec(_json_body())
     session = db()
-    job = service.submit(session=session, owner=current_user(), spec=spec, settings=settings())
+    job = service.submit(session=session, owner=current_user(), spec=spec, settings=settings(), published_at=utcnow())
+    body = serializers.job_detail(session, job)  # read inside the transaction: no second one after the commit
     session.commit()
-    _publish(job)
-    response = jsonify(serializers.job_detail(session, job))
+    _publish(job, mark=False)
+    response = jsonify(body)
     response.status_code = 201
     response.headers["Location"] = url_for("api.get_job", job_id=job.id)
     return response
@@ -78,19 +104,28 @@ def list_jobs():
     state = request.args.get("state")
     if state and state not in STATES:
         raise SpecError.at("state", f"must be one of {', '.join(STATES)}")
+    user = current_user()
+    limit, cursor, kind = _int_arg("limit", 50, hi=MAX_PAGE), _int_arg("cursor", None), request.args.get("kind") or None
     jobs, next_cursor = service.list_jobs(
-        session=db(), user=current_user(), limit=_int_arg("limit", 50, hi=MAX_PAGE),
-        before_id=_int_arg("cursor", None), state=state, kind=request.args.get("kind") or None,
+        session=db(), user=user, limit=limit, before_id=cursor, state=state, kind=kind,
     )
-    return _conditional({"items": [serializers.job_summary(j) for j in jobs],
-                         "next_cursor": str(next_cursor) if next_cursor else None})
+    # The page's rows are small (no JSON columns): their ids and versions are the ETag.
+    etag = _etag("jobs", user.id, user.is_admin, limit, cursor, state, kind, next_cursor,
+                 [(j.id, j.updated_at) for j in jobs])
+    if (unchanged := _not_modified(etag)) is not None:
+        return unchanged
+    return _tagged({"items": [serializers.job_summary(j) for j in jobs],
+                    "next_cursor": str(next_cursor) if next_cursor else None}, etag)
 
 
 @api.get("/jobs/<int:job_id>")
 def get_job(job_id: int):
     """One job: state, progress, metrics, checkpoints, result, error."""
-    job = service.get_job(session=db(), user=current_user(), job_id=job_id)
-    return _conditional(serializers.job_detail(db(), job))
+    etag = _etag("job", job_id, service.job_version(session=db(), user=current_user(), job_id=job_id))
+    if (unchanged := _not_modified(etag)) is not None:
+        return unchanged
+    job = service.read_job(session=db(), user=current_user(), job_id=job_id)
+    return _tagged(serializers.job_detail(db(), job), etag)
 
 
 @api.post("/jobs/<int:job_id>/cancel")
@@ -106,7 +141,7 @@ def retry_job(job_id: int):
     """Queue a failed or cancelled job again; it resumes from its newest valid checkpoint."""
     job = service.retry(session=db(), user=current_user(), job_id=job_id, settings=settings())
     db().commit()
-    _publish(job)
+    _publish(job, mark=True)
     return jsonify(serializers.job_detail(db(), job)), 202
 
 
@@ -123,26 +158,43 @@ def resume_job(job_id: int):
     """Queue a paused job again; it continues from its checkpoint."""
     job = service.resume(session=db(), user=current_user(), job_id=job_id)
     db().commit()
-    _publish(job)
+    _publish(job, mark=True)
     return jsonify(serializers.job_detail(db(), job)), 202
 
 
 @api.get("/jobs/<int:job_id>/metrics")
 def job_metrics(job_id: int):
-    """Metrics reports in order; ``scope`` (epoch|step|test) and ``after`` (an id) filter;
-    ``latest=true`` keeps only the newest attempt's report of each epoch/step (one curve)."""
-    service.get_job(session=db(), user=current_user(), job_id=job_id)
-    stmt = select(Metric).where(Metric.job_id == job_id).order_by(Metric.id).limit(_int_arg("limit", 1000, hi=10000))
-    if scope := request.args.get("scope"):
+    """Metrics reports in order, paged with ``after`` (an id) and ``limit``; ``scope`` (epoch|step|test)
+    filters; ``latest=true`` keeps only the newest attempt's report of each epoch/step (one curve);
+    ``points=N`` answers one downsampled curve per metric instead of the reports."""
+    scope = request.args.get("scope") or None
+    if scope and scope not in METRIC_SCOPES:
+        raise SpecError.at("scope", f"must be one of {', '.join(METRIC_SCOPES)}")
+    points = _int_arg("points", None, lo=4, hi=MAX_POINTS)
+    limit = _int_arg("limit", DOWNSAMPLE_ROWS if points else 1000, hi=DOWNSAMPLE_ROWS if points else MAX_METRICS_PAGE)
+    after = _int_arg("after", None, lo=0)
+    latest = request.args.get("latest") in ("1", "true")
+    newest = service.metrics_version(session=db(), user=current_user(), job_id=job_id, scope=scope)
+    etag = _etag("metrics", job_id, newest, scope, points, limit, after, latest)
+    if (unchanged := _not_modified(etag)) is not None:
+        return unchanged
+    stmt = select(*serializers.METRIC_COLUMNS).where(Metric.job_id == job_id).order_by(Metric.id).limit(limit)
+    if scope:
         stmt = stmt.where(Metric.scope == scope)
-    if (after := _int_arg("after", None, lo=0)) is not None:
+    if after is not None:
         stmt = stmt.where(Metric.id > after)
-    rows = list(db().execute(stmt).scalars())
-    if request.args.get("latest") in ("1", "true"):
+    rows = db().execute(stmt).all()
+    next_after = rows[-1][0] if len(rows) == limit else None
+    if latest:
         # One curve: where a resumed attempt redid an epoch, keep the newest attempt's report.
-        newest = {(m.scope, m.epoch, m.step): m for m in rows}
-        rows = sorted(newest.values(), key=lambda m: m.id)
-    return _conditional({"items": [serializers.metric(m) for m in rows]})
+        newest_report = {(r[2], r[3], r[4]): r for r in rows}
+        rows = sorted(newest_report.values(), key=lambda r: r[0])
+    if points:
+        body = {"points": points, "series": serializers.metric_series(rows, points)}
+    else:
+        body = {"items": [serializers.metric(r) for r in rows]}
+    body["next_after"] = next_after
+    return _tagged(body, etag)
 
 
 @api.get("/jobs/<int:job_id>/events")

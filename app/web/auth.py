@@ -9,17 +9,23 @@ from app.models import User
 from app.web.context import db
 from app.web.problems import problem
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 
 def load_user():
     """``before_request`` hook: set ``g.user`` from ``Authorization: Bearer``, else answer 401."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    user = authenticate(session=db(), token=token.strip()) if scheme.lower() == "bearer" else None
-    if user is None:
+    found = authenticate(session=db(), token=token.strip()) if scheme.lower() == "bearer" else None
+    if found is None:
         response = problem(401, "Unauthorized", "send a valid API token as 'Authorization: Bearer <token>'")
         response.headers["WWW-Authenticate"] = 'Bearer realm="kiln"'
         return response
-    db().commit()  # last_used_at
+    user, recorded = found
+    if recorded and request.method in SAFE_METHODS:
+        # A read has no transaction of its own to carry the (rare) token-use write; a write
+        # request commits it together with its own work, in one transaction.
+        db().commit()
     g.user = user
     return None
 

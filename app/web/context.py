@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import current_app, g
+from flask import current_app, g, request
 from sqlalchemy.orm import Session
 
 from app.db import session_factory
@@ -15,9 +15,11 @@ def settings() -> Settings:
 
 
 def db() -> Session:
-    """The request's session (created on first use, closed at teardown)."""
+    """The request's session (created on first use, closed at teardown); a request that may write
+    gets a write session, so its one transaction holds the SQLite write lock from its start."""
     if "db_session" not in g:
-        g.db_session = session_factory(settings().database_url)()
+        write = request.method not in ("GET", "HEAD", "OPTIONS")
+        g.db_session = session_factory(settings().database_url, write=write)()
     return g.db_session
 
 

@@ -1,14 +1,15 @@
-"""JSON shapes of API resources."""
+"""JSON shapes of API resources (built from ORM objects or plain rows alike), and metric downsampling."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Attempt, Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion
+from app.models import Attempt, Checkpoint, Dataset, JobEvent, Metric, ModelVersion
 
 
 def iso(value: datetime | None) -> str | None:
@@ -16,7 +17,7 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
-def job_summary(job: Job) -> dict[str, Any]:
+def job_summary(job: Any) -> dict[str, Any]:
     """The fields shown in job lists."""
     return {
         "id": job.id,
@@ -33,16 +34,17 @@ def job_summary(job: Job) -> dict[str, Any]:
     }
 
 
-def job_detail(session: Session, job: Job) -> dict[str, Any]:
-    """Everything a user needs about one job."""
+def job_detail(session: Session, job: Any) -> dict[str, Any]:
+    """Everything a user needs about one job (``job`` is a Job or a row of the service's DETAIL_COLUMNS)."""
     latest = session.execute(
-        select(Metric).where(Metric.job_id == job.id, Metric.scope == "epoch").order_by(Metric.id.desc()).limit(1)
-    ).scalar_one_or_none()
+        select(Metric.values, Metric.epoch)
+        .where(Metric.job_id == job.id, Metric.scope == "epoch").order_by(Metric.id.desc()).limit(1)
+    ).one_or_none()
     checkpoints = session.execute(
-        select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step, Checkpoint.id)
-    ).scalars()
+        select(Checkpoint.__table__).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step, Checkpoint.id)
+    )
     model = session.get(ModelVersion, job.model_version_id) if job.model_version_id else None
-    history = session.execute(select(Attempt).where(Attempt.job_id == job.id).order_by(Attempt.number)).scalars()
+    history = session.execute(select(Attempt.__table__).where(Attempt.job_id == job.id).order_by(Attempt.number))
     body = job_summary(job)
     body.update(
         {
@@ -66,14 +68,14 @@ def job_detail(session: Session, job: Job) -> dict[str, Any]:
     return body
 
 
-def attempt(a: Attempt) -> dict[str, Any]:
+def attempt(a: Any) -> dict[str, Any]:
     """One run of a job by one worker process."""
     return {"number": a.number, "worker": a.worker, "host": a.host, "pid": a.pid, "started_at": iso(a.started_at),
             "ended_at": iso(a.ended_at), "start_epoch": a.start_epoch, "start_step": a.start_step,
             "outcome": a.outcome}
 
 
-def checkpoint(c: Checkpoint) -> dict[str, Any]:
+def checkpoint(c: Any) -> dict[str, Any]:
     """A checkpoint row."""
     return {
         "id": c.id, "epoch": c.epoch, "step": c.step, "attempt": c.attempt, "path": c.path,
@@ -90,10 +92,54 @@ def model_version(m: ModelVersion) -> dict[str, Any]:
     }
 
 
-def metric(m: Metric) -> dict[str, Any]:
-    """One metrics report."""
-    return {"id": m.id, "attempt": m.attempt, "scope": m.scope, "epoch": m.epoch, "step": m.step,
-            "values": m.values, "at": iso(m.at)}
+# The columns a metrics row is read with, in the order :func:`metric` and :func:`metric_series` unpack.
+METRIC_COLUMNS = (Metric.id, Metric.attempt, Metric.scope, Metric.epoch, Metric.step, Metric.values, Metric.at)
+
+
+def metric(row: Sequence[Any]) -> dict[str, Any]:
+    """One metrics report, from a row of :data:`METRIC_COLUMNS`."""
+    id_, attempt_, scope, epoch, step, values, at = row
+    return {"id": id_, "attempt": attempt_, "scope": scope, "epoch": epoch, "step": step, "values": values,
+            "at": iso(at)}
+
+
+def downsample(values: Sequence[float], points: int) -> list[int]:
+    """Indices of ``values`` to draw with at most ``points`` (>= 4) points: the series is cut into
+    ``points // 4`` equal buckets and each keeps its first, last, smallest and largest value, so
+    spikes and the ends survive. Returns every index when the series is short enough."""
+    n = len(values)
+    if n <= points:
+        return list(range(n))
+    buckets = max(1, points // 4)
+    kept: list[int] = []
+    for b in range(buckets):
+        lo, hi = b * n // buckets, (b + 1) * n // buckets
+        if lo >= hi:
+            continue
+        low = min(range(lo, hi), key=values.__getitem__)
+        high = max(range(lo, hi), key=values.__getitem__)
+        kept.extend(sorted({lo, hi - 1, low, high}))
+    return kept
+
+
+def metric_series(rows: Iterable[Sequence[Any]], points: int) -> list[dict[str, Any]]:
+    """One curve per (scope, metric name), each downsampled to at most ``points`` points of
+    ``[id, epoch, step, value]``; reports without a value for a name (or a null one) are gaps."""
+    curves: dict[tuple[str, str], tuple[list[list[Any]], list[float]]] = {}
+    for id_, _attempt, scope, epoch, step, values, _at in rows:
+        for name, value in (values or {}).items():
+            if value is None:
+                continue
+            curve = curves.get((scope, name))
+            if curve is None:
+                curve = curves[scope, name] = ([], [])
+            curve[0].append([id_, epoch, step, value])
+            curve[1].append(value)
+    series = []
+    for (scope, name), (kept_points, ys) in curves.items():
+        series.append({"scope": scope, "name": name, "count": len(ys),
+                       "points": [kept_points[i] for i in downsample(ys, points)]})
+    return series
 
 
 def event(e: JobEvent) -> dict[str, Any]:
