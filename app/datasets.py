@@ -9,14 +9,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import storage
+from app import storage, task_rules
 from app.jobs.errors import NotFound, SpecError
 from app.models import Dataset, User
 from app.settings import Settings
 
 FORMATS = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "parquet": "parquet"}
 MAX_SAMPLE_VALUES = 5
-MAX_INFERRED_CLASSES = 20
 
 
 def detect_format(filename: str, declared: str | None = None) -> str:
@@ -48,39 +47,16 @@ def read_frame(data: bytes, fmt: str):
 
 
 def infer_schema(frame) -> dict[str, Any]:
-    """Columns with dtype, whether numeric, distinct count and a few sample values."""
-    import pandas as pd
-
+    """Columns with dtype, whether numeric, distinct count (the task rule's facts), missing and samples."""
     columns = []
     for name in frame.columns:
         series = frame[name]
-        numeric = bool(pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series))
         samples = series.dropna().head(MAX_SAMPLE_VALUES).tolist()
         columns.append({
-            "name": str(name), "dtype": str(series.dtype), "numeric": numeric,
-            "distinct": int(series.nunique(dropna=True)), "missing": int(series.isna().sum()),
+            "name": str(name), **task_rules.describe_column(series), "missing": int(series.isna().sum()),
             "samples": [s if isinstance(s, (int, float, bool)) else str(s)[:80] for s in samples],
         })
     return {"columns": columns, "rows": int(frame.shape[0])}
-
-
-def default_task(schema: dict[str, Any], *, target: str | None, text_column: str | None,
-                 window: int | None = None) -> str:
-    """The task an uploaded dataset implies when the spec names none (the worker uses the same rules).
-
-    A text column means text classification; a window means forecasting; a non-numeric target, or
-    an integer one with at most 20 distinct values, means classification; otherwise regression.
-    """
-    if text_column:
-        return "text_classification"
-    if window is not None:
-        return "forecasting"
-    column = next((c for c in schema.get("columns", []) if c["name"] == target), None)
-    if column is None or not column["numeric"]:
-        return "classification"
-    if column["dtype"].lower().startswith(("int", "uint")) and column["distinct"] <= MAX_INFERRED_CLASSES:
-        return "classification"
-    return "regression"
 
 
 def upload(*, session: Session, owner: User, filename: str, data: bytes, settings: Settings,

@@ -109,14 +109,18 @@ def _fail(job_id: int, token: int, settings: Settings, error_class: str, message
 
 
 def _load_resume(job_id: int, token: int, settings: Settings) -> tuple[bytes | None, int, int]:
-    """Bytes, epoch and step of the newest checkpoint whose sha256 verifies (older ones as fallback)."""
+    """Bytes, epoch and step of the newest checkpoint that verifies and parses (older ones as fallback)."""
+    from worker.ml import checkpoints
+
     with session_scope(settings.database_url) as session:
         rows = attempts.checkpoints_newest_first(session=session, job_id=job_id)
         candidates = [(c.id, c.path, c.sha256, c.epoch, c.step) for c in rows]
     for ckpt_id, path, digest, epoch, step in candidates:
         try:
-            return storage.read_verified(settings.storage_root, path, digest), epoch, step
-        except (OSError, storage.StorageError) as exc:
+            data = storage.read_verified(settings.storage_root, path, digest)
+            checkpoints.check(data)
+            return data, epoch, step
+        except (OSError, storage.StorageError, checkpoints.UnreadableCheckpoint) as exc:
             log.warning("event=checkpoint_unusable job_id=%s checkpoint=%s error=%s", job_id, ckpt_id, exc)
             with session_scope(settings.database_url) as session:
                 attempts.record_event(session=session, job_id=job_id, token=token, kind="checkpoint_skipped",
@@ -125,11 +129,17 @@ def _load_resume(job_id: int, token: int, settings: Settings) -> tuple[bytes | N
 
 
 def _model_checkpoint(session, model: ModelVersion, settings: Settings) -> bytes:
+    """A model version's checkpoint bytes, verified and parsable; a bad one is the user's (never retried)."""
+    from worker.ml import checkpoints
+
     ckpt = session.get(Checkpoint, model.checkpoint_id)
     try:
-        return storage.read_verified(settings.storage_root, ckpt.path, ckpt.sha256)
-    except (OSError, storage.StorageError) as exc:
-        raise UserError(f"model {model.name}@{model.version} cannot be loaded: {exc}") from None
+        data = storage.read_verified(settings.storage_root, ckpt.path, ckpt.sha256)
+        checkpoints.check(data)
+    except (OSError, storage.StorageError, checkpoints.UnreadableCheckpoint) as exc:
+        raise UserError(f"model {model.name}@{model.version} cannot be loaded: {exc}; "
+                        "train it again or use another version") from None
+    return data
 
 
 def _train(job_id: int, spec: TrainSpec, recorder: Recorder, settings: Settings) -> str:

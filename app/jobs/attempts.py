@@ -46,9 +46,8 @@ def claim(
     if not ok:
         return None
     attempt = Attempt(
-        job_id=job_id, number=number, worker=worker, host=host, pid=pid, started_at=now,
-        heartbeat_at=now, start_epoch=job.epoch, start_step=job.step,
-    )
+        job_id=job_id, number=number, worker=worker, host=host, pid=pid, started_at=now, heartbeat_at=now,
+    )  # start_epoch/start_step stay NULL until mark_start knows which checkpoint it resumed from
     session.add(attempt)
     session.flush()
     return attempt

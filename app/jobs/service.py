@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session
 
-from app import catalog, datasets
+from app import catalog, task_rules
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import DatasetRef, PredictSpec, TrainSpec
@@ -132,7 +132,7 @@ def _check_builtin(ds: DatasetRef) -> str:
     if ds.features is not None and task == catalog.FORECASTING:
         raise SpecError.at("dataset.features", "forecasting uses the target series alone; drop dataset.features")
     if task == catalog.FORECASTING:
-        window = ds.window or meta.default_window or 16
+        window = task_rules.forecast_window(ds.window, meta.default_window)
         if window + ds.horizon >= meta.num_rows // 2:
             raise SpecError.at("dataset.window", f"window {window} + horizon {ds.horizon} is too long for {meta.num_rows} rows")
     return task
@@ -156,8 +156,8 @@ def _check_upload(session: Session, user: User, ds: DatasetRef) -> str:
             raise SpecError.at(f"dataset.features[{i}]", f"column {name!r} is not numeric")
     if ds.target is None and ds.task != catalog.FORECASTING:
         raise SpecError.at("dataset.target", "an uploaded dataset needs a target column")
-    task = ds.task or datasets.default_task(dataset.schema, target=ds.target, text_column=ds.text_column,
-                                            window=ds.window)
+    task = ds.task or task_rules.infer_task(text_column=ds.text_column, window=ds.window,
+                                            target=columns.get(ds.target) if ds.target is not None else None)
     if task == catalog.TEXT_CLASSIFICATION and ds.text_column is None:
         raise SpecError.at("dataset.text_column", "text classification needs a text column")
     if task in (catalog.CLASSIFICATION, catalog.TEXT_CLASSIFICATION) and ds.target is not None:
@@ -165,14 +165,22 @@ def _check_upload(session: Session, user: User, ds: DatasetRef) -> str:
             raise SpecError.at("dataset.target", f"target {ds.target!r} has a single class; a classifier needs two or more")
     if task in (catalog.REGRESSION, catalog.FORECASTING) and ds.target is not None and not columns[ds.target]["numeric"]:
         raise SpecError.at("dataset.target", f"target {ds.target!r} is not numeric, so it cannot be a {task} target")
-    if task == catalog.FORECASTING and (ds.window or 16) + ds.horizon >= dataset.num_rows:
-        raise SpecError.at("dataset.window", f"{dataset.num_rows} rows are too few for window {ds.window or 16} and horizon {ds.horizon}")
+    window = task_rules.forecast_window(ds.window)
+    if task == catalog.FORECASTING and window + ds.horizon >= dataset.num_rows:
+        raise SpecError.at("dataset.window", f"{dataset.num_rows} rows are too few for window {window} and horizon {ds.horizon}")
     return task
+
+
+def check_dataset(*, session: Session, user: User, dataset: DatasetRef) -> str:
+    """Check a spec's dataset reference against the catalog or the upload's stored schema; returns the task."""
+    if dataset.id.startswith(catalog.BUILTIN_PREFIX):
+        return _check_builtin(dataset)
+    return _check_upload(session, user, dataset)
 
 
 def _check_train(session: Session, user: User, spec: TrainSpec) -> None:
     ds = spec.dataset
-    task = _check_builtin(ds) if ds.id.startswith(catalog.BUILTIN_PREFIX) else _check_upload(session, user, ds)
+    task = check_dataset(session=session, user=user, dataset=ds)
     if task == catalog.TEXT_CLASSIFICATION and spec.model.arch == "cnn1d" and spec.model.kernel_size > ds.max_tokens:
         raise SpecError.at("model.kernel_size", "kernel_size is longer than dataset.max_tokens")
     if spec.resources.gpus > 1:

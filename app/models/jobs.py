@@ -78,8 +78,10 @@ class Attempt(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    start_epoch: Mapped[int] = mapped_column(default=0)
-    start_step: Mapped[int] = mapped_column(default=0)
+    # Where the attempt resumed from (its checkpoint's position, 0 for a fresh start); NULL until
+    # it has loaded that checkpoint, so an attempt lost before then claims no position.
+    start_epoch: Mapped[int | None] = mapped_column()
+    start_step: Mapped[int | None] = mapped_column()
     outcome: Mapped[str | None] = mapped_column(String(32))
 
     job: Mapped[Job] = relationship(back_populates="attempt_rows")

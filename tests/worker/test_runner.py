@@ -9,7 +9,7 @@ from app.accounts import create_user
 from app.db import session_scope
 from app.jobs import service
 from app.jobs.schemas import parse_spec
-from app.models import Checkpoint, Job, ModelVersion
+from app.models import Attempt, Checkpoint, Job, JobEvent, ModelVersion, User
 from worker import runner
 
 SPEC = {"kind": "train", "name": "runner-mlp", "model": {"arch": "mlp", "hidden_sizes": [32]},
@@ -98,3 +98,71 @@ def test_a_diverging_run_fails_as_user_error_with_advice(settings, submitted):
         job = s.get(Job, job_id)
         assert job.error_class == "user_error" and "diverged" in job.error_message
         assert "learning_rate" in job.error_message and job.attempts == 1
+
+
+def _truncate(settings, session, ckpt: Checkpoint) -> None:
+    """Cut a checkpoint's file short and record the cut bytes' sha256, as a torn copy would leave it."""
+    data = storage.read_verified(settings.storage_root, ckpt.path, ckpt.sha256)
+    size, digest = storage.write_atomic(settings.storage_root, ckpt.path, data[: len(data) * 2 // 3])
+    ckpt.size_bytes, ckpt.sha256 = size, digest
+
+
+def test_a_truncated_newest_checkpoint_with_a_matching_sha256_falls_back_to_the_one_before(
+        settings, submitted, monkeypatch):
+    job_id = submitted({**SPEC, "name": "torn-resume", "dataset": {"id": "builtin:iris"},
+                        "hyperparameters": {"epochs": 5, "batch_size": 32, "log_every_steps": 1}})
+    original = runner.Recorder.on_metrics
+
+    def stop_mid_epoch_2(self, scope, epoch, step, values):
+        original(self, scope, epoch, step, values)
+        if self.token == 1 and scope == "step" and step == 6:
+            self.request_stop("shutdown")  # as SIGTERM would: checkpoint mid-epoch, back to the queue
+
+    monkeypatch.setattr(runner.Recorder, "on_metrics", stop_mid_epoch_2)
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "queued"
+    with session_scope(settings.database_url) as s:
+        newest, previous = s.query(Checkpoint).filter_by(job_id=job_id).order_by(
+            Checkpoint.step.desc(), Checkpoint.id.desc()).limit(2).all()
+        assert newest.reason == "shutdown" and newest.step > previous.step and newest.path != previous.path
+        _truncate(settings, s, newest)
+        previous_epoch, previous_step = previous.epoch, previous.step
+
+    assert runner.run(job_id, 1, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.state == "succeeded" and job.attempts == 2 and job.result["epochs_completed"] == 5
+        assert job.resumed_from_epoch == previous_epoch
+        skipped = s.query(JobEvent).filter_by(job_id=job_id, kind="checkpoint_skipped").all()
+        assert len(skipped) == 1 and "does not parse" in skipped[0].message
+        second = s.query(Attempt).filter_by(job_id=job_id, number=2).one()
+        assert (second.start_epoch, second.start_step) == (previous_epoch, previous_step)
+
+
+@pytest.fixture
+def torn_model(settings, submitted):
+    """A trained iris model whose registered checkpoint was cut short (sha256 updated to match)."""
+    job_id = submitted({**SPEC, "name": "torn-model", "dataset": {"id": "builtin:iris"},
+                        "hyperparameters": {"epochs": 1}})
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        version = s.query(ModelVersion).filter_by(job_id=job_id).one()
+        _truncate(settings, s, s.get(Checkpoint, version.checkpoint_id))
+        return job.owner_id, f"{version.name}@{version.version}"
+
+
+@pytest.mark.parametrize("kind", ["predict", "init_from"])
+def test_a_truncated_model_checkpoint_fails_as_user_error_without_retries(settings, torn_model, kind):
+    owner_id, ref = torn_model
+    if kind == "predict":
+        spec = {"kind": "predict", "model": ref, "inputs": [[5.1, 3.5, 1.4, 0.2]]}
+    else:
+        spec = {**SPEC, "name": "fine-tune", "dataset": {"id": "builtin:iris"}, "init_from": ref}
+    with session_scope(settings.database_url) as s:
+        owner = s.get(User, owner_id)
+        job_id = service.submit(session=s, owner=owner, spec=parse_spec(spec), settings=settings).id
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "failed"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.state == "failed" and job.error_class == "user_error" and job.attempts == 1
+        assert f"model {ref} cannot be loaded" in job.error_message and "does not parse" in job.error_message

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, deserialize
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -23,6 +24,13 @@ from app.jobs.errors import UserError
 from worker.ml.preparation import Standardizer
 
 FORMAT = "kiln-checkpoint/1"
+# Header metadata that holds JSON, and whether every checkpoint has it.
+_JSON_METADATA = {"signature": True, "spec": True, "training": False, "optimizer": False, "scheduler": False,
+                  "vocabulary": False}
+
+
+class UnreadableCheckpoint(UserError):
+    """Checkpoint bytes that do not parse: truncated, not safetensors, or not a Kiln checkpoint."""
 
 
 @dataclass
@@ -82,10 +90,32 @@ def read_metadata(data: bytes) -> dict[str, str]:
         header = json.loads(data[8:8 + size])
         metadata = header.get("__metadata__") or {}
     except (struct.error, ValueError, UnicodeDecodeError, AttributeError):
-        raise UserError("the checkpoint is not a safetensors file") from None
+        raise UnreadableCheckpoint("the checkpoint is not a safetensors file") from None
     if metadata.get("format") != FORMAT:
-        raise UserError(f"the checkpoint is not a Kiln checkpoint (format {metadata.get('format')!r})")
+        raise UnreadableCheckpoint(f"the checkpoint is not a Kiln checkpoint (format {metadata.get('format')!r})")
     return metadata
+
+
+def check(data: bytes) -> None:
+    """Raise UnreadableCheckpoint unless ``data`` parses whole: header, every tensor's bytes, JSON metadata.
+
+    A sha256 that matches proves the bytes are the ones recorded, not that they were complete
+    when recorded; this is what tells a cut-short file from a good one before training reads it.
+    """
+    metadata = read_metadata(data)
+    try:
+        deserialize(data)  # safetensors' own parser, no torch: offsets must cover the data exactly
+    except SafetensorError as exc:
+        raise UnreadableCheckpoint(f"the checkpoint's tensor data does not parse ({exc})") from None
+    for key, required in _JSON_METADATA.items():
+        if key not in metadata:
+            if required:
+                raise UnreadableCheckpoint(f"the checkpoint has no {key!r} entry")
+            continue
+        try:
+            json.loads(metadata[key])
+        except ValueError:
+            raise UnreadableCheckpoint(f"the checkpoint's {key!r} entry is not valid JSON") from None
 
 
 def signature_of(data: bytes) -> dict:

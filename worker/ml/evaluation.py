@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import f1_score, mean_absolute_error, r2_score, root_mean_squared_error
 from torch import nn
 from torch.nn import functional as F
 
@@ -33,22 +37,26 @@ def monitorable_metrics(task: str, *, has_validation: bool) -> list[str]:
 
 
 def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
-    """Unweighted mean F1 over the classes that occur in truth or prediction (as scikit-learn)."""
-    scores = []
-    for label in np.union1d(truth, predicted):
-        tp = np.sum((predicted == label) & (truth == label))
-        fp = np.sum((predicted == label) & (truth != label))
-        fn = np.sum((predicted != label) & (truth == label))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return float(np.mean(scores)) if scores else 0.0
+    """Unweighted mean F1 over the classes that occur in truth or prediction (scikit-learn's macro F1)."""
+    return float(f1_score(truth, predicted, average="macro", zero_division=0))
 
 
 def regression_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    """RMSE, MAE and R² of values in original units."""
-    error = predicted - truth
-    spread = np.sum((truth - truth.mean()) ** 2)
-    r2 = 1.0 - float(np.sum(error**2) / spread) if spread > 0 else 0.0
-    return {"rmse": float(np.sqrt(np.mean(error**2))), "mae": float(np.mean(np.abs(error))), "r2": r2}
+    """RMSE, MAE and R² (scikit-learn's) of values in original units, over all values of all outputs.
+
+    A forecast's horizon steps are pooled (raveled), so R² compares with the mean of every target
+    value, not a per-step mean. R² of a constant target is 1.0 if predicted exactly, else 0.0; of a
+    single value it is undefined (NaN, stored as null).
+    """
+    truth, predicted = np.ravel(truth), np.ravel(predicted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # one value: NaN says it already
+        r2 = float(r2_score(truth, predicted))
+    return {
+        "rmse": float(root_mean_squared_error(truth, predicted)),
+        "mae": float(mean_absolute_error(truth, predicted)),
+        "r2": r2,
+    }
 
 
 def original_units(values: np.ndarray, targets: Standardizer | None) -> np.ndarray:
@@ -94,6 +102,6 @@ def evaluate(
     if task == FORECASTING:
         # The naive forecast repeats the last observed value; a model must beat it to be useful.
         last = x[:, -1, 0].numpy().astype(np.float64)[:, None].repeat(truth.shape[1], axis=1)
-        naive = original_units(last, targets) - original_units(truth, targets)
-        metrics["naive_rmse"] = float(np.sqrt(np.mean(naive**2)))
+        metrics["naive_rmse"] = float(root_mean_squared_error(
+            np.ravel(original_units(truth, targets)), np.ravel(original_units(last, targets))))
     return metrics

@@ -1,9 +1,8 @@
 """Turning a loaded table into arrays for one task: columns, labels, windows, tokens, normalisation.
 
 Decisions a user may notice:
-- The task is ``dataset.task`` if given, else the built-in's catalog task; for uploads a text column
-  means text classification, a window means forecasting, a target that is not numeric or is an
-  integer with at most 20 distinct values means classification, anything else regression.
+- The task is ``dataset.task`` if given, else the built-in's catalog task; for uploads the rule of
+  ``app.task_rules.infer_task`` (the one the web's submit checks apply to the stored schema).
 - An upload's target defaults to its last column (for text, a column named ``label`` if any);
   its features to every other numeric column; a text column defaults to one named ``text``.
 - Forecasting is univariate (the target column only) and split in time order, never shuffled:
@@ -21,11 +20,9 @@ import pandas as pd
 from app.catalog import CLASSIFICATION, FORECASTING, REGRESSION, TEXT_CLASSIFICATION
 from app.jobs.errors import UserError
 from app.jobs.schemas import DatasetRef
+from app.task_rules import describe_column, forecast_window, infer_task
 from worker.ml.datasets import Table, split_indices
 from worker.ml.text import Tokenizer
-
-MAX_INFERRED_CLASSES = 20
-DEFAULT_WINDOW = 16
 
 
 @dataclass
@@ -89,17 +86,10 @@ def _task_of(dataset: DatasetRef, table: Table) -> str:
         return table.task
     if dataset.task is not None:
         return dataset.task
-    if dataset.text_column is not None:
-        return TEXT_CLASSIFICATION
-    if dataset.window is not None:
-        return FORECASTING
+    if dataset.text_column is not None or dataset.window is not None:
+        return infer_task(text_column=dataset.text_column, window=dataset.window, target=None)
     target = _column(table.frame, dataset.target or table.frame.columns[-1], "target")
-    values = table.frame[target]
-    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-        return CLASSIFICATION
-    if pd.api.types.is_integer_dtype(values) and values.nunique() <= MAX_INFERRED_CLASSES:
-        return CLASSIFICATION
-    return REGRESSION
+    return infer_task(text_column=None, window=None, target=describe_column(table.frame[target]))
 
 
 def _column(frame: pd.DataFrame, name: str, role: str) -> str:
@@ -209,7 +199,7 @@ def _prepare_forecasting(dataset: DatasetRef, table: Table) -> PreparedData:
     else:
         target = _target_of(dataset, table)
     series = _numeric(frame, target)
-    window = dataset.window or table.default_window or DEFAULT_WINDOW
+    window = forecast_window(dataset.window, table.default_window)
     horizon = dataset.horizon
     n = len(series)
     # Cut the series in time; a window belongs to the part that holds all of its targets.

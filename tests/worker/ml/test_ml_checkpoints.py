@@ -88,3 +88,17 @@ def test_foreign_bytes_are_refused():
     plain = checkpoints.save_tensors({"w": torch.zeros(2)})
     with pytest.raises(UserError, match="not a Kiln checkpoint"):
         checkpoints.decode(plain)
+
+
+def test_check_accepts_a_whole_checkpoint_and_refuses_a_cut_or_damaged_one(stopped_run):
+    data = stopped_run[1].checkpoints[-1].data
+    checkpoints.check(data)
+    for torn in (data[: len(data) - 1], data[: len(data) // 2], data[:7]):
+        with pytest.raises(checkpoints.UnreadableCheckpoint):
+            checkpoints.check(torn)
+    # A header whose JSON metadata was damaged in place (same length) is refused too.
+    damaged = data.replace(b'"signature":"{', b'"signature":"[', 1)
+    assert damaged != data
+    with pytest.raises(checkpoints.UnreadableCheckpoint, match="signature"):
+        checkpoints.check(damaged)
+    assert issubclass(checkpoints.UnreadableCheckpoint, UserError)

@@ -1,0 +1,51 @@
+"""The task rules both sides apply: which task an upload implies, and the default forecasting window.
+
+The web's submit checks (on a dataset's stored schema) and the worker's preparation (on the loaded
+frame) call these same functions, so a job that passes at submit is read the same way when it runs.
+Torch-free; pandas is imported only by :func:`describe_column`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from app.catalog import CLASSIFICATION, FORECASTING, REGRESSION, TEXT_CLASSIFICATION
+
+# An integer target with at most this many distinct values is read as class labels.
+MAX_INFERRED_CLASSES = 20
+# The window of a forecasting job whose spec and dataset name none.
+DEFAULT_WINDOW = 16
+
+
+def describe_column(series) -> dict[str, Any]:
+    """The facts the task rule reads about a pandas column: dtype, numeric (booleans are not), distinct values."""
+    import pandas as pd
+
+    numeric = bool(pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series))
+    return {"dtype": str(series.dtype), "numeric": numeric, "distinct": int(series.nunique(dropna=True))}
+
+
+def infer_task(*, text_column: str | None, window: int | None, target: Mapping[str, Any] | None) -> str:
+    """The task a dataset reference implies when it names none.
+
+    A text column means text classification; a window means forecasting; a target that is not
+    numeric (or unknown), or an integer one with at most ``MAX_INFERRED_CLASSES`` distinct values,
+    means classification; any other numeric target means regression. ``target`` holds the facts
+    of :func:`describe_column` (as stored in an upload's schema).
+    """
+    if text_column is not None:
+        return TEXT_CLASSIFICATION
+    if window is not None:
+        return FORECASTING
+    if target is None or not target["numeric"]:
+        return CLASSIFICATION
+    integer = str(target["dtype"]).lower().startswith(("int", "uint"))
+    if integer and target["distinct"] <= MAX_INFERRED_CLASSES:
+        return CLASSIFICATION
+    return REGRESSION
+
+
+def forecast_window(window: int | None, dataset_default: int | None = None) -> int:
+    """The window a forecasting job uses: the spec's, else the dataset's default, else ``DEFAULT_WINDOW``."""
+    return window or dataset_default or DEFAULT_WINDOW
