@@ -11,11 +11,10 @@ import click
 from app import settings as settings_module
 
 
-def _settings(**forced: str) -> settings_module.Settings:
+def _settings() -> settings_module.Settings:
     # Every command starts here, so a bad or (in production) insecure setting stops each one alike.
-    environ = dict(os.environ, **forced) if forced else None
     try:
-        return settings_module.load(environ)
+        return settings_module.load()
     except settings_module.ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -34,8 +33,10 @@ def up(host: str, port: int, workers: int) -> None:
     """Run everything on this machine: embedded Redis, migrations, worker, reaper and web."""
     from app.embedded import run_all
 
-    # Embedded mode is development mode: SQLite and a password-less loopback Redis are the point.
-    sys.exit(run_all(_settings(KILN_ENV="development"), host=host, port=port, workers=workers))
+    # Embedded mode is development mode (SQLite and a password-less loopback Redis are the point),
+    # for this process, the migrations it runs and every child it starts.
+    os.environ["KILN_ENV"] = "development"
+    sys.exit(run_all(_settings(), host=host, port=port, workers=workers))
 
 
 @main.command()
@@ -53,7 +54,9 @@ def web(host: str, port: int, workers: int) -> None:
         binds += ["--bind", f"{host}:{settings.metrics_port}"]
     os.execvp(sys.executable, [
         sys.executable, "-m", "gunicorn", *binds, "--workers", str(workers), "--threads", "4",
-        "--access-logfile", "-", "--graceful-timeout", "10", "app:create_app()",
+        # Graceful stop within Docker's 10 s; no control socket: its default path is shared by every
+        # gunicorn of the user, and Kiln has no use for it.
+        "--access-logfile", "-", "--graceful-timeout", "10", "--no-control-socket", "app:create_app()",
     ])
 
 
