@@ -91,7 +91,8 @@ def refusal(config: Settings, server_port: str, authorization: str) -> int | Non
         return 404
     if config.metrics_token:
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.metrics_token.encode()):
+        given, expected = token.strip().encode(), config.metrics_token.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
             return 401
     return None
 
