@@ -12,7 +12,11 @@ from app import settings as settings_module
 
 
 def _settings() -> settings_module.Settings:
-    return settings_module.load()
+    # Every command starts here, so a bad or (in production) insecure setting stops each one alike.
+    try:
+        return settings_module.load()
+    except settings_module.ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -29,6 +33,9 @@ def up(host: str, port: int, workers: int) -> None:
     """Run everything on this machine: embedded Redis, migrations, worker, reaper and web."""
     from app.embedded import run_all
 
+    # Embedded mode is development mode (SQLite and a password-less loopback Redis are the point),
+    # for this process, the migrations it runs and every child it starts.
+    os.environ["KILN_ENV"] = "development"
     sys.exit(run_all(_settings(), host=host, port=port, workers=workers))
 
 
@@ -37,10 +44,19 @@ def up(host: str, port: int, workers: int) -> None:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="gunicorn processes.")
 def web(host: str, port: int, workers: int) -> None:
-    """Serve the web app and API with gunicorn."""
+    """Serve the web app and API with gunicorn (and /metrics on KILN_METRICS_PORT when set)."""
+    settings = _settings()
+    binds = ["--bind", f"{host}:{port}"]
+    if settings.metrics_port is not None:
+        if settings.metrics_port == port:
+            raise click.ClickException(f"KILN_METRICS_PORT={port} is the web port: choose another")
+        # The same workers answer both ports; the app serves /metrics only on this one.
+        binds += ["--bind", f"{host}:{settings.metrics_port}"]
     os.execvp(sys.executable, [
-        sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
-        "--threads", "4", "--access-logfile", "-", "--graceful-timeout", "20", "app:create_app()",
+        sys.executable, "-m", "gunicorn", *binds, "--workers", str(workers), "--threads", "4",
+        # Graceful stop within Docker's 10 s; no control socket: its default path is shared by every
+        # gunicorn of the user, and Kiln has no use for it.
+        "--access-logfile", "-", "--graceful-timeout", "10", "--no-control-socket", "app:create_app()",
     ])
 
 
@@ -51,6 +67,7 @@ def web(host: str, port: int, workers: int) -> None:
 @click.option("--name", default=None, help="Worker node name (default kiln-<pid>@<host>).")
 def worker(queues: str, concurrency: int, name: str | None) -> None:
     """Run a Celery worker for Kiln's queues."""
+    settings = _settings()
     from worker.celery_app import celery
 
     node = name or f"kiln-{os.getpid()}@{socket.gethostname()}"
@@ -59,7 +76,7 @@ def worker(queues: str, concurrency: int, name: str | None) -> None:
     pool = "solo" if concurrency == 1 else "prefork"
     celery.worker_main([
         "worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
-        "--hostname", node, "--loglevel", _settings().log_level, "--without-gossip", "--without-mingle",
+        "--hostname", node, "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
     ])
 
 

@@ -1,33 +1,88 @@
 """Settings from ``KILN_*`` environment variables with embedded defaults, and the Celery mapping.
 
 Both front doors read this module: the web (``app.web``) and the worker (``worker``). It imports
-neither Flask nor Celery, so a settings change is one place for both.
+neither Flask nor Celery, so a settings change is one place for both. ``SETTINGS`` and ``CELERY``
+are read from the environment on first use, so a command can report a bad value as an error
+rather than fail while importing.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 TRAIN_QUEUE = "train"
 PREDICT_QUEUE = "predict"
 DEFAULT_QUEUE = "default"
 
+PREFIX = "KILN_"
+DEFAULT_SECRET_KEY = "dev-insecure-change-me"
 
-def _default_var_dir() -> Path:
-    return Path(os.environ.get("KILN_VAR_DIR", "var")).resolve()
+# The environment :func:`load` reads; ``None`` means ``os.environ``.
+_environ: ContextVar[Mapping[str, str] | None] = ContextVar("kiln_environ", default=None)
 
 
-@dataclass(frozen=True)
-class Settings:
+class ConfigurationError(ValueError):
+    """Settings that cannot start Kiln; the message names every offending variable."""
+
+
+class _Environment(EnvSettingsSource):
+    """``KILN_<FIELD>`` variables, from the mapping given to :func:`load`."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = _environ.get()
+        return parse_env_vars(os.environ if env is None else env, self.case_sensitive, self.env_ignore_empty,
+                              self.env_parse_none_str)
+
+
+class _SecretFiles(PydanticBaseSettingsSource):
+    """``KILN_<FIELD>_FILE=/path``: the value is the file's content (Docker and Kubernetes secrets)."""
+
+    def get_field_value(self, field, field_name):  # noqa: D102 - required by the base class, unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = _environ.get()
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name in self.settings_cls.model_fields:
+            var = f"{PREFIX}{name.upper()}"
+            path = env.get(f"{var}_FILE")
+            if not path:
+                continue
+            if env.get(var):
+                raise ConfigurationError(f"{var} and {var}_FILE are both set: set one")
+            try:
+                text = Path(path).read_text()
+            except OSError as exc:
+                raise ConfigurationError(f"{var}_FILE: cannot read {path}: {exc.strerror}") from None
+            values[name] = text[:-1] if text.endswith("\n") else text
+        return values
+
+
+class Settings(BaseSettings):
     """Process-wide configuration; build with :func:`load` rather than by hand."""
 
-    database_url: str = ""
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, frozen=True, extra="forbid")
+
+    # ``production`` refuses insecure defaults (see :func:`insecure_settings`); ``kiln up`` is development.
+    env: Literal["development", "production"] = "development"
+    allow_insecure: bool = False
+    # Where the embedded defaults live: the SQLite file, storage, the admin token.
+    var_dir: Path = Path("var")
+    # Unset, these two live under var_dir (see _embedded_defaults).
+    database_url: str = "sqlite:///var/kiln.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    storage_root: Path = field(default_factory=lambda: _default_var_dir() / "storage")
-    secret_key: str = "dev-insecure-change-me"
+    storage_root: Path = Path("var/storage")
+    secret_key: str = Field(DEFAULT_SECRET_KEY, repr=False)
     # Leases: a running attempt renews its lease every ``heartbeat_seconds``; the reaper takes
     # back a job whose lease has been expired for longer than ``lease_seconds``.
     lease_seconds: float = 30.0
@@ -42,33 +97,100 @@ class Settings:
     unacked_restore_seconds: int = 10
     max_upload_bytes: int = 200 * 1024 * 1024
     log_level: str = "INFO"
-    log_format: str = "json"
+    log_format: Literal["json", "text"] = "json"
+    # /metrics: a bearer token it requires, and/or a port of its own (then never on the web port).
+    metrics_token: str = Field("", repr=False)
+    metrics_port: int | None = None
 
-    def __post_init__(self) -> None:
-        if not self.database_url:
-            db_path = _default_var_dir() / "kiln.db"
-            object.__setattr__(self, "database_url", f"sqlite:///{db_path}")
-        object.__setattr__(self, "storage_root", Path(self.storage_root).resolve())
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments, then ``KILN_<FIELD>``, then ``KILN_<FIELD>_FILE``."""
+        return init_settings, _Environment(settings_cls), _SecretFiles(settings_cls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_defaults(cls, data: Any) -> Any:
+        # The SQLite file and storage live under var_dir unless set.
+        if isinstance(data, dict):
+            var_dir = Path(data.get("var_dir") or "var").resolve()
+            data = dict(data, var_dir=var_dir)
+            if not data.get("database_url"):
+                data["database_url"] = f"sqlite:///{var_dir / 'kiln.db'}"
+            if not data.get("storage_root"):
+                data["storage_root"] = var_dir / "storage"
+        return data
+
+    @field_validator("storage_root")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return Path(value).resolve()
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _port(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value < 65536:
+            raise ValueError("must be a TCP port (1-65535)")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_insecure_production(self) -> "Settings":
+        problems = insecure_settings(self)
+        if problems and self.env == "production" and not self.allow_insecure:
+            raise ValueError("production mode (KILN_ENV=production) refuses to start:\n"
+                             + "\n".join(f"  - {p}" for p in problems)
+                             + "\n  (fix them, or set KILN_ALLOW_INSECURE=1 to start anyway)")
+        return self
+
+    @property
+    def production(self) -> bool:
+        """Whether this is a production deployment (``KILN_ENV=production``)."""
+        return self.env == "production"
 
     def with_overrides(self, **overrides: Any) -> "Settings":
         """Return a copy with the given fields replaced (used by tests and the CLI)."""
-        return replace(self, **overrides)
+        return type(self).model_validate({**self.model_dump(), **overrides})
 
 
-_ENV_CASTS = {int: int, float: float, Path: Path, str: str}
+def insecure_settings(settings: Settings) -> list[str]:
+    """What production mode refuses: the default secret key, SQLite, a Redis URL without a password."""
+    problems = []
+    if not settings.secret_key or settings.secret_key == DEFAULT_SECRET_KEY:
+        problems.append("KILN_SECRET_KEY is the built-in development key: set a long random secret")
+    if settings.database_url.startswith("sqlite"):
+        problems.append("KILN_DATABASE_URL is SQLite: use PostgreSQL (postgresql+psycopg://...)")
+    url = urlsplit(settings.redis_url)
+    if not url.password and not parse_qs(url.query).get("password"):
+        problems.append("KILN_REDIS_URL has no password: use redis://:PASSWORD@host:6379/0")
+    return problems
 
 
-def load(environ: dict[str, str] | None = None) -> Settings:
-    """Read settings from ``KILN_<FIELD>`` variables, falling back to embedded defaults."""
-    env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for f in fields(Settings):
-        raw = env.get(f"KILN_{f.name.upper()}")
-        if raw is None or raw == "":
-            continue
-        cast = f.type if not isinstance(f.type, str) else {"int": int, "float": float, "Path": Path}.get(f.type, str)
-        values[f.name] = cast(raw)
-    return Settings(**values)
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``KILN_<FIELD>`` (or ``KILN_<FIELD>_FILE``) variables over embedded defaults.
+
+    Raises :class:`ConfigurationError` naming each variable whose value is refused.
+    """
+    reset = _environ.set(environ)
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None
+    finally:
+        _environ.reset(reset)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        if error["loc"]:
+            var = PREFIX + str(error["loc"][0]).upper()
+            lines.append(f"  {var}={error.get('input')!r}: {error['msg']}")
+        else:
+            cause = (error.get("ctx") or {}).get("error")
+            lines.append(str(cause) if cause else error["msg"])
+    if any(error["loc"] for error in exc.errors()):
+        lines.insert(0, "invalid Kiln settings:")
+    return "\n".join(lines)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -108,5 +230,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-SETTINGS = load()
-CELERY = celery_config(SETTINGS)
+def __getattr__(name: str) -> Any:
+    # ``SETTINGS`` and ``CELERY`` are built on first use (PEP 562) and then kept.
+    if name == "SETTINGS":
+        value: Any = load()
+    elif name == "CELERY":
+        value = celery_config(globals().get("SETTINGS") or __getattr__("SETTINGS"))
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value

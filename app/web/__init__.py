@@ -37,7 +37,7 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
     overrides = {}
     for key in list(config):
         field = key.lower()
-        if field in settings_module.Settings.__dataclass_fields__:
+        if field in settings_module.Settings.model_fields:
             overrides[field] = config.pop(key)
     settings = settings_module.SETTINGS.with_overrides(**overrides) if overrides else settings_module.SETTINGS
 

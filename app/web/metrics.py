@@ -1,12 +1,14 @@
 """Prometheus ``/metrics``: jobs by state, queue depth and wait, failures by class, worker heartbeats.
 
 Values are read from the database (and Redis for queue depth) at scrape time, so every web
-process answers the same numbers.
+process answers the same numbers. Who may read them: see :func:`refusal`.
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, Response
+import hmac
+
+from flask import Blueprint, Response, abort, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
@@ -75,9 +77,43 @@ def _age(now, then) -> float:
     return max(0.0, (now - then).total_seconds()) if then else 0.0
 
 
+def refusal(config: Settings, server_port: str, authorization: str) -> int | None:
+    """The status that refuses this scrape (404 or 401), or ``None`` to serve it.
+
+    With ``KILN_METRICS_PORT`` set, /metrics answers on that port only (the web port says 404, the
+    metrics port serves nothing else). With ``KILN_METRICS_TOKEN`` set, it needs that bearer token.
+    In production with neither, the web port does not serve it: metrics are never public by default.
+    """
+    if config.metrics_port is not None:
+        if server_port != str(config.metrics_port):
+            return 404
+    elif not config.metrics_token and config.production:
+        return 404
+    if config.metrics_token:
+        scheme, _, token = authorization.partition(" ")
+        given, expected = token.strip().encode(), config.metrics_token.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
+            return 401
+    return None
+
+
+@metrics.before_app_request
+def _metrics_port_serves_only_metrics():
+    # The metrics port is for scrapers: the API and pages stay on the web port.
+    port = settings().metrics_port
+    if port is not None and request.environ.get("SERVER_PORT") == str(port) and request.path != "/metrics":
+        abort(404)
+
+
 @metrics.get("/metrics")
 def prometheus():
-    """Prometheus text exposition (scrape from inside the network; no token)."""
+    """Prometheus text exposition, if :func:`refusal` lets this request read it."""
+    status = refusal(settings(), request.environ.get("SERVER_PORT", ""), request.headers.get("Authorization", ""))
+    if status == 401:
+        return Response("a bearer token is required\n", status=401, mimetype="text/plain",
+                        headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+    if status:
+        abort(status)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(KilnCollector(settings()))
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
