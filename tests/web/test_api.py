@@ -40,6 +40,13 @@ def test_submit_records_a_queued_job_and_answers_201(client, auth, settings):
         ({**MLP, "resources": {"gpus": 4}}, "resources.gpus"),
         ({"kind": "predict", "model": "999999", "inputs": [[0.0] * 64]}, "model"),
         ({"kind": "predict", "model": "no-such-model@latest", "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "\u00b2", "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "m@\u00b2", "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "9" * 30, "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "m@" + "9" * 30, "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "someone@example.com/m@latest", "inputs": [[0.0] * 64]}, "model"),
+        ({**MLP, "init_from": "\u0663"}, "init_from"),
+        ({**MLP, "init_from": "m@" + "9" * 30}, "init_from"),
     ],
 )
 def test_bad_specs_answer_422_problem_json_and_create_nothing(client, auth, settings, payload, field):
