@@ -65,7 +65,7 @@ def _run_claimed(job_id: int, number: int, owner: str, spec: TrainSpec | Predict
     recorder = Recorder(
         job_id=job_id, token=number, owner=owner, settings=settings,
         keep_last=spec.checkpoint.keep_last if isinstance(spec, TrainSpec) else 1,
-        max_runtime_s=spec.max_runtime_s,
+        max_attempt_runtime_s=spec.max_attempt_runtime_s,
     ).start()
     _active.add(recorder)
     if _shutting_down:
@@ -194,7 +194,7 @@ def _stopped(job_id: int, recorder: Recorder, reason: str, settings: Settings) -
     if reason == "stale":
         raise StaleAttempt(f"job {job_id}: lease lost")
     if reason == "timeout":
-        raise JobTimeout(f"job {job_id} ran past its max_runtime_s; a checkpoint was saved, retry to continue")
+        raise JobTimeout(f"job {job_id} ran past its max_attempt_runtime_s; a checkpoint was saved, retry to continue")
     with session_scope(settings.database_url) as session:
         if reason == "cancel":
             attempts.finish(session=session, job_id=job_id, token=recorder.token, to=states.CANCELLED,
