@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -16,13 +17,24 @@ class StorageError(Exception):
     """A path outside the storage root, or a file whose checksum does not match."""
 
 
+# Kiln names every stored file itself (ids, hex, fixed words), so a segment is a plain ASCII
+# name: this refuses "..", ".", empty segments, backslashes, NUL, percent signs and any
+# non-ASCII look-alike before the filesystem sees the path, whatever the platform would make of it.
+_SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}")
+
+
 def resolve(root: Path, relative: str) -> Path:
     """The absolute path of ``relative`` under ``root``; refuses anything that escapes it."""
-    if not relative or relative.startswith(("/", "\\")) or "\x00" in relative:
+    if (not isinstance(relative, str) or not relative or len(relative) > 1024
+            or not all(_SEGMENT.fullmatch(part) for part in relative.split("/"))):
         raise StorageError(f"not a relative storage path: {relative!r}")
     root = Path(root).resolve()
-    path = (root / relative).resolve()
-    if path != root and root not in path.parents:
+    try:
+        path = (root / relative).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name the filesystem refuses
+        raise StorageError(f"cannot resolve storage path {relative!r}: {exc}") from None
+    # Symlinks are followed above, so a link inside the root that points out of it is caught here.
+    if root not in path.parents:
         raise StorageError(f"path escapes the storage root: {relative!r}")
     return path
 

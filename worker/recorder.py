@@ -25,10 +25,11 @@ class Recorder:
     """Writes one attempt's progress, always under its fencing token and lease owner."""
 
     def __init__(self, *, job_id: int, token: int, owner: str, settings: Settings, keep_last: int,
-                 max_runtime_s: float):
+                 max_attempt_runtime_s: float):
         self.job_id, self.token, self.owner, self.settings = job_id, token, owner, settings
         self.keep_last = keep_last
-        self.deadline = time.monotonic() + max_runtime_s
+        # Per attempt by design: a requeued or retried attempt gets a fresh budget and continues.
+        self.deadline = time.monotonic() + max_attempt_runtime_s
         self.best_checkpoint_id: int | None = None
         self.last_checkpoint_id: int | None = None
         self._reason: str | None = None

@@ -16,8 +16,7 @@ from app.jobs import attempts, recovery, states
 from app.jobs.errors import JobFailure, JobTimeout, SpecError, StaleAttempt, UserError
 from app.jobs.schemas import PredictSpec, TrainSpec, parse_spec
 from app.logs import bind_job
-from app.jobs.service import resolve_model
-from app.models import Checkpoint, Dataset, Job, ModelVersion, User, utcnow
+from app.models import Checkpoint, Dataset, Job, ModelVersion, utcnow
 from app.settings import Settings
 from worker import failpoints
 from worker.recorder import Recorder
@@ -66,7 +65,7 @@ def _run_claimed(job_id: int, number: int, owner: str, spec: TrainSpec | Predict
     recorder = Recorder(
         job_id=job_id, token=number, owner=owner, settings=settings,
         keep_last=spec.checkpoint.keep_last if isinstance(spec, TrainSpec) else 1,
-        max_runtime_s=spec.max_runtime_s,
+        max_attempt_runtime_s=spec.max_attempt_runtime_s,
     ).start()
     _active.add(recorder)
     if _shutting_down:
@@ -151,8 +150,7 @@ def _train(job_id: int, spec: TrainSpec, recorder: Recorder, settings: Settings)
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
         if resume is None and spec.init_from:
-            model = _resolve_owned_model(session, job.owner_id, spec.init_from)
-            init_from = _model_checkpoint(session, model, settings)
+            init_from = _model_checkpoint(session, _pinned_base(session, job, spec.init_from), settings)
         if spec.dataset.id.startswith("dataset:"):
             ds = session.execute(select(Dataset).where(
                 Dataset.id == int(spec.dataset.id.split(":", 1)[1]), Dataset.owner_id == job.owner_id)).scalar_one_or_none()
@@ -206,7 +204,7 @@ def _stopped(job_id: int, recorder: Recorder, reason: str, settings: Settings) -
     if reason == "stale":
         raise StaleAttempt(f"job {job_id}: lease lost")
     if reason == "timeout":
-        raise JobTimeout(f"job {job_id} ran past its max_runtime_s; a checkpoint was saved, retry to continue")
+        raise JobTimeout(f"job {job_id} ran past its max_attempt_runtime_s; a checkpoint was saved, retry to continue")
     with session_scope(settings.database_url) as session:
         if reason == "cancel":
             attempts.finish(session=session, job_id=job_id, token=recorder.token, to=states.CANCELLED,
@@ -226,9 +224,13 @@ def _stopped(job_id: int, recorder: Recorder, reason: str, settings: Settings) -
         return states.QUEUED
 
 
-def _resolve_owned_model(session, owner_id: int, ref: str) -> ModelVersion:
-    owner = session.get(User, owner_id)
-    return resolve_model(session=session, user=owner, ref=ref)
+def _pinned_base(session, job: Job, ref: str) -> ModelVersion:
+    """The exact model version ``init_from`` resolved to at submit (a newer ``@latest`` is ignored)."""
+    model = session.get(ModelVersion, job.init_model_version_id) if job.init_model_version_id else None
+    if model is None:
+        raise UserError(f"the model version init_from {ref!r} was pinned to at submit no longer exists; "
+                        "submit the job again to start from a current version")
+    return model
 
 
 def _predict(job_id: int, spec: PredictSpec, recorder: Recorder, settings: Settings) -> str:

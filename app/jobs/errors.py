@@ -60,7 +60,7 @@ class OutOfMemory(JobFailure):
 
 
 class JobTimeout(JobFailure):
-    """The job ran past its ``max_runtime_s``."""
+    """The attempt ran past its ``max_attempt_runtime_s``."""
 
     failure_class = "timeout"
     retryable = False

@@ -164,7 +164,22 @@ class CheckpointPolicy(Strict):
 Metadata = dict[Annotated[str, Field(max_length=64)], Union[str, int, float, bool, None]]
 
 
-class TrainSpec(Strict):
+class AttemptRuntime(Strict):
+    """Base of job specs: the per-attempt runtime bound, and its old name accepted on input."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rename_max_runtime_s(cls, data: Any) -> Any:
+        # ``max_runtime_s`` always bounded one attempt; the new name says so. Stored specs and
+        # older clients still send the old name, so it is read as an alias (never written).
+        if isinstance(data, dict) and "max_runtime_s" in data:
+            if "max_attempt_runtime_s" in data:
+                raise SpecError.at("max_runtime_s", "max_runtime_s is the old name of max_attempt_runtime_s; give one")
+            data = {("max_attempt_runtime_s" if k == "max_runtime_s" else k): v for k, v in data.items()}
+        return data
+
+
+class TrainSpec(AttemptRuntime):
     """A training job."""
 
     kind: Literal["train"]
@@ -176,7 +191,10 @@ class TrainSpec(Strict):
     checkpoint: CheckpointPolicy = CheckpointPolicy()
     init_from: str | None = Field(default=None, max_length=200, description="model to fine-tune")
     priority: Literal["low", "normal", "high"] = "normal"
-    max_runtime_s: int = Field(default=86400, ge=1, le=30 * 86400)
+    max_attempt_runtime_s: int = Field(
+        default=86400, ge=1, le=30 * 86400,
+        description="seconds one attempt may run; a retry or requeue starts a fresh budget (old name: max_runtime_s)",
+    )
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     metadata: Metadata = Field(default_factory=dict, max_length=50)
 
@@ -185,7 +203,7 @@ Number = Union[float, int]
 InputRow = Union[list[Number], list[list[Number]], str]
 
 
-class PredictSpec(Strict):
+class PredictSpec(AttemptRuntime):
     """A prediction job: a trained model and inline inputs."""
 
     kind: Literal["predict"]
@@ -194,7 +212,10 @@ class PredictSpec(Strict):
     inputs: list[InputRow] = Field(min_length=1, max_length=10000)
     explain: bool = False
     priority: Literal["low", "normal", "high"] = "normal"
-    max_runtime_s: int = Field(default=600, ge=1, le=86400)
+    max_attempt_runtime_s: int = Field(
+        default=600, ge=1, le=86400,
+        description="seconds one attempt may run; a retry or requeue starts a fresh budget (old name: max_runtime_s)",
+    )
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     metadata: Metadata = Field(default_factory=dict, max_length=50)
 

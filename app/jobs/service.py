@@ -24,7 +24,8 @@ SUMMARY_COLUMNS = (
 # What one job's page shows (everything but the lease and scheduling bookkeeping).
 DETAIL_COLUMNS = SUMMARY_COLUMNS + (
     Job.queue, Job.priority, Job.max_attempts, Job.step, Job.queued_at, Job.cancel_requested_at,
-    Job.pause_requested_at, Job.resumed_from_epoch, Job.model_version_id, Job.result, Job.spec,
+    Job.pause_requested_at, Job.resumed_from_epoch, Job.model_version_id, Job.init_model_version_id,
+    Job.result, Job.spec,
 )
 
 
@@ -93,23 +94,64 @@ def list_jobs(
     return jobs[:limit], next_cursor
 
 
-def resolve_model(*, session: Session, user: User, ref: str, field: str = "model") -> ModelVersion:
-    """Find a model version by training job id, ``name``, ``name@latest`` or ``name@<version>``."""
-    stmt = select(ModelVersion)
+# Ids are stored as 32-bit integers on every backend; a larger number can name nothing.
+_MAX_ID = 2**31 - 1
+
+
+def _small_int(text: str) -> int | None:
+    """``text`` as an id-sized integer if it is plain ASCII digits, else None ("²" and "٣" are not)."""
+    if not (text.isascii() and text.isdecimal()):
+        return None
+    value = int(text)
+    return value if value <= _MAX_ID else None
+
+
+def _model_owner(session: Session, user: User, qualifier: str, field: str) -> User:
+    """The user named by an ``owner/`` prefix (an id or an email); only admins may name someone else."""
+    user_id = _small_int(qualifier)
+    if user_id == user.id or qualifier.strip().lower() == user.email:
+        return user
     if not user.is_admin:
-        stmt = stmt.where(ModelVersion.owner_id == user.id)
-    if ref.isdigit():
-        stmt = stmt.where(ModelVersion.job_id == int(ref))
+        # Said the same whether or not that user exists, so the answer reveals nobody.
+        raise SpecError.at(field, f"{qualifier!r} is not you; name your own models without an owner prefix")
+    stmt = select(User).where(User.id == user_id) if user_id is not None else (
+        select(User).where(User.email == qualifier.strip().lower()))
+    owner = session.execute(stmt).scalar_one_or_none()
+    if owner is None:
+        raise SpecError.at(field, f"no user {qualifier!r} (an owner is a user id or email)")
+    return owner
+
+
+def resolve_model(*, session: Session, user: User, ref: str, field: str = "model") -> ModelVersion:
+    """Find a model version by training job id, or by ``[owner/]name[@latest|@<version>]``.
+
+    A name belongs to its owner: without a prefix it is looked up among ``user``'s own models,
+    admins included; an admin names another user's model as ``owner/name`` (owner: id or email).
+    """
+    job_id = _small_int(ref)
+    if job_id is not None:
+        stmt = select(ModelVersion).where(ModelVersion.job_id == job_id)
+        if not user.is_admin:
+            stmt = stmt.where(ModelVersion.owner_id == user.id)
     else:
-        name, _, version = ref.partition("@")
-        stmt = stmt.where(ModelVersion.name == name)
-        if version and version != "latest":
-            if not version.isdigit():
+        if ref.isdecimal():
+            raise SpecError.at(field, f"{ref!r} is not a training job id (ids are ASCII digits, at most {_MAX_ID})")
+        # A name holds neither "/" nor "@", but an email owner holds "@" (and may hold "/"):
+        # the last "/" ends the owner, then the first "@" starts the version.
+        qualifier, slash, rest = ref.rpartition("/")
+        owner = _model_owner(session, user, qualifier, field) if slash else user
+        name, at, version = rest.partition("@")
+        stmt = select(ModelVersion).where(ModelVersion.owner_id == owner.id, ModelVersion.name == name)
+        if at and version != "latest":
+            number = _small_int(version)
+            if number is None:
                 raise SpecError.at(field, f"version must be a number or 'latest', not {version!r}")
-            stmt = stmt.where(ModelVersion.version == int(version))
+            stmt = stmt.where(ModelVersion.version == number)
     model = session.execute(stmt.order_by(ModelVersion.version.desc()).limit(1)).scalar_one_or_none()
     if model is None:
-        raise SpecError.at(field, f"no trained model {ref!r} (a succeeded training job id, or name@latest)")
+        raise SpecError.at(
+            field, f"no trained model {ref!r} (a succeeded training job id, or name@latest, name@<version>)"
+        )
     return model
 
 
@@ -178,7 +220,8 @@ def check_dataset(*, session: Session, user: User, dataset: DatasetRef) -> str:
     return _check_upload(session, user, dataset)
 
 
-def _check_train(session: Session, user: User, spec: TrainSpec) -> None:
+def _check_train(session: Session, user: User, spec: TrainSpec) -> ModelVersion | None:
+    """Check a training spec's cross-references; returns the model version to start from, if any."""
     ds = spec.dataset
     task = check_dataset(session=session, user=user, dataset=ds)
     if task == catalog.TEXT_CLASSIFICATION and spec.model.arch == "cnn1d" and spec.model.kernel_size > ds.max_tokens:
@@ -190,6 +233,8 @@ def _check_train(session: Session, user: User, spec: TrainSpec) -> None:
         base = resolve_model(session=session, user=user, ref=spec.init_from, field="init_from")
         if base.arch != spec.model.arch:
             raise SpecError.at("init_from", f"model {spec.init_from!r} is a {base.arch}, not a {spec.model.arch}")
+        return base
+    return None
 
 
 def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVersion:
@@ -223,9 +268,11 @@ def submit(
     A caller that publishes right after the commit passes ``published_at`` (now), so the submit
     is one write transaction; if that publish never happens (a crash), the reconciler republishes
     the job once ``published_at`` is older than ``requeue_after_seconds``."""
-    model_version_id = None
+    model_version_id = init_model_version_id = None
     if isinstance(spec, TrainSpec):
-        _check_train(session, owner, spec)
+        # Pinned here, so "name@latest" means the version the person saw at submit, not a newer one.
+        base = _check_train(session, owner, spec)
+        init_model_version_id = base.id if base is not None else None
         queue, name = TRAIN_QUEUE, spec.name
     else:
         model = _check_predict(session, owner, spec)
@@ -236,6 +283,7 @@ def submit(
         priority=spec.priority, spec=spec.model_dump(mode="json"),
         max_attempts=spec.max_attempts or settings.max_attempts, model_version_id=model_version_id,
         published_at=published_at,
+        init_model_version_id=init_model_version_id,
     )
     session.add(job)
     session.flush()

@@ -60,11 +60,6 @@ def transition(
     The caller owns the transaction.
     """
     expected = (expect,) if isinstance(expect, str) else tuple(expect)
-    current = session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
-    if current is None or current not in expected:
-        return False
-    if not allowed(current, to):
-        raise InvalidTransition(f"{current} -> {to} is not a job transition")
     now = utcnow()
     changes: dict[str, Any] = {"state": to, "updated_at": now}
     if to in TERMINAL:
@@ -74,13 +69,20 @@ def transition(
     elif to == PAUSED:
         changes.update(lease_owner=None, lease_expires_at=None)
     changes.update(values or {})
-    # Compare-and-set on the state just read (and the fencing token): a concurrent writer that
-    # changed either makes this a no-op.
-    stmt = update(Job).where(Job.id == job_id, Job.state == current)
-    if token is not None:
-        stmt = stmt.where(Job.attempts == token)
-    result = session.execute(stmt.values(**changes).execution_options(synchronize_session=False))
-    if result.rowcount != 1:
+    # The conditional UPDATE is the only guard, with no read before it: whatever a writer saw
+    # earlier, only one UPDATE can match the row in a given state (and with the fencing token).
+    # One statement per allowed source state, so the event knows which state the job left.
+    for current in (s for s in expected if allowed(s, to)):
+        stmt = update(Job).where(Job.id == job_id, Job.state == current)
+        if token is not None:
+            stmt = stmt.where(Job.attempts == token)
+        result = session.execute(stmt.values(**changes).execution_options(synchronize_session=False))
+        if result.rowcount == 1:
+            break
+    else:
+        current = session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
+        if current in expected and not allowed(current, to):
+            raise InvalidTransition(f"{current} -> {to} is not a job transition")
         return False
     attempt = session.execute(select(Job.attempts).where(Job.id == job_id)).scalar_one()
     session.add(

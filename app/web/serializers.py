@@ -44,6 +44,7 @@ def job_detail(session: Session, job: Any) -> dict[str, Any]:
         select(Checkpoint.__table__).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step, Checkpoint.id)
     )
     model = session.get(ModelVersion, job.model_version_id) if job.model_version_id else None
+    base = session.get(ModelVersion, job.init_model_version_id) if job.init_model_version_id else None
     history = session.execute(select(Attempt.__table__).where(Attempt.job_id == job.id).order_by(Attempt.number))
     body = job_summary(job)
     body.update(
@@ -61,6 +62,8 @@ def job_detail(session: Session, job: Any) -> dict[str, Any]:
             "checkpoints": [checkpoint(c) for c in checkpoints],
             "attempt_history": [attempt(a) for a in history],
             "model": model_version(model) if model else None,
+            # The version init_from was pinned to at submit ("name@N"); null when not fine-tuning.
+            "init_from": f"{base.name}@{base.version}" if base else None,
             "result": job.result,
             "spec": job.spec,
         }

@@ -42,7 +42,9 @@ def train_and_check(client, auth, worker, settings, model: dict, hyperparameters
         assert path.is_file()
         assert storage.sha256_bytes(path.read_bytes()) == ckpt["sha256"]
         assert path.stat().st_size == ckpt["size_bytes"]
-    assert job["model"]["ref"] == f"digits-{model['arch']}@1" or job["model"]["name"] == f"digits-{model['arch']}"
+    # Each test trains as a fresh user, so this is the first version of the name.
+    assert job["model"]["ref"] == f"digits-{model['arch']}@1"
+    assert (job["model"]["name"], job["model"]["version"]) == (f"digits-{model['arch']}", 1)
     return job
 
 
@@ -111,6 +113,7 @@ def test_fine_tuning_starts_from_the_trained_weights(client, auth, worker, setti
             "init_from": f"{base['model']['name']}@latest"}
     job = wait_for_job(client, auth, client.post("/api/v1/jobs", json=spec, headers=auth).get_json()["id"], worker=worker)
     assert job["state"] == "succeeded", job
+    assert job["init_from"] == f"{base['model']['name']}@1"  # pinned at submit
     # One slow epoch keeps the accuracy the base reached; from random weights it would be far lower.
     assert job["latest_metrics"]["val_accuracy"] >= base["latest_metrics"]["val_accuracy"] - 0.01
     bad = client.post("/api/v1/jobs", json={**spec, "model": {"arch": "lstm"}}, headers=auth)

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import time
+from datetime import datetime
 
 import pytest
 import torch
@@ -221,9 +222,21 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_uses_the_one_before(cluste
     assert skipped and "sha256" in skipped[0].message
 
 
-def test_a_job_past_max_runtime_fails_as_timeout_with_a_checkpoint(cluster):
-    job_id = cluster.submit({**slow("too-slow", epochs=50), "max_runtime_s": 3})
-    job = cluster.wait(job_id, timeout=60)
+def test_an_attempt_past_max_attempt_runtime_fails_as_timeout_and_a_retry_gets_a_fresh_budget(cluster):
+    job_id = cluster.submit({**slow("too-slow", epochs=200), "max_attempt_runtime_s": 6})
+    job = cluster.wait(job_id, timeout=90)
     assert job["state"] == "failed" and job["error"]["class"] == "timeout"
-    assert "max_runtime_s" in job["error"]["message"] and job["attempts"] == 1
-    assert any(c["reason"] == "timeout" for c in job["checkpoints"])
+    assert "max_attempt_runtime_s" in job["error"]["message"] and job["attempts"] == 1
+    first = [c for c in job["checkpoints"] if c["reason"] == "timeout"]
+    assert first and first[0]["attempt"] == 1
+    # "Retry to continue": the bound is per attempt, so the retry runs its own full budget from
+    # the checkpoint (a bound counted from the first start would stop it at once), then times out.
+    assert cluster.client.post(f"/api/v1/jobs/{job_id}/retry", headers=cluster.auth).status_code == 202
+    job = cluster.wait(job_id, timeout=90, until=lambda j: j["attempts"] == 2)
+    assert job["state"] == "failed" and job["error"]["class"] == "timeout" and job["attempts"] == 2
+    assert any(c["reason"] == "timeout" and c["attempt"] == 2 for c in job["checkpoints"])
+    history = job["attempt_history"]
+    assert [(a["number"], a["outcome"]) for a in history] == [(1, "timeout"), (2, "timeout")]
+    second = history[1]
+    ran = datetime.fromisoformat(second["ended_at"]) - datetime.fromisoformat(second["started_at"])
+    assert ran.total_seconds() >= 6 - 0.5  # a lower bound only: a loaded machine makes it longer

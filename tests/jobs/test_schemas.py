@@ -58,3 +58,24 @@ def test_non_object_body_is_refused():
 def test_predict_spec_accepts_flat_nested_and_text_rows():
     spec = parse_spec({"kind": "predict", "model": "digits@latest", "inputs": [[1, 2], [[1], [2]], "some text"]})
     assert isinstance(spec, PredictSpec) and len(spec.inputs) == 3
+
+
+@pytest.mark.parametrize("kind_fields", [
+    {"kind": "train", "name": "a", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"}},
+    {"kind": "predict", "model": "a@latest", "inputs": [[1.0]]},
+])
+def test_max_runtime_s_is_read_as_the_per_attempt_bound_and_stored_under_its_new_name(kind_fields):
+    spec = parse_spec({**kind_fields, "max_runtime_s": 42})
+    assert spec.max_attempt_runtime_s == 42
+    stored = spec.model_dump(mode="json")
+    assert stored["max_attempt_runtime_s"] == 42 and "max_runtime_s" not in stored
+    assert parse_spec(stored) == spec
+    assert parse_spec({**kind_fields, "max_attempt_runtime_s": 42}) == spec
+
+
+def test_giving_both_runtime_names_is_an_error_naming_the_old_one():
+    payload = {"kind": "train", "name": "a", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
+               "max_runtime_s": 5, "max_attempt_runtime_s": 6}
+    with pytest.raises(SpecError) as caught:
+        parse_spec(payload)
+    assert caught.value.errors[0]["field"] == "max_runtime_s" and "max_attempt_runtime_s" in str(caught.value)

@@ -40,6 +40,13 @@ def test_submit_records_a_queued_job_and_answers_201(client, auth, settings):
         ({**MLP, "resources": {"gpus": 4}}, "resources.gpus"),
         ({"kind": "predict", "model": "999999", "inputs": [[0.0] * 64]}, "model"),
         ({"kind": "predict", "model": "no-such-model@latest", "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "\u00b2", "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "m@\u00b2", "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "9" * 30, "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "m@" + "9" * 30, "inputs": [[0.0] * 64]}, "model"),
+        ({"kind": "predict", "model": "someone@example.com/m@latest", "inputs": [[0.0] * 64]}, "model"),
+        ({**MLP, "init_from": "\u0663"}, "init_from"),
+        ({**MLP, "init_from": "m@" + "9" * 30}, "init_from"),
     ],
 )
 def test_bad_specs_answer_422_problem_json_and_create_nothing(client, auth, settings, payload, field):
@@ -68,23 +75,37 @@ def test_missing_or_wrong_token_answers_401(client, headers):
     assert client.post("/api/v1/jobs", json=MLP, headers=headers).status_code == 401
 
 
-def test_another_users_job_is_404_on_every_endpoint(client, make_user):
+def _job_routes(app) -> list[tuple[str, str]]:
+    """Every API route that takes a job id, read from the app so a new sub-route is covered too."""
+    routes = []
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith("/api/v1/") and "job_id" in rule.arguments:
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+                routes.append((method.lower(), rule.rule.replace("<int:job_id>", "{}")))
+    return routes
+
+
+def test_another_users_job_is_404_on_every_endpoint(app, client, make_user):
     _, alice = make_user()
     _, bob = make_user()
     a = {"Authorization": f"Bearer {alice}"}
     b = {"Authorization": f"Bearer {bob}"}
     job_id = client.post("/api/v1/jobs", json=MLP, headers=a).get_json()["id"]
     missing = job_id + 10_000
-    for method, path in [
-        ("get", "/api/v1/jobs/{}"), ("get", "/api/v1/jobs/{}/metrics"), ("get", "/api/v1/jobs/{}/events"),
-        ("post", "/api/v1/jobs/{}/cancel"), ("post", "/api/v1/jobs/{}/retry"),
-    ]:
+    routes = _job_routes(app)
+    assert {path.rsplit("/", 1)[-1] for _, path in routes} >= {"{}", "metrics", "events", "cancel", "retry", "pause",
+                                                               "resume"}
+    for method, path in routes:
         theirs = getattr(client, method)(path.format(job_id), headers=b)
         absent = getattr(client, method)(path.format(missing), headers=b)
         assert theirs.status_code == absent.status_code == 404, path
+        assert theirs.mimetype == absent.mimetype == "application/problem+json", path
         assert theirs.get_json()["detail"].replace(str(job_id), "N") == absent.get_json()["detail"].replace(str(missing), "N")
     assert job_id not in [j["id"] for j in client.get("/api/v1/jobs", headers=b).get_json()["items"]]
-    assert client.get(f"/api/v1/jobs/{job_id}", headers=a).status_code == 200
+    mine = client.get(f"/api/v1/jobs/{job_id}", headers=a)
+    # Nothing bob sent reached the job: not paused, not cancelled.
+    assert mine.status_code == 200 and mine.get_json()["state"] == "queued"
+    assert mine.get_json()["cancel_requested_at"] is None and mine.get_json()["pause_requested_at"] is None
 
 
 def test_admin_sees_every_job(client, make_user):

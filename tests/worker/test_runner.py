@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from app import storage
@@ -166,3 +168,52 @@ def test_a_truncated_model_checkpoint_fails_as_user_error_without_retries(settin
         job = s.get(Job, job_id)
         assert job.state == "failed" and job.error_class == "user_error" and job.attempts == 1
         assert f"model {ref} cannot be loaded" in job.error_message and "does not parse" in job.error_message
+
+
+def test_init_from_latest_is_pinned_at_submit_not_when_the_job_runs(settings):
+    from app.web.serializers import job_detail
+
+    base_spec = {**SPEC, "name": "pin-base", "hyperparameters": {"epochs": 1}}
+    with session_scope(settings.database_url) as s:
+        user, _ = create_user(session=s, email=f"pinned-{uuid.uuid4().hex[:8]}@example.com")
+        first = service.submit(session=s, owner=user, spec=parse_spec(base_spec), settings=settings).id
+    assert runner.run(first, 0, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        user = s.get(User, s.get(Job, first).owner_id)
+        tune = service.submit(session=s, owner=user, settings=settings, spec=parse_spec(
+            {**SPEC, "name": "pin-tuned", "hyperparameters": {"epochs": 1}, "init_from": "pin-base@latest"}))
+        tune_id = tune.id
+        assert job_detail(s, tune)["init_from"] == "pin-base@1"
+        # A newer version of the name arrives before the fine-tune runs.
+        second = service.submit(session=s, owner=user, spec=parse_spec({**base_spec, "hyperparameters": {
+            "epochs": 1, "seed": 7}}), settings=settings).id
+    assert runner.run(second, 0, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        newer = s.query(ModelVersion).filter_by(job_id=second).one()
+        assert (newer.name, newer.version) == ("pin-base", 2)
+        # Spoil version 2's file: loading it would fail the job, so success shows version 1 was read.
+        ckpt = s.get(Checkpoint, newer.checkpoint_id)
+        storage.resolve(settings.storage_root, ckpt.path).write_bytes(b"not these weights")
+    assert runner.run(tune_id, 0, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, tune_id)
+        assert job.state == "succeeded" and job_detail(s, job)["init_from"] == "pin-base@1"
+
+
+def test_a_fine_tune_whose_pinned_version_was_deleted_fails_as_user_error(settings):
+    base_spec = {**SPEC, "name": "gone-base", "hyperparameters": {"epochs": 1}}
+    with session_scope(settings.database_url) as s:
+        user, _ = create_user(session=s, email=f"gone-{uuid.uuid4().hex[:8]}@example.com")
+        base = service.submit(session=s, owner=user, spec=parse_spec(base_spec), settings=settings).id
+    assert runner.run(base, 0, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        user = s.get(User, s.get(Job, base).owner_id)
+        tune_id = service.submit(session=s, owner=user, settings=settings, spec=parse_spec(
+            {**SPEC, "name": "gone-tuned", "hyperparameters": {"epochs": 1}, "init_from": "gone-base@latest"})).id
+    with session_scope(settings.database_url) as s:
+        s.delete(s.query(ModelVersion).filter_by(job_id=base).one())
+    assert runner.run(tune_id, 0, worker="inline", settings=settings) == "failed"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, tune_id)
+        assert job.error_class == "user_error" and job.attempts == 1
+        assert "'gone-base@latest'" in job.error_message and "no longer exists" in job.error_message
