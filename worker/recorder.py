@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import secrets
 import threading
 import time
 
@@ -116,7 +117,10 @@ class Recorder:
                       metric_value: float | None, is_best: bool, reason: str) -> None:
         """Write the file atomically, then its row (fenced); apply retention, file first."""
         root = self.settings.storage_root
-        relative = f"jobs/{self.job_id}/checkpoints/a{self.token}-e{epoch:05d}-s{step:09d}.safetensors"
+        # A stop checkpoint can land on the position of the periodic one just written: each gets
+        # its own file, so retention deleting one row's file never takes another row's with it.
+        relative = (f"jobs/{self.job_id}/checkpoints/"
+                    f"a{self.token}-e{epoch:05d}-s{step:09d}-{reason}-{secrets.token_hex(4)}.safetensors")
         size, digest = storage.write_atomic(root, relative, data)
         try:
             with session_scope(self.settings.database_url) as session:

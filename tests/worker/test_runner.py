@@ -217,3 +217,29 @@ def test_a_fine_tune_whose_pinned_version_was_deleted_fails_as_user_error(settin
         job = s.get(Job, tune_id)
         assert job.error_class == "user_error" and job.attempts == 1
         assert "'gone-base@latest'" in job.error_message and "no longer exists" in job.error_message
+
+
+def test_a_stop_right_after_a_periodic_checkpoint_keeps_both_files_and_resumes_from_it(
+        settings, submitted, monkeypatch):
+    # The stop checkpoint lands on the same epoch and step as the periodic one just written; each
+    # must have its own file, or retention deleting the older row would delete the newer's file.
+    job_id = submitted({**SPEC, "name": "stop-at-boundary", "checkpoint": {"every_epochs": 1, "keep_last": 1}})
+    original = runner.Recorder.on_checkpoint
+
+    def stop_after_epoch_2(self, epoch, step, data, **kwargs):
+        original(self, epoch, step, data, **kwargs)
+        if self.token == 1 and epoch == 2:
+            self.request_stop("shutdown")
+
+    monkeypatch.setattr(runner.Recorder, "on_checkpoint", stop_after_epoch_2)
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "queued"
+    with session_scope(settings.database_url) as s:
+        rows = s.query(Checkpoint).filter_by(job_id=job_id).all()
+        assert rows and len({r.path for r in rows}) == len(rows)
+        for r in rows:
+            assert storage.read_verified(settings.storage_root, r.path, r.sha256)
+    assert runner.run(job_id, 1, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.resumed_from_epoch == 2 and job.result["epochs_completed"] == 5
+        assert s.query(JobEvent).filter_by(job_id=job_id, kind="checkpoint_skipped").count() == 0
