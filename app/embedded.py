@@ -65,7 +65,7 @@ def admin_token(settings: Settings, var_dir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     with session_scope(settings.database_url) as session:
-        _, token = create_user(session=session, email="admin@localhost", is_admin=True)
+        _, token = create_user(session=session, email="admin@localhost", role="admin")
     path.write_text(token + "\n")
     path.chmod(0o600)
     return token

@@ -26,6 +26,7 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["kiln"] = settings
     register_logging(settings)
     register_sessions(app)
+    register_sign_in(app)
     register_errors(app)
     register_blueprints(app)
     return app
@@ -43,6 +44,13 @@ def register_sessions(app: Flask) -> None:
     from app.web.context import close_session
 
     app.teardown_appcontext(close_session)
+
+
+def register_sign_in(app: Flask) -> None:
+    """Browser sessions (Flask-Login), CSRF on every form, cookie flags."""
+    from app.web.login import register
+
+    register(app)
 
 
 def register_errors(app: Flask) -> None:
