@@ -61,13 +61,15 @@ def register_errors(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    """The JSON API, its OpenAPI document, health and Prometheus metrics."""
+    """The JSON API, its OpenAPI document, health, Prometheus metrics and the pages."""
     from app.web.api import api
     from app.web.health import health
     from app.web.metrics import metrics
     from app.web.openapi import openapi
+    from app.web.pages import pages
 
     app.register_blueprint(health)
     app.register_blueprint(metrics)
     app.register_blueprint(openapi)
     app.register_blueprint(api, url_prefix="/api/v1")
+    app.register_blueprint(pages)

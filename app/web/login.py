@@ -61,13 +61,13 @@ def _unauthorized():
 def register(app: Flask) -> None:
     """Sessions (cookie flags, optional ProxyFix), CSRF on every form but the bearer-token API, Flask-Login."""
     production = os.environ.get("KILN_ENV", "").lower() == "production"
-    app.config.setdefault("SESSION_COOKIE_HTTPONLY", True)
-    app.config.setdefault("SESSION_COOKIE_SAMESITE", "Lax")
-    app.config.setdefault("SESSION_COOKIE_SECURE",
-                          production or os.environ.get("KILN_SESSION_COOKIE_SECURE", "") in ("1", "true"))
-    app.config.setdefault("SESSION_COOKIE_NAME", "kiln_session")
-    # The token is bound to the session; an hour's limit would break a job page left open over lunch.
-    app.config.setdefault("WTF_CSRF_TIME_LIMIT", None)
+    # Flask already has defaults for these keys, so they are set here, not with setdefault.
+    app.config.update(
+        SESSION_COOKIE_NAME="kiln_session", SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=production or os.environ.get("KILN_SESSION_COOKIE_SECURE", "") in ("1", "true"),
+        # The token is bound to the session; an hour's limit would break a job page left open over lunch.
+        WTF_CSRF_TIME_LIMIT=None,
+    )
     if hops := int(os.environ.get("KILN_PROXY_FIX", "0") or 0):
         from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -152,12 +152,12 @@ def sign_in_throttled(email: str) -> bool:
 
 
 def record_failed_sign_in(email: str) -> None:
-    """Count a failed sign-in; the window starts at the first failure."""
+    """Count a failed sign-in for this address and email."""
     key = _failure_key(email)
     try:
         pipe = _redis(settings().redis_url).pipeline()
+        pipe.set(key, 0, ex=LOGIN_FAILURE_WINDOW_SECONDS, nx=True)  # the window starts at the first failure
         pipe.incr(key)
-        pipe.expire(key, LOGIN_FAILURE_WINDOW_SECONDS, nx=True)
         pipe.execute()
     except redis_lib.RedisError:
         log.warning("event=login_throttle_unavailable")
