@@ -1,14 +1,18 @@
-"""Users and API tokens: creation and bearer-token authentication (tokens are stored hashed)."""
+"""Users, roles, passwords and API tokens: creation, password and bearer-token authentication.
+
+Tokens are stored as sha256 (they are random); passwords as scrypt hashes (they are not).
+``can_write`` is the one role rule both the API and the pages enforce.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
+from werkzeug.security import check_password_hash, generate_password_hash
 
 from app.jobs.errors import Conflict
 from app.models import ApiToken, User, utcnow
@@ -18,23 +22,75 @@ TOKEN_PREFIX = "kiln_"
 # write (a module constant until settings grow a knob for it).
 TOKEN_USE_RESOLUTION = timedelta(minutes=5)
 
+ROLES = ("admin", "user", "viewer")
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024  # scrypt on a megabyte "password" is a cheap way to burn a CPU
+PASSWORD_METHOD = "scrypt"
+# Checked when the email is unknown, so a miss costs as much as a wrong password (no user enumeration by timing).
+_DUMMY_HASH = generate_password_hash("kiln-no-such-user", method=PASSWORD_METHOD)
+
 
 def hash_token(token: str) -> str:
     """The stored form of a token: tokens are 256-bit random, so one sha256 round is enough."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_user(*, session: Session, email: str, is_admin: bool = False) -> tuple[User, str]:
-    """Create a user and a first API token; returns the user and the token's plain text."""
+def create_user(
+    *, session: Session, email: str, role: str | None = None, password: str | None = None, is_admin: bool = False,
+) -> tuple[User, str]:
+    """Create a user and a first API token; returns the user and the token's plain text.
+
+    ``role`` is admin, user or viewer (``is_admin=True`` is the older spelling of ``role="admin"``);
+    without ``password`` the user can use API tokens but cannot sign in to the web pages.
+    """
+    role = role or ("admin" if is_admin else "user")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     email = email.strip().lower()
     if "@" not in email or len(email) > 320:
         raise ValueError(f"not an email address: {email!r}")
     if session.execute(select(User.id).where(User.email == email)).first():
         raise Conflict(f"a user with email {email} already exists")
-    user = User(email=email, is_admin=is_admin)
+    user = User(email=email, role=role, active=True)
+    if password is not None:
+        set_password(user, password)
     session.add(user)
     session.flush()
     return user, issue_token(session=session, user=user)
+
+
+def set_password(user: User, password: str) -> None:
+    """Store a scrypt hash of ``password`` on ``user`` (ValueError when too short or too long)."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"a password needs at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise ValueError(f"a password may have at most {MAX_PASSWORD_LENGTH} characters")
+    user.password_hash = generate_password_hash(password, method=PASSWORD_METHOD)
+
+
+def authenticate_password(*, session: Session, email: str, password: str) -> User | None:
+    """The active user with this email and password, or None (unknown email, wrong password, disabled)."""
+    email = (email or "").strip().lower()
+    user = None
+    if email and len(email) <= 320:
+        user = session.execute(select(User).where(User.email == email)).scalar_one_or_none()
+    password = (password or "")[:MAX_PASSWORD_LENGTH]
+    stored = user.password_hash if user is not None and user.password_hash else _DUMMY_HASH
+    ok = check_password_hash(stored, password)  # always hash: a miss takes as long as a hit
+    if user is None or not user.password_hash or not ok or not user.active:
+        return None
+    return user
+
+
+def get_active_user(*, session: Session, user_id: int) -> User | None:
+    """The user with this id if still active (a signed-in session of a disabled user ends)."""
+    user = session.get(User, user_id)
+    return user if user is not None and user.active else None
+
+
+def can_write(user: User) -> bool:
+    """Whether ``user`` may change anything (submit, cancel, retry, pause, resume, upload): not a viewer."""
+    return user.active and user.role in ("admin", "user")
 
 
 def issue_token(*, session: Session, user: User, name: str = "default") -> str:
@@ -46,7 +102,7 @@ def issue_token(*, session: Session, user: User, name: str = "default") -> str:
 
 
 def authenticate(*, session: Session, token: str) -> tuple[User, bool] | None:
-    """The user owning an unrevoked ``token`` and whether its use was recorded (a pending UPDATE
+    """The active user owning an unrevoked ``token`` and whether its use was recorded (a pending UPDATE
     the caller commits), or None. Use is recorded at most once per ``TOKEN_USE_RESOLUTION``, so
     a poll normally writes nothing."""
     if not token or len(token) > 200:
@@ -54,7 +110,7 @@ def authenticate(*, session: Session, token: str) -> tuple[User, bool] | None:
     row = session.execute(
         select(ApiToken.id, ApiToken.last_used_at, User)
         .join(User, User.id == ApiToken.user_id)
-        .where(ApiToken.token_sha256 == hash_token(token), ApiToken.revoked_at.is_(None))
+        .where(ApiToken.token_sha256 == hash_token(token), ApiToken.revoked_at.is_(None), User.active.is_(True))
     ).one_or_none()
     if row is None:
         return None

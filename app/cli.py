@@ -113,21 +113,55 @@ def users() -> None:
 
 @users.command("create")
 @click.argument("email")
-@click.option("--admin", is_flag=True, help="Give the user access to everything.")
-def users_create(email: str, admin: bool) -> None:
+@click.option("--admin", is_flag=True, help="Give the user access to everything (same as --role admin).")
+@click.option("--role", type=click.Choice(["admin", "user", "viewer"]), default=None,
+              help="admin: everything; user: own jobs (default); viewer: read-only.")
+@click.option("--password-stdin", is_flag=True, help="Read a web sign-in password from standard input.")
+@click.option("--password/--no-password", "ask_password", default=None,
+              help="Prompt for a web sign-in password (default: prompt when interactive).")
+def users_create(email: str, admin: bool, role: str | None, password_stdin: bool, ask_password: bool | None) -> None:
     """Create a user; the new API token is the last line of the output."""
     from app.accounts import create_user
     from app.db import session_scope
     from app.jobs.errors import Conflict
 
+    if admin and role not in (None, "admin"):
+        raise click.UsageError("--admin and --role disagree")
+    role = role or ("admin" if admin else "user")
+    password = None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif ask_password or (ask_password is None and sys.stdin.isatty()):
+        password = click.prompt("Web sign-in password", hide_input=True, confirmation_prompt=True)
     try:
         with session_scope(_settings().database_url) as session:
-            user, token = create_user(session=session, email=email, is_admin=admin)
-            role = "admin" if user.is_admin else "user"
+            user, token = create_user(session=session, email=email, role=role, password=password)
+            role = user.role
     except (Conflict, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"created {role} {email}; API token (shown once):")
+    sign_in = "can sign in to the web" if password else "API tokens only (no web password)"
+    click.echo(f"created {role} {email} ({sign_in}); API token (shown once):")
     click.echo(token)
+
+
+@users.command("set-password")
+@click.argument("email")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def users_set_password(email: str, password_stdin: bool) -> None:
+    """Set (or replace) a user's web sign-in password."""
+    from app.accounts import set_password
+    from app.db import session_scope
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("New web sign-in password", hide_input=True, confirmation_prompt=True)
+    try:
+        with session_scope(_settings().database_url) as session:
+            set_password(_find_user(session, email), password)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"password set for {email}")
 
 
 @users.command("token")

@@ -67,7 +67,7 @@ def admin_token(settings: Settings, var_dir: Path) -> str:
         path.chmod(0o600)  # a file left by an older Kiln may be wider
         return path.read_text().strip()
     with session_scope(settings.database_url) as session:
-        _, token = create_user(session=session, email="admin@localhost", is_admin=True)
+        _, token = create_user(session=session, email="admin@localhost", role="admin")
     # O_EXCL + 0o600: the token is never readable by others, not even between create and chmod.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -373,3 +373,12 @@ def count_by_state(*, session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
     return {state: n for state, n in rows}
 
+
+
+def list_events(*, session: Session, user: User, job_id: int) -> list[JobEvent]:
+    """The job's events in order; tracebacks only for admins (they may name paths and hosts)."""
+    get_job(session=session, user=user, job_id=job_id)
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+    if not user.is_admin:
+        stmt = stmt.where(JobEvent.kind != "traceback")
+    return list(session.execute(stmt).scalars())

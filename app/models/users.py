@@ -1,10 +1,11 @@
-"""Users and their API tokens (only a token's sha256 is stored)."""
+"""Users (role, password hash, active flag) and their API tokens (only a token's sha256 is stored)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 from sqlalchemy import Boolean, ForeignKey, String
+from sqlalchemy import true as sa_true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, UTCDateTime, utcnow
@@ -17,10 +18,19 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # admin sees and controls everything; user owns their own work; viewer only reads their own.
+    role: Mapped[str] = mapped_column(String(16), default="user", server_default="user")
+    # None: the user signs in with API tokens only (no web password set).
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=sa_true())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user")
+
+    @property
+    def is_admin(self) -> bool:
+        """True for the ``admin`` role (kept for the services that scope queries by owner)."""
+        return self.role == "admin"
 
 
 class ApiToken(Base):

@@ -49,6 +49,7 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["kiln"] = settings
     register_logging(settings)
     register_sessions(app)
+    register_sign_in(app)
     register_errors(app)
     register_blueprints(app)
     return app
@@ -68,6 +69,13 @@ def register_sessions(app: Flask) -> None:
     app.teardown_appcontext(close_session)
 
 
+def register_sign_in(app: Flask) -> None:
+    """Browser sessions (Flask-Login), CSRF on every form, cookie flags."""
+    from app.web.login import register
+
+    register(app)
+
+
 def register_errors(app: Flask) -> None:
     """problem+json for the API, plain pages elsewhere."""
     from app.web.problems import register
@@ -76,13 +84,15 @@ def register_errors(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    """The JSON API, its OpenAPI document, health and Prometheus metrics."""
+    """The JSON API, its OpenAPI document, health, Prometheus metrics and the pages."""
     from app.web.api import api
     from app.web.health import health
     from app.web.metrics import metrics
     from app.web.openapi import openapi
+    from app.web.pages import pages
 
     app.register_blueprint(health)
     app.register_blueprint(metrics)
     app.register_blueprint(openapi)
     app.register_blueprint(api, url_prefix="/api/v1")
+    app.register_blueprint(pages)

@@ -15,12 +15,14 @@ from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES
 from app.models import JobEvent, Metric, ModelVersion, utcnow
 from app.web import serializers
-from app.web.auth import current_user, load_user
+from app.web.auth import current_user
 from app.web.context import db, settings
+from app.web.login import api_user, api_write_guard
 from app.web.problems import problem
 
 api = Blueprint("api", __name__)
-api.before_request(load_user)
+api.before_request(api_user)  # bearer token; a signed-in browser session for reads only
+api.before_request(api_write_guard)  # viewers and disabled users: 403 on every write, in one place
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 200

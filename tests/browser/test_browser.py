@@ -1,0 +1,108 @@
+"""One person's steps in a real headless chromium against a real ``kiln web`` and a real ``kiln worker``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from app.accounts import create_user
+from app.db import session_scope
+from app.embedded import free_port
+from tests.conftest import ROOT, settings_env
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+PASSWORD = "browser test password"
+EPOCHS = 3
+SPEC = {"kind": "train", "name": "browser-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
+        "hyperparameters": {"epochs": EPOCHS}}
+
+
+@pytest.fixture
+def web(settings, tmp_path):
+    """A real ``kiln web`` (gunicorn) subprocess; yields its base URL."""
+    port = free_port()
+    log = open(tmp_path / "web.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "web", "--port", str(port), "--workers", "1"],
+                            cwd=ROOT, env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=5)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((tmp_path / "web.log").read_text(errors="replace")) from None
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, start_worker, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    email = f"browser-{uuid.uuid4().hex[:8]}@example.com"
+    with session_scope(settings.database_url) as s:
+        _, token = create_user(session=s, email=email, role="user", password=PASSWORD)
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.set_default_timeout(30_000)
+
+            # Sign in: the jobs list asks for it first, then comes back.
+            page.goto(web + "/jobs")
+            expect(page).to_have_url(f"{web}/login?next=/jobs")
+            page.get_by_label("Email").fill(email)
+            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+            expect(page).to_have_url(web + "/jobs")
+            expect(page.get_by_text("No jobs")).to_be_visible()
+
+            # Submit a small training job through the API; no worker is running yet, so it waits queued.
+            request = urllib.request.Request(
+                web + "/api/v1/jobs", data=json.dumps(SPEC).encode(), method="POST",
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            )
+            job_id = json.load(urllib.request.urlopen(request, timeout=30))["id"]
+            page.reload()
+            badge = page.locator(f"#job-{job_id} .badge")
+            expect(badge).to_have_text("queued")
+            page.evaluate("window.__noReload = true")
+            page.screenshot(path=str(tmp_path / "jobs-queued.png"), full_page=True)
+
+            # A worker starts; the row's badge moves to succeeded by htmx polling alone.
+            start_worker()
+            expect(badge).to_have_text("succeeded", timeout=240_000)
+            assert page.evaluate("window.__noReload === true"), "the page was reloaded"
+            assert page.locator(f"#job-{job_id}").get_attribute("hx-trigger") is None  # polling stopped
+            page.screenshot(path=str(tmp_path / "jobs-succeeded.png"), full_page=True)
+
+            # The job's page draws its loss curve: one point per finished epoch.
+            page.get_by_role("link", name=f"#{job_id} browser-mlp").click()
+            expect(page).to_have_url(f"{web}/jobs/{job_id}")
+            expect(page.locator("#job-status .badge")).to_have_text("succeeded")
+            expect(page.locator("#loss-chart canvas")).to_have_count(1)
+            expect(page.locator("#loss-chart")).to_have_attribute("data-points", str(EPOCHS))
+            expect(page.get_by_role("heading", name="Checkpoints")).to_be_visible()
+            page.screenshot(path=str(tmp_path / "job.png"), full_page=True)
+        finally:
+            browser.close()
