@@ -21,8 +21,9 @@ class OrjsonProvider(DefaultJSONProvider):
     _options = orjson.OPT_NON_STR_KEYS
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
-        """Serialise ``obj`` to a JSON string."""
-        return orjson.dumps(obj, default=DefaultJSONProvider.default, option=self._options).decode()
+        """Serialise ``obj`` to a JSON string (``indent`` gives orjson's two-space indentation, for pages)."""
+        option = self._options | (orjson.OPT_INDENT_2 if kwargs.get("indent") else 0)
+        return orjson.dumps(obj, default=DefaultJSONProvider.default, option=option).decode()
 
     def response(self, *args: Any, **kwargs: Any) -> Response:
         """A JSON response, encoded once, straight to bytes."""
