@@ -132,7 +132,8 @@ def measure(backend: str, jobs: int, metrics: int, requests: int, say=None) -> l
     rows: list[PollRow] = []
     with poll_data.database(backend, jobs, metrics, say=say) as data, \
             tempfile.TemporaryDirectory(prefix="kiln-polls-storage-") as storage:
-        app = create_app({"TESTING": True, "DATABASE_URL": data.url, "STORAGE_ROOT": storage})
+        # WARNING: the app configures logging; request and migration INFO lines would flood the output.
+        app = create_app({"TESTING": True, "DATABASE_URL": data.url, "STORAGE_ROOT": storage, "LOG_LEVEL": "WARNING"})
         client = app.test_client()
         auth = {"Authorization": f"Bearer {data.token}"}
         engine = get_engine(data.url)
@@ -197,6 +198,17 @@ def table_lines(rows: list[PollRow]) -> tuple[list[str], list[list[str]], bool]:
                       f"{p50(r.all_sql):.1f} / {p95(r.all_sql):.1f} ms ({r.statements})", goal,
                       "PASS" if ok else "FAIL"])
     return header, lines, all_ok
+
+
+def figure_lines(rows: list[PollRow]) -> tuple[list[list[str]], bool]:
+    """The rows in :mod:`bench.control_plane`'s table shape (p95 against the SQL's p95), and whether all pass."""
+    lines, all_ok = [], True
+    for r in rows:
+        goal, ok = r.verdict()
+        all_ok &= ok
+        lines.append([r.backend, f"{r.name} p95", f"{p95(r.kiln):.1f} ms", f"{p95(r.all_sql):.1f} ms (SQL)",
+                      f"{p95(r.kiln) - p95(r.all_sql):+.1f} ms", goal, "PASS" if ok else "FAIL"])
+    return lines, all_ok
 
 
 def print_table(rows: list[PollRow], requests: int) -> bool:
