@@ -5,6 +5,8 @@
 For each database it starts a private Redis, Kiln's web (``kiln web``) and a bare Flask app under
 gunicorn with the same flags, real ``kiln worker`` processes and raw Celery workers, all on
 127.0.0.1, and measures three figures for Kiln and its baseline side by side, round after round.
+It then measures the polls (``bench.polls``: GET latency with many jobs and metric rows, through
+the app in-process, next to the bare SQL) on a database of their own, and adds their rows.
 It prints the medians, each ratio against its goal, and exits 1 if a goal is missed. ``--quick``
 runs tiny sizes (seconds per figure) to check that the harness works; its numbers mean little.
 Everything it starts is stopped at the end, and a PostgreSQL database it made is dropped.
@@ -20,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import figures
+from bench import figures, polls
 from bench.bare_web import JOBS
 from bench.stack import GUNICORN_FLAGS, Stack
 
@@ -106,21 +108,23 @@ def _say(backend: str, text: str) -> None:
     print(f"[{time.monotonic() - STARTED:6.1f}s {backend}] {text}", flush=True)
 
 
-def print_table(rows: list[Figure], rounds: int) -> bool:
-    """Print the medians with their verdicts; True if every goal is met."""
+def print_table(rows: list[Figure], rounds: int, poll_rows: list[polls.PollRow] | None = None) -> bool:
+    """Print the medians (and the polls' p95s) with their verdicts; True if every goal is met."""
     header = ["backend", "figure", "Kiln", "baseline", "ratio/delta", "goal", "result"]
-    lines, all_ok = [], True
+    poll_lines, all_ok = polls.figure_lines(poll_rows or [])
+    lines = []
     for f in rows:
         shown, goal, ok = f.verdict()
         all_ok &= ok
         note = f" ({f.failed_requests} failed requests)" if f.failed_requests else ""
         lines.append([f.backend, f.name, f"{statistics.median(f.kiln):.1f} {f.unit}",
                       f"{statistics.median(f.baseline):.1f} {f.unit}", shown, goal, ("PASS" if ok else "FAIL") + note])
+    lines += poll_lines
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
-    print(f"\nmedians of {rounds} round(s); baselines: bare Flask INSERT+LPUSH, raw Celery no-op task")
+    print(f"\nmedians of {rounds} round(s); baselines: bare Flask INSERT+LPUSH, raw Celery no-op task; "
+          "polls: p95 through the app in-process, baseline every statement the poll ran, replayed alone")
     for line in [header, ["-" * w for w in widths], *lines]:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
-    print("polls: not measured here (no bench/polls.py)")
     return all_ok
 
 
@@ -129,10 +133,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    poll_size = polls.SIZES["quick" if args.quick else "full"]
     rows: list[Figure] = []
+    poll_rows: list[polls.PollRow] = []
     for backend in backends:
         rows += measure(backend, args.rounds, size)
-    return 0 if print_table(rows, args.rounds) else 1
+        poll_rows += polls.measure(backend, poll_size["jobs"], poll_size["metrics"], poll_size["requests"],
+                                   say=lambda text, b=backend: _say(b, f"polls: {text}"))
+    if poll_rows:
+        polls.print_table(poll_rows, poll_size["requests"])
+    return 0 if print_table(rows, args.rounds, poll_rows) else 1
 
 
 if __name__ == "__main__":
