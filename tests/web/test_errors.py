@@ -14,6 +14,7 @@ from werkzeug.routing import IntegerConverter
 from app.db import session_scope
 from app.models import MAX_ID, Job
 from app.web.problems import PROBLEM_TYPES
+from tests.web.test_pages import PASSWORD, person, sign_in  # noqa: F401 (person is a fixture)
 
 MLP = {"kind": "train", "name": "errors-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
        "hyperparameters": {"epochs": 1}}
@@ -77,7 +78,8 @@ def build_path(rule, id_value: int) -> str:
 
 
 def test_every_integer_path_parameter_is_bounded_to_the_id_range(app):
-    rules = [r for r in app.url_map.iter_rules() if any(isinstance(c, IntegerConverter) for c in r._converters.values())]
+    rules = [r for r in app.url_map.iter_rules()
+             if any(isinstance(c, IntegerConverter) for c in r._converters.values())]
     names = {r.endpoint for r in rules}
     assert {"api.get_job", "api.cancel_job", "api.pause_job", "api.job_metrics", "api.get_dataset"} <= names
     for rule in rules:
@@ -108,6 +110,16 @@ def test_unicode_digits_in_a_path_are_not_an_id(client, auth):
 
 
 BAD_NUMBERS = ["99999999999999999999", str(2**31), str(2**63), "\u00b2", "\u0663", "1_0", " 7", "-1", "1.5"]
+
+
+def test_pages_answer_404_or_400_for_out_of_range_ids_not_500(client, person):
+    email, _ = person()
+    sign_in(client, email, PASSWORD)
+    for huge in HUGE_IDS:
+        for path in (f"/jobs/{huge}", f"/jobs/{huge}/row", f"/jobs/{huge}/status"):
+            assert client.get(path).status_code == 404, path
+    for raw in ("99999999999999999999", str(2**31), "\u00b2", "\u0663"):
+        assert client.get("/jobs", query_string={"cursor": raw}).status_code == 400, raw
 
 
 @pytest.mark.parametrize("raw", BAD_NUMBERS)
