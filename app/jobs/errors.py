@@ -22,6 +22,10 @@ class SpecError(KilnError):
         return cls([{"field": field, "message": message}])
 
 
+class InvalidParameter(SpecError):
+    """A query parameter that is malformed or out of range (answers 422 naming it)."""
+
+
 class NotFound(KilnError):
     """The resource does not exist or belongs to someone else (both answer 404)."""
 

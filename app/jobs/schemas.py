@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from app.jobs.errors import SpecError
+from app.models.base import MAX_ID
 
 Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
@@ -110,6 +111,15 @@ class DatasetRef(Strict):
     vocab_size: int = Field(default=20000, ge=16, le=1_000_000)
     normalize: bool = True
     split: SplitConfig = SplitConfig()
+
+    @field_validator("id")
+    @classmethod
+    def _upload_id_in_range(cls, value: str) -> str:
+        # An id past the column's range names no dataset; refuse it here rather than in the driver.
+        prefix, _, number = value.partition(":")
+        if prefix == "dataset" and int(number) > MAX_ID:
+            raise ValueError(f"no dataset {value!r} (dataset ids are at most {MAX_ID})")
+        return value
 
 
 # --- training -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from app import catalog, task_rules
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import DatasetRef, PredictSpec, TrainSpec
-from app.models import Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion, User, utcnow
+from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
 
 
@@ -94,16 +94,12 @@ def list_jobs(
     return jobs[:limit], next_cursor
 
 
-# Ids are stored as 32-bit integers on every backend; a larger number can name nothing.
-_MAX_ID = 2**31 - 1
-
-
 def _small_int(text: str) -> int | None:
     """``text`` as an id-sized integer if it is plain ASCII digits, else None ("²" and "٣" are not)."""
     if not (text.isascii() and text.isdecimal()):
         return None
     value = int(text)
-    return value if value <= _MAX_ID else None
+    return value if value <= MAX_ID else None
 
 
 def _model_owner(session: Session, user: User, qualifier: str, field: str) -> User:
@@ -135,7 +131,7 @@ def resolve_model(*, session: Session, user: User, ref: str, field: str = "model
             stmt = stmt.where(ModelVersion.owner_id == user.id)
     else:
         if ref.isdecimal():
-            raise SpecError.at(field, f"{ref!r} is not a training job id (ids are ASCII digits, at most {_MAX_ID})")
+            raise SpecError.at(field, f"{ref!r} is not a training job id (ids are ASCII digits, at most {MAX_ID})")
         # A name holds neither "/" nor "@", but an email owner holds "@" (and may hold "/"):
         # the last "/" ends the owner, then the first "@" starts the version.
         qualifier, slash, rest = ref.rpartition("/")

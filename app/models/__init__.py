@@ -1,6 +1,6 @@
 """SQLAlchemy 2.0 models, one module per concept; importing this package registers them all."""
 
-from app.models.base import Base, utcnow
+from app.models.base import MAX_ID, Base, utcnow
 from app.models.checkpoints import Checkpoint
 from app.models.datasets import Dataset
 from app.models.events import JobEvent
@@ -11,6 +11,7 @@ from app.models.model_versions import ModelVersion
 from app.models.users import ApiToken, User
 
 __all__ = [
+    "MAX_ID",
     "ApiToken",
     "Attempt",
     "Base",

@@ -15,6 +15,10 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+# Every id column is an ``Integer`` (32-bit on PostgreSQL): a larger number can name nothing, and
+# binding one fails in the driver, so requests check ids against this bound before any query.
+MAX_ID = 2**31 - 1
+
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""

@@ -52,6 +52,7 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
     register_sessions(app)
     register_sign_in(app)
     register_errors(app)
+    register_converters(app)
     register_blueprints(app)
     return app
 
@@ -80,6 +81,13 @@ def register_sign_in(app: Flask) -> None:
 def register_errors(app: Flask) -> None:
     """problem+json for the API, plain pages elsewhere."""
     from app.web.problems import register
+
+    register(app)
+
+
+def register_converters(app: Flask) -> None:
+    """Path ids (``<int:...>`` and ``<id:...>``) bounded to the id column's range: a larger one is a 404."""
+    from app.web.problems import register_converters as register
 
     register(app)
 

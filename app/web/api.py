@@ -10,15 +10,14 @@ from sqlalchemy import select
 
 from app import catalog, datasets, queue
 from app.jobs import service
-from app.jobs.errors import SpecError
+from app.jobs.errors import InvalidParameter, SpecError
 from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES
-from app.models import JobEvent, Metric, ModelVersion, utcnow
+from app.models import MAX_ID, JobEvent, Metric, ModelVersion, utcnow
 from app.web import serializers
 from app.web.auth import current_user
 from app.web.context import db, settings
 from app.web.login import api_user, api_write_guard
-from app.web.problems import problem
 
 api = Blueprint("api", __name__)
 api.before_request(api_user)  # bearer token; a signed-in browser session for reads only
@@ -33,16 +32,17 @@ MAX_POINTS = 10_000
 METRIC_SCOPES = ("epoch", "step", "test")
 
 
-def _int_arg(name: str, default: int | None, *, lo: int = 1, hi: int | None = None) -> int | None:
+def _int_arg(name: str, default: int | None, *, lo: int = 1, hi: int = MAX_ID) -> int | None:
+    """Query parameter ``name`` as an integer in ``lo..hi`` (ASCII digits only), else a 422 naming it."""
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SpecError.at(name, f"must be an integer, not {raw!r}") from None
-    if value < lo or (hi is not None and value > hi):
-        raise SpecError.at(name, f"must be between {lo} and {hi}")
+    # int() would take "٣", " 7" and "1_000"; "²" passes isdigit() yet fails int(): accept plain digits.
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidParameter.at(name, f"must be an integer between {lo} and {hi}, not {raw!r}")
+    value = int(raw)
+    if value < lo or value > hi:
+        raise InvalidParameter.at(name, f"must be between {lo} and {hi}")
     return value
 
 
@@ -105,7 +105,7 @@ def list_jobs():
     """The caller's jobs, newest first; ``limit``, ``cursor``, ``state`` and ``kind`` filter."""
     state = request.args.get("state")
     if state and state not in STATES:
-        raise SpecError.at("state", f"must be one of {', '.join(STATES)}")
+        raise InvalidParameter.at("state", f"must be one of {', '.join(STATES)}")
     user = current_user()
     limit, cursor, kind = _int_arg("limit", 50, hi=MAX_PAGE), _int_arg("cursor", None), request.args.get("kind") or None
     jobs, next_cursor = service.list_jobs(
@@ -171,7 +171,7 @@ def job_metrics(job_id: int):
     ``points=N`` answers one downsampled curve per metric instead of the reports."""
     scope = request.args.get("scope") or None
     if scope and scope not in METRIC_SCOPES:
-        raise SpecError.at("scope", f"must be one of {', '.join(METRIC_SCOPES)}")
+        raise InvalidParameter.at("scope", f"must be one of {', '.join(METRIC_SCOPES)}")
     points = _int_arg("points", None, lo=4, hi=MAX_POINTS)
     limit = _int_arg("limit", DOWNSAMPLE_ROWS if points else 1000, hi=DOWNSAMPLE_ROWS if points else MAX_METRICS_PAGE)
     after = _int_arg("after", None, lo=0)
@@ -253,7 +253,3 @@ def get_dataset(dataset_id: int):
     """One uploaded dataset with its schema."""
     return jsonify(serializers.dataset(datasets.get(session=db(), user=current_user(), dataset_id=dataset_id)))
 
-
-@api.errorhandler(405)
-def _method_not_allowed(exc):
-    return problem(405, "Method Not Allowed", str(exc.description))

@@ -36,7 +36,10 @@ def document() -> dict[str, Any]:
                                        {"$ref": "#/components/schemas/PredictSpec"}],
                              "discriminator": {"propertyName": "kind"}}
     components["Problem"] = {"type": "object", "properties": {
-        "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+        "type": {"type": "string", "format": "uri-reference",
+                 "description": "/problems/<kind>: stable per kind of error (docs/api.md, Errors)"},
+        "title": {"type": "string"}, "status": {"type": "integer"},
+        "error_id": {"type": "string", "description": "500 only: the id the server logged the error under"},
         "detail": {"type": "string"}, "errors": {"type": "array", "items": {"type": "object", "properties": {
             "field": {"type": "string"}, "message": {"type": "string"}}}}}}
     job = {"parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "integer"}}]}

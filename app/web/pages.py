@@ -10,6 +10,7 @@ from app.accounts import authenticate_password, can_write
 from app.jobs import service
 from app.jobs.errors import Conflict, NotFound
 from app.jobs.states import STATES, TERMINAL, InvalidTransition
+from app.models import MAX_ID
 from app.web import serializers
 from app.web.context import db, settings
 from app.web.forms import ActionForm, LoginForm
@@ -78,7 +79,8 @@ def _int_arg(name: str) -> int | None:
     raw = request.args.get(name) or ""
     if not raw:
         return None
-    if not raw.isdigit() or int(raw) < 1:
+    # ASCII digits within the id range: "²" passes isdigit() but fails int(), a huge one fails in the driver.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_ID:
         abort(400, f"{name} must be a positive integer")
     return int(raw)
 
