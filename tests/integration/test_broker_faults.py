@@ -42,6 +42,9 @@ def test_redis_restarting_empty_loses_no_job_and_runs_none_twice(cluster):
     deadline = time.monotonic() + 60
     while sum(cluster.job(i)["state"] == "running" for i in ids) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
+    # The precondition, from the database right before the kill: two jobs are running.
+    running = [i for i in ids if cluster.db_job(i).state == "running"]
+    assert len(running) == 2, [(i, cluster.db_job(i).state) for i in ids]
     cluster.redis.kill()
     time.sleep(2)
     cluster.redis.start()
