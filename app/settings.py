@@ -71,15 +71,10 @@ def load(environ: dict[str, str] | None = None) -> Settings:
     return Settings(**values)
 
 
-def _keepalive_options() -> dict[int, int]:
-    import socket
-
-    wanted = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
-    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
-
-
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The one Celery mapping: JSON only, late acks, prefetch 1, train/predict/default queues."""
+    import socket
+
     from app.queue import PREDICT_TASK, TRAIN_TASK  # task names only; no Celery import there
 
     return {
@@ -117,7 +112,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "health_check_interval": 5,
             # Keepalive probes let the kernel notice a dead peer on its own (idle 10 s, then 3 x 5 s).
             "socket_keepalive": True,
-            "socket_keepalive_options": _keepalive_options(),
+            "socket_keepalive_options": {
+                getattr(socket, name): value
+                for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+                if hasattr(socket, name)
+            },
         },
         "broker_heartbeat": 0,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
