@@ -195,6 +195,8 @@ def _describe(exc: ValidationError) -> str:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The one Celery mapping: JSON only, late acks, prefetch 1, train/predict/default queues."""
+    import socket
+
     from app.queue import PREDICT_TASK, TRAIN_TASK  # task names only; no Celery import there
 
     return {
@@ -221,8 +223,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": settings.unacked_restore_seconds,
             "unacked_restore_throttle": 1,
             "socket_connect_timeout": 5,
-            "socket_timeout": 10,
+            # Every command a worker sends (ack, restore sweep, binding refresh) runs inside its
+            # event loop: on a dead connection each waits this long before redis-py reconnects.
+            "socket_timeout": 3,
             "retry_on_timeout": True,
+            # A Redis that vanishes without closing its sockets (host lost, failover, NAT) leaves a
+            # worker's BRPOP waiting forever on a half-open connection. With a health check every
+            # 5 s, kombu drops a BRPOP whose reply is overdue by 1 + 5 s and a pub/sub connection that
+            # misses its pings, and redis-py pings any connection idle that long before reusing it.
+            "health_check_interval": 5,
+            # Keepalive probes let the kernel notice a dead peer on its own (idle 10 s, then 3 x 5 s).
+            "socket_keepalive": True,
+            "socket_keepalive_options": {
+                getattr(socket, name): value
+                for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+                if hasattr(socket, name)
+            },
         },
         "broker_heartbeat": 0,
         "worker_cancel_long_running_tasks_on_connection_loss": False,

@@ -12,6 +12,10 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.orm import Session
 
 from app import storage
 from app.db import session_scope
@@ -59,11 +63,29 @@ class Recorder:
         if self._reason is None:
             self._reason = reason
 
+    @contextmanager
+    def _fenced(self, what: str) -> Iterator[Session]:
+        """One short transaction for one fenced write; a refused write leaves a durable trace."""
+        try:
+            with session_scope(self.settings.database_url) as session:
+                yield session
+        except StaleAttempt as exc:
+            # The refused transaction is rolled back by now: record the refusal in a new one.
+            log.warning("event=write_refused job_id=%s attempt=%s what=%r", self.job_id, self.token, what)
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    attempts.record_refused_write(session=session, job_id=self.job_id, token=self.token,
+                                                  what=what, detail=str(exc))
+            except Exception as err:  # noqa: BLE001 - the refusal itself must still reach the caller
+                log.warning("event=write_refused_not_recorded job_id=%s attempt=%s error=%r",
+                            self.job_id, self.token, err)
+            raise
+
     def _heartbeat(self) -> None:
         interval = max(0.2, min(self.settings.heartbeat_seconds, self.settings.lease_seconds / 3))
         while not self._done.wait(interval):
             try:
-                with session_scope(self.settings.database_url) as session:
+                with self._fenced("lease renewal") as session:
                     job = attempts.renew(
                         session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                         lease_seconds=self.settings.lease_seconds,
@@ -97,7 +119,7 @@ class Recorder:
                 )
         # Other metrics can be undefined (R² of a constant target): stored as null, not as NaN.
         clean = {k: float(v) if math.isfinite(v) else None for k, v in values.items()}
-        with session_scope(self.settings.database_url) as session:
+        with self._fenced(f"{scope} metrics at epoch {epoch}, step {step}") as session:
             attempts.record_metrics(
                 session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                 lease_seconds=self.settings.lease_seconds, scope=scope, epoch=epoch, step=step, values=clean,
@@ -107,7 +129,7 @@ class Recorder:
         """Store progress when it moved by at least half a percent (one small fenced write)."""
         if fraction < 1.0 and fraction - self._progress_written < 0.005:
             return
-        with session_scope(self.settings.database_url) as session:
+        with self._fenced(f"progress {fraction:.3f}") as session:
             job = attempts.renew(session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                                  lease_seconds=self.settings.lease_seconds)
             job.progress = max(0.0, min(1.0, fraction))
@@ -121,9 +143,11 @@ class Recorder:
         # its own file, so retention deleting one row's file never takes another row's with it.
         relative = (f"jobs/{self.job_id}/checkpoints/"
                     f"a{self.token}-e{epoch:05d}-s{step:09d}-{reason}-{secrets.token_hex(4)}.safetensors")
+        # The file is written (and fsynced) before any transaction opens: no database lock is held
+        # across disk I/O, which on SQLite would stall every other writer for as long as it takes.
         size, digest = storage.write_atomic(root, relative, data)
         try:
-            with session_scope(self.settings.database_url) as session:
+            with self._fenced(f"checkpoint at epoch {epoch}, step {step}") as session:
                 row = attempts.add_checkpoint(
                     session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                     lease_seconds=self.settings.lease_seconds, epoch=epoch, step=step, path=relative,
@@ -133,11 +157,20 @@ class Recorder:
                 self.last_checkpoint_id = row.id
                 if is_best:
                     self.best_checkpoint_id = row.id
-                for old in attempts.expired_checkpoints(session=session, job_id=self.job_id, keep_last=self.keep_last):
-                    storage.delete(root, old.path)
-                    session.delete(old)
+                expired = {old.id: old.path for old in
+                           attempts.expired_checkpoints(session=session, job_id=self.job_id, keep_last=self.keep_last)}
         except StaleAttempt:
             storage.delete(root, relative)
             raise
+        if expired:
+            # Retention: files first, with no transaction open, then their rows in a fenced one.
+            for path in expired.values():
+                storage.delete(root, path)
+            with self._fenced("checkpoint retention") as session:
+                attempts.renew(session=session, job_id=self.job_id, token=self.token, owner=self.owner,
+                               lease_seconds=self.settings.lease_seconds)
+                for old in attempts.expired_checkpoints(session=session, job_id=self.job_id, keep_last=self.keep_last):
+                    if old.id in expired:
+                        session.delete(old)
         log.info("event=checkpoint job_id=%s attempt=%s epoch=%s step=%s bytes=%s", self.job_id, self.token, epoch, step, size)
 

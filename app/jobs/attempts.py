@@ -75,6 +75,14 @@ def renew(*, session: Session, job_id: int, token: int, owner: str, lease_second
     return session.get(Job, job_id, populate_existing=True)
 
 
+def record_refused_write(*, session: Session, job_id: int, token: int, what: str, detail: str) -> None:
+    """Leave a durable trace of a fenced write :func:`renew` refused.
+
+    Call it in a fresh transaction: the refused one is rolled back when StaleAttempt propagates.
+    """
+    session.add(JobEvent(job_id=job_id, kind="write_refused", attempt=token, message=f"{what} refused: {detail}"))
+
+
 def mark_start(*, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
                epoch: int, step: int, resumed: bool) -> None:
     """Record where the attempt really starts (its checkpoint), and say so if it resumed."""

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -54,10 +55,104 @@ class RedisServer:
             self.proc.wait()
 
 
+class VanishingRedis:
+    """A TCP relay in front of a :class:`RedisServer` whose :meth:`vanish` acts like the Redis host
+    disappearing from the network: connections open at that moment stay open but fall silent
+    forever (what a client sees when a host dies without closing its sockets), while connections
+    made after :meth:`return_` reach the (restarted) server."""
+
+    def __init__(self, server: RedisServer):
+        self.server = server
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._generation = 0
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._silent: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def vanish(self) -> None:
+        """Kill the server; every open connection becomes a half-open one that never answers."""
+        self._generation += 1
+        self.server.kill()
+
+    def return_(self) -> None:
+        """Start the server again, empty; new connections reach it."""
+        self.server.start()
+        self._generation += 1
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client, self._generation), daemon=True).start()
+
+    def _serve(self, client: socket.socket, generation: int) -> None:
+        upstream = None
+        if generation % 2 == 0:  # the host is there
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.server.port), timeout=5)
+            except OSError:
+                upstream = None
+        if upstream is None:
+            self._swallow(client)
+            return
+        threading.Thread(target=self._pump, args=(upstream, client, generation), daemon=True).start()
+        self._pump(client, upstream, generation)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, generation: int) -> None:
+        src.settimeout(0.2)
+        from_client = src.getpeername()[1] != self.server.port
+        while generation == self._generation:
+            try:
+                data = src.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                data = b""
+            if generation != self._generation:
+                break
+            if not data:  # an ordinary close by either side: pass it on
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        # The host vanished under this connection: the client's writes still "succeed" (read and
+        # dropped) and nothing ever comes back; the upstream side is gone with the server.
+        if from_client:
+            self._swallow(src)
+
+    def _swallow(self, client: socket.socket) -> None:
+        self._silent.append(client)
+        client.settimeout(None)
+        while True:
+            try:
+                if not client.recv(65536):
+                    return
+            except OSError:
+                return
+
+    def close(self) -> None:
+        """Stop accepting connections."""
+        self._listener.close()
+        for s in self._silent:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
 class Cluster:
     """Database, Redis, worker subprocesses and a reaper subprocess, with helpers to inspect jobs."""
 
-    def __init__(self, tmp: Path, **overrides):
+    def __init__(self, tmp: Path, *, vanishing_redis: bool = False, **overrides):
         self.tmp = tmp
         self._pg_name = None
         if BACKEND == "postgresql":
@@ -68,8 +163,10 @@ class Cluster:
         upgrade(database_url)
         self.redis = RedisServer(tmp)
         self.redis.start()
+        # Workers reach Redis through a relay that can make it vanish without closing a socket.
+        self.vanishing = VanishingRedis(self.redis) if vanishing_redis else None
         values = dict(
-            database_url=database_url, redis_url=self.redis.url, storage_root=tmp / "storage",
+            database_url=database_url, redis_url=self.vanishing.url if self.vanishing else self.redis.url, storage_root=tmp / "storage",
             lease_seconds=4.0, heartbeat_seconds=0.5, requeue_after_seconds=4.0, reaper_interval_seconds=0.5,
         )
         values.update(overrides)
@@ -118,6 +215,8 @@ class Cluster:
             self.reaper.kill()
             self.reaper.wait()
         self.redis.kill()
+        if self.vanishing:
+            self.vanishing.close()
         from app.db import _engines
 
         engine = _engines.pop(self.settings.database_url, None)
@@ -150,6 +249,13 @@ class Cluster:
             time.sleep(0.1)
         logs = "\n".join(f"--- {w.name}\n{w.log()[-3000:]}" for w in self.workers)
         raise AssertionError(f"job {job_id} never reached {states}: {body}\n{logs}")
+
+    def db_job(self, job_id: int) -> Job:
+        """The job's row, read from the database now (not through the API)."""
+        with session_scope(self.settings.database_url) as s:
+            job = s.get(Job, job_id)
+            s.expunge(job)
+            return job
 
     def attempts(self, job_id: int) -> list[Attempt]:
         """The job's attempt rows in order."""

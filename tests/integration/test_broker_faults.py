@@ -42,6 +42,9 @@ def test_redis_restarting_empty_loses_no_job_and_runs_none_twice(cluster):
     deadline = time.monotonic() + 60
     while sum(cluster.job(i)["state"] == "running" for i in ids) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
+    # The precondition, from the database right before the kill: two jobs are running.
+    running = [i for i in ids if cluster.db_job(i).state == "running"]
+    assert len(running) == 2, [(i, cluster.db_job(i).state) for i in ids]
     cluster.redis.kill()
     time.sleep(2)
     cluster.redis.start()
@@ -51,3 +54,33 @@ def test_redis_restarting_empty_loses_no_job_and_runs_none_twice(cluster):
         attempts = cluster.attempts(job_id)
         assert len(attempts) == 1, [(a.number, a.outcome) for a in attempts]
         assert_no_overlap(attempts)
+
+
+def test_a_worker_that_ran_a_job_through_a_redis_restart_reconnects_and_takes_new_jobs(tmp_path):
+    # One worker only: if it does not find its way back to the new Redis, nobody runs the new jobs.
+    # Redis "vanishes" (a host lost, a failover): the worker's sockets are never closed, they just
+    # fall silent, as they do when the peer disappears without a FIN.
+    c = Cluster(tmp_path, vanishing_redis=True)
+    try:
+        only = c.start_worker()
+        c.start_reaper()
+        long_job = c.submit({**JOB, "name": "through-the-outage", "hyperparameters": {**JOB["hyperparameters"], "epochs": 10}})
+        c.wait(long_job, states=("running",), until=lambda j: j["epoch"] >= 1, timeout=120)
+        assert c.db_job(long_job).state == "running"  # it really is running when Redis dies
+        c.vanishing.vanish()
+        time.sleep(2)
+        c.vanishing.return_()
+        assert c.db_job(long_job).state == "running"  # and it ran through the outage
+        assert c.wait(long_job, timeout=180)["state"] == "succeeded"
+
+        later = [c.submit({**JOB, "name": f"after-{i}", "hyperparameters": {**JOB["hyperparameters"], "epochs": 1}})
+                 for i in range(4)]
+        # Generous for a loaded 2-core machine; without the health checks it stalls 40 s and more.
+        for job_id in later:
+            assert c.wait(job_id, timeout=120)["state"] == "succeeded"
+        for job_id in [long_job, *later]:
+            assert [a.worker for a in c.attempts(job_id)] == [only.name], job_id
+        # The worker noticed the dead connection and says it reconnected.
+        assert "event=broker_reconnected" in only.log_path.read_text(errors="replace"), only.log()[-3000:]
+    finally:
+        c.close()
