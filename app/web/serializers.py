@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -113,35 +114,42 @@ def downsample(values: Sequence[float], points: int) -> list[int]:
     n = len(values)
     if n <= points:
         return list(range(n))
+    ys = np.asarray(values, dtype=np.float64)
     buckets = max(1, points // 4)
+    bounds = [b * n // buckets for b in range(buckets + 1)]
     kept: list[int] = []
-    for b in range(buckets):
-        lo, hi = b * n // buckets, (b + 1) * n // buckets
+    for lo, hi in zip(bounds, bounds[1:]):
         if lo >= hi:
             continue
-        low = min(range(lo, hi), key=values.__getitem__)
-        high = max(range(lo, hi), key=values.__getitem__)
-        kept.extend(sorted({lo, hi - 1, low, high}))
+        part = ys[lo:hi]  # argmin/argmax keep the first of equal values, as min()/max() would
+        kept.extend(sorted({lo, hi - 1, lo + int(part.argmin()), lo + int(part.argmax())}))
     return kept
 
 
 def metric_series(rows: Iterable[Sequence[Any]], points: int) -> list[dict[str, Any]]:
     """One curve per (scope, metric name), each downsampled to at most ``points`` points of
     ``[id, epoch, step, value]``; reports without a value for a name (or a null one) are gaps."""
-    curves: dict[tuple[str, str], tuple[list[list[Any]], list[float]]] = {}
-    for id_, _attempt, scope, epoch, step, values, _at in rows:
-        for name, value in (values or {}).items():
+    rows = rows if isinstance(rows, list) else list(rows)
+    # Only row positions and values are collected; points are built for the kept indices alone.
+    curves: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+    for position, row in enumerate(rows):
+        values = row[5]
+        if not values:
+            continue
+        scope = row[2]
+        for name, value in values.items():
             if value is None:
                 continue
             curve = curves.get((scope, name))
             if curve is None:
                 curve = curves[scope, name] = ([], [])
-            curve[0].append([id_, epoch, step, value])
+            curve[0].append(position)
             curve[1].append(value)
     series = []
-    for (scope, name), (kept_points, ys) in curves.items():
+    for (scope, name), (positions, ys) in curves.items():
+        kept = [(rows[positions[i]], ys[i]) for i in downsample(ys, points)]
         series.append({"scope": scope, "name": name, "count": len(ys),
-                       "points": [kept_points[i] for i in downsample(ys, points)]})
+                       "points": [[row[0], row[3], row[4], value] for row, value in kept]})
     return series
 
 
