@@ -334,7 +334,9 @@ def _set(payload: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
-def to_payload(fields: list[FormField], values: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
+def to_payload(
+    fields: list[FormField], values: dict[str, Any], kind: str,
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """The JSON spec the API would get from these values, and errors found before the schema (unreadable JSON)."""
     payload: dict[str, Any] = {"kind": kind}
     errors: dict[str, list[str]] = {}
