@@ -364,6 +364,12 @@ def retry(*, session: Session, user: User, job_id: int, settings: Settings) -> J
     return job
 
 
+def list_model_versions(*, session: Session, user: User, limit: int = 500) -> list[ModelVersion]:
+    """The user's own registered model versions (what a prediction may name as ``name@N``), newest first."""
+    stmt = select(ModelVersion).where(ModelVersion.owner_id == user.id)
+    return list(session.execute(stmt.order_by(ModelVersion.id.desc()).limit(limit)).scalars())
+
+
 def count_by_state(*, session: Session) -> dict[str, int]:
     """How many jobs are in each state (for /metrics)."""
     rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()

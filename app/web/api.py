@@ -8,7 +8,7 @@ import logging
 from flask import Blueprint, Response, jsonify, request, url_for
 from sqlalchemy import select
 
-from app import catalog, datasets, queue
+from app import catalog, datasets
 from app.jobs import service
 from app.jobs.errors import InvalidParameter, SpecError
 from app.jobs.schemas import parse_spec
@@ -17,6 +17,7 @@ from app.models import MAX_ID, JobEvent, Metric, ModelVersion, utcnow
 from app.web import serializers
 from app.web.auth import current_user
 from app.web.context import db, settings
+from app.web.publishing import publish
 from app.web.login import api_user, api_write_guard
 
 api = Blueprint("api", __name__)
@@ -73,18 +74,6 @@ def _tagged(payload: dict, etag: str):
     return response
 
 
-def _publish(job, *, mark: bool) -> None:
-    if queue.publish(settings(), job_id=job.id, kind=job.kind, token=job.attempts, priority=job.priority):
-        if mark:
-            service.mark_published(session=db(), job_id=job.id)
-            db().commit()
-    elif not mark:
-        # The job was recorded as published in its own transaction; the broker refused it, so let
-        # the reconciler republish it at its next pass rather than after requeue_after_seconds.
-        service.mark_unpublished(session=db(), job_id=job.id)
-        db().commit()
-
-
 @api.post("/jobs")
 def submit_job():
     """Validate a spec and record the job as queued (one write transaction), then publish its wake-up message."""
@@ -93,7 +82,7 @@ def submit_job():
     job = service.submit(session=session, owner=current_user(), spec=spec, settings=settings(), published_at=utcnow())
     body = serializers.job_detail(session, job)  # read inside the transaction: no second one after the commit
     session.commit()
-    _publish(job, mark=False)
+    publish(job, recorded=True)
     response = jsonify(body)
     response.status_code = 201
     response.headers["Location"] = url_for("api.get_job", job_id=job.id)
@@ -143,7 +132,7 @@ def retry_job(job_id: int):
     """Queue a failed or cancelled job again; it resumes from its newest valid checkpoint."""
     job = service.retry(session=db(), user=current_user(), job_id=job_id, settings=settings())
     db().commit()
-    _publish(job, mark=True)
+    publish(job, recorded=False)
     return jsonify(serializers.job_detail(db(), job)), 202
 
 
@@ -160,7 +149,7 @@ def resume_job(job_id: int):
     """Queue a paused job again; it continues from its checkpoint."""
     job = service.resume(session=db(), user=current_user(), job_id=job_id)
     db().commit()
-    _publish(job, mark=True)
+    publish(job, recorded=False)
     return jsonify(serializers.job_detail(db(), job)), 202
 
 

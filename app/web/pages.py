@@ -1,18 +1,20 @@
-"""The server-rendered pages: sign-in, the jobs list and a job's page (htmx polls their partials)."""
+"""The server-rendered pages: sign-in, the jobs list, a job's page (htmx polls their partials), the submission forms."""
 
 from __future__ import annotations
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import login_required, login_user, logout_user
 
-from app import queue
+from app import catalog, datasets
 from app.accounts import authenticate_password, can_write
 from app.jobs import service
-from app.jobs.errors import Conflict, NotFound
+from app.jobs.errors import Conflict, NotFound, SpecError
+from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES, TERMINAL, InvalidTransition
-from app.models import MAX_ID
-from app.web import serializers
+from app.models import MAX_ID, utcnow
+from app.web import serializers, spec_forms
 from app.web.context import db, settings
+from app.web.publishing import publish
 from app.web.forms import ActionForm, LoginForm
 from app.web.login import (
     WebUser, record_failed_sign_in, safe_next, sign_in_throttled, web_user, writer_required,
@@ -146,10 +148,144 @@ def job_action(job_id: int, action: str):
         session.rollback()
         flash(str(exc), "error")
         return redirect(url_for("pages.job", job_id=job_id))
-    if action in ("retry", "resume") and queue.publish(
-        settings(), job_id=found.id, kind=found.kind, token=found.attempts, priority=found.priority,
-    ):
-        service.mark_published(session=session, job_id=found.id)
-        session.commit()
+    if action in ("retry", "resume"):
+        publish(found, recorded=False)
     flash(f"Job {job_id}: {action} requested.")
     return redirect(url_for("pages.job", job_id=job_id))
+
+
+# --- submission forms ------------------------------------------------------------------------
+
+
+def _choices() -> dict:
+    """What the forms offer from the user's data: built-in datasets, uploads, registered model versions."""
+    session, user = db(), web_user()
+    return {"builtins": list(catalog.BUILTIN_DATASETS.values()),
+            "uploads": datasets.list_owned(session=session, user=user),
+            "versions": service.list_model_versions(session=session, user=user)}
+
+
+def _columns(dataset_id: str, uploads: list) -> tuple[list[str], list[str] | None]:
+    """The chosen dataset's columns, and its numeric ones to pick features from (None: typed by name)."""
+    meta = catalog.builtin(dataset_id)
+    if meta is not None:
+        return list(dict.fromkeys([*meta.columns, *([meta.target] if meta.target else [])])), None
+    for upload in uploads:
+        if f"{catalog.UPLOAD_PREFIX}{upload.id}" == dataset_id:
+            columns = upload.schema.get("columns", [])
+            return [c["name"] for c in columns], [c["name"] for c in columns if c.get("numeric")]
+    return [], None
+
+
+def _render_train(form: spec_forms.FormView, status: int = 200, template: str = "jobs/new.html"):
+    choices = _choices()
+    columns, numeric = _columns(form.values.get("dataset.id") or "", choices["uploads"])
+    return render_template(template, form=form, columns=columns, numeric=numeric, **choices), status
+
+
+def _clone_spec(kind: str) -> dict | None:
+    """The spec of the job named by ``?clone=`` (a job of ``kind`` the user may see), or None."""
+    job_id = _int_arg("clone")
+    if job_id is None:
+        return None
+    found = service.get_job(session=db(), user=web_user(), job_id=job_id)
+    if found.kind != kind:
+        abort(400, f"job {job_id} is a {found.kind} job; clone it from its own form")
+    return found.spec
+
+
+def _submit(form: spec_forms.FormView, payload: dict, local_errors: dict[str, list[str]]):
+    """Validate and submit ``payload`` exactly as the API does; returns the job, or None with ``form``'s errors set."""
+    try:
+        spec = parse_spec(payload)
+    except SpecError as exc:
+        form.errors, form.general = spec_forms.field_errors(form.fields, exc)
+        form.errors.update(local_errors)  # a field the form could not read has only its own error
+        return None
+    if local_errors:
+        form.errors = local_errors
+        return None
+    session = db()
+    try:
+        job = service.submit(session=session, owner=web_user(), spec=spec, settings=settings(), published_at=utcnow())
+        session.commit()
+    except SpecError as exc:
+        session.rollback()
+        form.errors, form.general = spec_forms.field_errors(form.fields, exc)
+        return None
+    publish(job, recorded=True)
+    flash(f"Job #{job.id} submitted.")
+    return job
+
+
+@pages.route("/jobs/new", methods=["GET", "POST"])
+@writer_required
+def new_job():
+    """The training form: fresh, cloned from a job (``?clone=<id>``), or posted back with its errors."""
+    if request.method == "GET":
+        spec = _clone_spec("train")
+        if spec is not None:
+            fields = spec_forms.train_fields((spec.get("model") or {}).get("arch", "mlp"))
+            return _render_train(spec_forms.FormView(fields, spec_forms.from_spec(fields, spec)))
+        fields = spec_forms.train_fields(request.args.get("model.arch", "mlp"))
+        return _render_train(spec_forms.FormView(fields, spec_forms.defaults(fields)))
+    fields = spec_forms.train_fields(request.form.get("model.arch", ""))
+    form = spec_forms.FormView(fields, spec_forms.from_form(fields, request.form))
+    if request.form.get("refresh"):  # "Show fields" without JavaScript: the same form for the new choice
+        return _render_train(form)
+    payload, local_errors = spec_forms.to_payload(fields, form.values, "train")
+    job = _submit(form, payload, local_errors)
+    if job is None:
+        return _render_train(form, 422)
+    return redirect(url_for("pages.job", job_id=job.id))
+
+
+@pages.get("/jobs/new/model-fields")
+@writer_required
+def new_job_model_fields():
+    """The chosen architecture's fieldset (htmx swaps it in when the architecture changes)."""
+    fields = spec_forms.train_fields(request.args.get("model.arch", "mlp"))
+    form = spec_forms.FormView(fields, spec_forms.from_form(fields, request.args, partial=True))
+    return _render_train(form, template="jobs/_model_fields.html")
+
+
+@pages.get("/jobs/new/dataset-fields")
+@writer_required
+def new_job_dataset_fields():
+    """The chosen dataset's column fields (htmx swaps them in when the dataset changes)."""
+    fields = spec_forms.train_fields("mlp")
+    form = spec_forms.FormView(fields, spec_forms.from_form(fields, request.args, partial=True))
+    return _render_train(form, template="jobs/_dataset_columns.html")
+
+
+def _render_predict(form: spec_forms.FormView, status: int = 200):
+    return render_template("jobs/predict.html", form=form, **_choices()), status
+
+
+@pages.route("/jobs/predict", methods=["GET", "POST"])
+@writer_required
+def new_prediction():
+    """The prediction form: a model version and rows (pasted CSV or JSON, or a CSV file)."""
+    fields = spec_forms.predict_fields()
+    if request.method == "GET":
+        spec = _clone_spec("predict")
+        values = spec_forms.from_spec(fields, spec) if spec is not None else spec_forms.defaults(fields)
+        if spec is None and request.args.get("model"):
+            values["model"] = request.args["model"]
+        return _render_predict(spec_forms.FormView(fields, values))
+    form = spec_forms.FormView(fields, spec_forms.from_form(fields, request.form))
+    payload, local_errors = spec_forms.to_payload(fields, form.values, "predict")
+    upload = request.files.get("inputs_file")
+    try:
+        if upload is not None and upload.filename:
+            try:
+                form.values["inputs"] = upload.read().decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError("the file is not UTF-8 text") from None
+        payload["inputs"] = spec_forms.parse_rows(form.values["inputs"])
+    except ValueError as exc:
+        local_errors["inputs"] = [str(exc)]
+    job = _submit(form, payload, local_errors)
+    if job is None:
+        return _render_predict(form, 422)
+    return redirect(url_for("pages.job", job_id=job.id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -104,5 +105,59 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
             expect(page.locator("#loss-chart")).to_have_attribute("data-points", str(EPOCHS))
             expect(page.get_by_role("heading", name="Checkpoints")).to_be_visible()
             page.screenshot(path=str(tmp_path / "job.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_a_person_trains_and_predicts_through_the_forms(web, settings, start_worker, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    email = f"forms-{uuid.uuid4().hex[:8]}@example.com"
+    with session_scope(settings.database_url) as s:
+        _, token = create_user(session=s, email=email, role="user", password=PASSWORD)
+    start_worker()
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(web + "/login")
+            page.get_by_label("Email").fill(email)
+            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+
+            # The training form: a bad epoch count comes back with the API's message next to the field.
+            page.get_by_role("link", name="New training job").click()
+            page.get_by_label("Name", exact=True).fill("form-iris")
+            page.get_by_label("Dataset", exact=True).select_option("builtin:iris")
+            page.get_by_label("Hidden sizes").fill("16")
+            page.get_by_label("Epochs", exact=True).fill("0")
+            page.screenshot(path=str(tmp_path / "new-job.png"), full_page=True)
+            page.get_by_role("button", name="Submit training job").click()
+            expect(page.locator("#f-hyperparameters-epochs-error")).to_contain_text("greater than or equal to 1")
+            expect(page.get_by_label("Name", exact=True)).to_have_value("form-iris")
+            expect(page.get_by_label("Hidden sizes")).to_have_value("16")
+            page.locator("#f-hyperparameters-epochs-field").screenshot(path=str(tmp_path / "new-job-error.png"))
+
+            # Fixed, it lands on the job's page and trains to the end.
+            page.get_by_label("Epochs", exact=True).fill("2")
+            page.get_by_role("button", name="Submit training job").click()
+            expect(page).to_have_url(re.compile(rf"{re.escape(web)}/jobs/\d+$"))
+            expect(page.locator("#job-status .badge")).to_have_text("succeeded", timeout=240_000)
+
+            # A prediction of one pasted row: the results table shows the predicted class.
+            page.get_by_role("link", name="New prediction").click()
+            page.get_by_label("Model version").select_option("form-iris@1")
+            page.get_by_label("Rows", exact=True).fill("sepal length,sepal width,petal length,petal width\n5.1,3.5,1.4,0.2\n")
+            page.screenshot(path=str(tmp_path / "predict.png"), full_page=True)
+            page.get_by_role("button", name="Submit prediction").click()
+            expect(page).to_have_url(re.compile(rf"{re.escape(web)}/jobs/\d+$"))
+            expect(page.locator("#job-status .badge")).to_have_text("succeeded", timeout=120_000)
+            job_id = page.url.rsplit("/", 1)[1]
+            request = urllib.request.Request(f"{web}/api/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"})
+            predicted = json.load(urllib.request.urlopen(request, timeout=30))["result"]["predictions"][0]["class"]
+            expect(page.locator("table.predictions td.predicted-class").first).to_have_text(str(predicted))
+            page.screenshot(path=str(tmp_path / "prediction.png"), full_page=True)
         finally:
             browser.close()
