@@ -28,7 +28,7 @@ class NewUserForm(FlaskForm):
     """An admin creates a user."""
 
     email = StringField("Email", validators=[DataRequired(), Length(max=320)])
-    role = SelectField("Role", choices=[(r, r) for r in ROLES], default="user")
+    role = SelectField("Role", choices=list(ROLES), default="user")
     password = PasswordField("Initial password", validators=[
         DataRequired(), Length(min=MIN_PASSWORD_LENGTH, max=MAX_PASSWORD_LENGTH)])
 
@@ -36,5 +36,5 @@ class NewUserForm(FlaskForm):
 class UserUpdateForm(FlaskForm):
     """An admin sets a user's role and whether the account is enabled."""
 
-    role = SelectField("Role", choices=[(r, r) for r in ROLES])
+    role = SelectField("Role", choices=list(ROLES))
     active = BooleanField("Enabled")
