@@ -144,7 +144,7 @@ MAX_TOKEN_NAME = 100
 
 
 def parse_expiry(text: str | None) -> datetime | None:
-    """An expiry from a form or JSON: ``YYYY-MM-DD`` (valid through that day, UTC) or an ISO datetime; None for blank."""
+    """An expiry from a form or JSON: ``YYYY-MM-DD`` (valid through that day, UTC) or ISO datetime; None if blank."""
     text = (text or "").strip()
     if not text:
         return None
@@ -165,7 +165,9 @@ def list_tokens(*, session: Session, user: User) -> list[ApiToken]:
     ).scalars())
 
 
-def create_token(*, session: Session, user: User, name: str, expires_at: datetime | None = None) -> tuple[ApiToken, str]:
+def create_token(
+    *, session: Session, user: User, name: str, expires_at: datetime | None = None,
+) -> tuple[ApiToken, str]:
     """A new named token for ``user`` (every role: tokens are one's own); returns the row and its plain text."""
     name = (name or "").strip()
     if not name or len(name) > MAX_TOKEN_NAME:

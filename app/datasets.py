@@ -98,7 +98,9 @@ def list_owned(*, session: Session, user: User) -> list[Dataset]:
     ).scalars())
 
 
-def preview(*, session: Session, user: User, dataset_id: int, settings: Settings, limit: int = PREVIEW_ROWS) -> dict[str, Any]:
+def preview(
+    *, session: Session, user: User, dataset_id: int, settings: Settings, limit: int = PREVIEW_ROWS,
+) -> dict[str, Any]:
     """The first ``limit`` rows of a stored dataset as ``{"columns": [...], "rows": [[...]]}`` (JSON-safe).
 
     Only those rows are parsed (``nrows``, one Parquet batch), so a preview of a large upload is cheap.

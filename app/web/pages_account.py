@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta, timezone
-
 from flask import Blueprint, flash, redirect, render_template, url_for
 from flask_login import login_required
 
 from app import accounts
 from app.jobs.errors import SpecError
 from app.web.context import db
-from app.web.forms_accounts import TokenForm
 from app.web.forms import ActionForm
+from app.web.forms_accounts import TokenForm
 from app.web.login import web_user
 from app.web.page_errors import install
 
@@ -40,12 +38,10 @@ def create_token():
     if not form.validate_on_submit():
         first = next(iter(form.errors.values()), ["the form is incomplete"])[0]
         return _page(form, error=str(first), status=400)
-    expires_at = None
-    if form.expires_on.data is not None:
-        # "Valid through" a day: it expires when that day ends (UTC), as the API's date form does.
-        expires_at = datetime.combine(form.expires_on.data + timedelta(days=1), time(0), tzinfo=timezone.utc)
     session = db()
     try:
+        # "Valid through" a day, read the same way as the API's date form.
+        expires_at = accounts.parse_expiry(form.expires_on.data.isoformat() if form.expires_on.data else None)
         _, plain = accounts.create_token(session=session, user=web_user(), name=form.name.data,
                                          expires_at=expires_at)
     except SpecError as exc:

@@ -22,11 +22,13 @@ def test_a_token_made_on_the_account_page_is_shown_once_works_and_dies_when_revo
     sign_in(client, email, PASSWORD)
     page = client.get("/account").get_data(as_text=True)
     assert 'for="token-name"' in page and 'for="token-expiry"' in page
-    made = client.post("/account/tokens", data={"csrf_token": csrf_token(page), "name": "laptop"})
+    made = client.post("/account/tokens", data={"csrf_token": csrf_token(page), "name": "laptop",
+                                                      "expires_on": "2999-12-31"})
     assert made.status_code == 201
     token = re.search(r'id="new-token"[^>]*value="(kiln_[^"]+)"', made.get_data(as_text=True)).group(1)
     again = client.get("/account").get_data(as_text=True)
     assert token not in again and "laptop" in again and token[:12] in again  # the prefix only
+    assert "3000-01-01 00:00 UTC" in again  # valid through 31 December 2999
     assert client.get("/api/v1/jobs", headers=bearer(token)).status_code == 200
     token_id = re.search(r'action="/account/tokens/(\d+)/revoke"', again).group(1)
     assert client.post(f"/account/tokens/{token_id}/revoke").status_code == 400  # no CSRF token
