@@ -1,20 +1,22 @@
 """Users, roles, passwords and API tokens: creation, password and bearer-token authentication.
 
 Tokens are stored as sha256 (they are random); passwords as scrypt hashes (they are not).
-``can_write`` is the one role rule both the API and the pages enforce.
+``can_write`` is the one role rule both the API and the pages enforce. The token and user
+management services below are what both ``/account``, ``/admin/users`` and ``/api/v1/tokens``,
+``/api/v1/users`` call.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import timedelta
+from datetime import date, datetime, time, timedelta, timezone
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from app.jobs.errors import Conflict
+from app.jobs.errors import Conflict, NotFound, SpecError
 from app.models import ApiToken, User, utcnow
 
 TOKEN_PREFIX = "kiln_"
@@ -93,10 +95,11 @@ def can_write(user: User) -> bool:
     return user.active and user.role in ("admin", "user")
 
 
-def issue_token(*, session: Session, user: User, name: str = "default") -> str:
+def issue_token(*, session: Session, user: User, name: str = "default", expires_at: datetime | None = None) -> str:
     """Create a new API token for ``user`` and return its plain text (shown once)."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiToken(user_id=user.id, token_sha256=hash_token(token), prefix=token[:12], name=name))
+    session.add(ApiToken(user_id=user.id, token_sha256=hash_token(token), prefix=token[:12], name=name,
+                         expires_at=expires_at))
     session.flush()
     return token
 
@@ -107,15 +110,16 @@ def authenticate(*, session: Session, token: str) -> tuple[User, bool] | None:
     a poll normally writes nothing."""
     if not token or len(token) > 200:
         return None
+    now = utcnow()
     row = session.execute(
         select(ApiToken.id, ApiToken.last_used_at, User)
         .join(User, User.id == ApiToken.user_id)
-        .where(ApiToken.token_sha256 == hash_token(token), ApiToken.revoked_at.is_(None), User.active.is_(True))
+        .where(ApiToken.token_sha256 == hash_token(token), ApiToken.revoked_at.is_(None), User.active.is_(True),
+               or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now))
     ).one_or_none()
     if row is None:
         return None
     token_id, last_used_at, user = row
-    now = utcnow()
     if last_used_at is not None and now - last_used_at < TOKEN_USE_RESOLUTION:
         return user, False
     # Conditional, so concurrent requests of one token record its use once.
@@ -134,3 +138,123 @@ def revoke_tokens(*, session: Session, user: User) -> int:
     for token in live:
         token.revoked_at = utcnow()
     return len(live)
+
+
+MAX_TOKEN_NAME = 100
+
+
+def parse_expiry(text: str | None) -> datetime | None:
+    """An expiry from a form or JSON: ``YYYY-MM-DD`` (valid through that day, UTC) or ISO datetime; None if blank."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime.combine(day + timedelta(days=1), time(0), tzinfo=timezone.utc)
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise SpecError.at("expires_at", f"not a date (YYYY-MM-DD) or ISO datetime: {text[:40]!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def list_tokens(*, session: Session, user: User) -> list[ApiToken]:
+    """The user's own tokens, newest first (revoked and expired ones too, marked as such)."""
+    return list(session.execute(
+        select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id.desc())
+    ).scalars())
+
+
+def create_token(
+    *, session: Session, user: User, name: str, expires_at: datetime | None = None,
+) -> tuple[ApiToken, str]:
+    """A new named token for ``user`` (every role: tokens are one's own); returns the row and its plain text."""
+    name = (name or "").strip()
+    if not name or len(name) > MAX_TOKEN_NAME:
+        raise SpecError.at("name", f"a token needs a name of 1 to {MAX_TOKEN_NAME} characters")
+    if expires_at is not None and expires_at <= utcnow():
+        raise SpecError.at("expires_at", "the expiry must be in the future")
+    plain = issue_token(session=session, user=user, name=name, expires_at=expires_at)
+    row = session.execute(select(ApiToken).where(ApiToken.token_sha256 == hash_token(plain))).scalar_one()
+    return row, plain
+
+
+def revoke_token(*, session: Session, user: User, token_id: int) -> ApiToken:
+    """Revoke one of the user's own tokens (another's answers NotFound); revoking twice is harmless."""
+    token = session.execute(
+        select(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == user.id)
+    ).scalar_one_or_none()
+    if token is None:
+        raise NotFound(f"token {token_id} not found")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+    return token
+
+
+def token_status(token: ApiToken) -> str:
+    """``active``, ``revoked`` or ``expired``."""
+    if token.revoked_at is not None:
+        return "revoked"
+    if token.expires_at is not None and token.expires_at <= utcnow():
+        return "expired"
+    return "active"
+
+
+def require_admin(actor: User) -> None:
+    """NotFound unless ``actor`` is an active admin: user administration does not exist for anyone else."""
+    if not (actor.active and actor.is_admin):
+        raise NotFound("not found")
+
+
+def list_users(*, session: Session, actor: User) -> list[User]:
+    """Every user, oldest first (admins only)."""
+    require_admin(actor)
+    return list(session.execute(select(User).order_by(User.id)).scalars())
+
+
+def add_user(*, session: Session, actor: User, email: str, role: str, password: str | None) -> tuple[User, str]:
+    """An admin creates a user with a role and an initial password; returns the user and a first API token."""
+    require_admin(actor)
+    if role not in ROLES:
+        raise SpecError.at("role", f"must be one of {', '.join(ROLES)}")
+    try:
+        return create_user(session=session, email=email or "", role=role, password=password or None)
+    except ValueError as exc:
+        field = "password" if "password" in str(exc) else "email"
+        raise SpecError.at(field, str(exc)) from None
+
+
+def update_user(*, session: Session, actor: User, user_id: int, role: str | None = None,
+                active: bool | None = None, password: str | None = None) -> User:
+    """An admin sets a user's role, active flag or password.
+
+    Refused (Conflict) when an admin would disable themselves or when no active admin would be left.
+    """
+    require_admin(actor)
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"user {user_id} not found")
+    if role is not None and role not in ROLES:
+        raise SpecError.at("role", f"must be one of {', '.join(ROLES)}")
+    if active is False and user.id == actor.id:
+        raise Conflict("you cannot disable your own account")
+    loses_admin = user.is_admin and user.active and ((role is not None and role != "admin") or active is False)
+    if loses_admin:
+        # Locks the admin rows on PostgreSQL, so two admins demoting each other cannot both pass the count.
+        admins = session.execute(
+            select(User.id).where(User.role == "admin", User.active.is_(True)).with_for_update()
+        ).all()
+        if len(admins) <= 1:
+            raise Conflict("this is the last active admin; make another admin first")
+    if role is not None:
+        user.role = role
+    if active is not None:
+        user.active = active
+    if password:
+        try:
+            set_password(user, password)
+        except ValueError as exc:
+            raise SpecError.at("password", str(exc)) from None
+    session.flush()
+    return user
+

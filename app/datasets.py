@@ -1,21 +1,25 @@
-"""Uploaded datasets: format detection, schema inference and storage (pandas, no torch)."""
+"""Uploaded datasets: format detection, schema inference, storage, preview and deletion (pandas, no torch)."""
 
 from __future__ import annotations
 
 import io
+import json
 import uuid
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import storage, task_rules
-from app.jobs.errors import NotFound, SpecError
-from app.models import Dataset, User
+from app import catalog, storage, task_rules
+from app.jobs.errors import Conflict, NotFound, SpecError
+from app.jobs.states import TERMINAL
+from app.models import Dataset, Job, User
 from app.settings import Settings
 
 FORMATS = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "parquet": "parquet"}
 MAX_SAMPLE_VALUES = 5
+PREVIEW_ROWS = 20
+MAX_PREVIEW_ROWS = 200
 
 
 def detect_format(filename: str, declared: str | None = None) -> str:
@@ -92,3 +96,59 @@ def list_owned(*, session: Session, user: User) -> list[Dataset]:
     return list(session.execute(
         select(Dataset).where(Dataset.owner_id == user.id).order_by(Dataset.id.desc())
     ).scalars())
+
+
+def preview(
+    *, session: Session, user: User, dataset_id: int, settings: Settings, limit: int = PREVIEW_ROWS,
+) -> dict[str, Any]:
+    """The first ``limit`` rows of a stored dataset as ``{"columns": [...], "rows": [[...]]}`` (JSON-safe).
+
+    Only those rows are parsed (``nrows``, one Parquet batch), so a preview of a large upload is cheap.
+    """
+    import pandas as pd
+
+    dataset = get(session=session, user=user, dataset_id=dataset_id)
+    limit = max(1, min(limit, MAX_PREVIEW_ROWS))
+    path = storage.resolve(settings.storage_root, dataset.path)
+    try:
+        if dataset.format == "csv":
+            frame = pd.read_csv(path, nrows=limit)
+        elif dataset.format == "jsonl":
+            frame = pd.read_json(path, lines=True, nrows=limit)
+        else:
+            import pyarrow.parquet as pq
+
+            batch = next(pq.ParquetFile(path).iter_batches(batch_size=limit), None)
+            frame = batch.to_pandas() if batch is not None else pd.DataFrame()
+    except FileNotFoundError:
+        raise NotFound(f"the file of dataset {dataset_id} is missing from storage") from None
+    body = json.loads(frame.head(limit).to_json(orient="split", index=False, date_format="iso"))
+    return {"columns": [str(c) for c in body["columns"]], "rows": body["data"]}
+
+
+def jobs_using(*, session: Session, dataset: Dataset) -> list[int]:
+    """Ids of the owner's jobs that have not ended and train on ``dataset`` (these block its deletion)."""
+    ref = f"{catalog.UPLOAD_PREFIX}{dataset.id}"
+    rows = session.execute(
+        select(Job.id, Job.spec).where(Job.owner_id == dataset.owner_id, Job.kind == "train",
+                                       Job.state.not_in(TERMINAL)).order_by(Job.id)
+    ).all()
+    return [job_id for job_id, spec in rows if ((spec or {}).get("dataset") or {}).get("id") == ref]
+
+
+def delete(*, session: Session, user: User, dataset_id: int, settings: Settings) -> None:
+    """Delete an uploaded dataset: the file first, then the row (the caller commits).
+
+    Refused (Conflict) while a job that has not ended (queued, running, paused) trains on it;
+    ended jobs keep their spec, and a retry of one then fails as a user error naming the dataset.
+    """
+    dataset = get(session=session, user=user, dataset_id=dataset_id)
+    blocking = jobs_using(session=session, dataset=dataset)
+    if blocking:
+        listed = ", ".join(f"#{j}" for j in blocking[:10])
+        raise Conflict(f"dataset {dataset_id} is used by jobs that have not ended ({listed}); "
+                       "cancel them or wait for them to finish, then delete it")
+    storage.delete(settings.storage_root, dataset.path)
+    session.delete(dataset)
+    session.flush()
+

@@ -95,13 +95,20 @@ def register_converters(app: Flask) -> None:
 def register_blueprints(app: Flask) -> None:
     """The JSON API, its OpenAPI document, health, Prometheus metrics and the pages."""
     from app.web.api import api
+    from app.web import api_accounts  # noqa: F401 - adds its routes to `api` before it is registered
     from app.web.health import health
     from app.web.metrics import metrics
     from app.web.openapi import openapi
     from app.web.pages import pages
+    from app.web.pages_account import account_pages
+    from app.web.pages_admin import admin_pages
+    from app.web.pages_datasets import datasets_pages
 
     app.register_blueprint(health)
     app.register_blueprint(metrics)
     app.register_blueprint(openapi)
     app.register_blueprint(api, url_prefix="/api/v1")
     app.register_blueprint(pages)
+    app.register_blueprint(datasets_pages)
+    app.register_blueprint(account_pages)
+    app.register_blueprint(admin_pages)

@@ -19,6 +19,9 @@ from app.web.context import db, settings
 from app.web.problems import problem
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# API writes any role may reach (app/web/api_accounts.py): a viewer manages their own tokens, and the
+# users routes answer 404 to every non-admin themselves (a viewer's 403 would say the route exists).
+SELF_GUARDED_ENDPOINTS = frozenset({"api.create_token", "api.revoke_token", "api.create_user", "api.update_user"})
 # Failed sign-ins allowed per client address and email in one window before /login answers 429.
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_FAILURE_WINDOW_SECONDS = 60
@@ -98,7 +101,7 @@ def api_write_guard():
     user: User = g.user
     if not user.active:
         return problem(403, "Forbidden", "this account is disabled")
-    if request.method not in SAFE_METHODS and not can_write(user):
+    if request.method not in SAFE_METHODS and not can_write(user) and request.endpoint not in SELF_GUARDED_ENDPOINTS:
         return problem(403, "Forbidden", f"the {user.role} role may read but not change anything")
     return None
 
@@ -117,6 +120,20 @@ def writer_required(view):
             return login_manager.unauthorized()
         if not can_write(current_user.user):
             abort(403)
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def admin_required(view):
+    """Like ``login_required``, and the user is an admin: anyone else gets 404 (the page does not exist for them)."""
+
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        if not current_user.is_authenticated:
+            return login_manager.unauthorized()
+        if not current_user.user.is_admin:
+            abort(404)
         return view(*args, **kwargs)
 
     return wrapped

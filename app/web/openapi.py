@@ -25,6 +25,10 @@ def _op(summary: str, ok: str = "200", body: str | None = None, errors: tuple[in
     return op
 
 
+def _param(name: str) -> dict[str, Any]:
+    return {"parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "integer"}}]}
+
+
 @lru_cache(maxsize=1)
 def document() -> dict[str, Any]:
     """Build the document once per process."""
@@ -64,8 +68,17 @@ def document() -> dict[str, Any]:
             "/datasets": {"get": _op("Built-in and uploaded datasets"),
                           "post": _op("Upload CSV, JSONL or Parquet (multipart field 'file')", "201", errors=(422,))},
             "/datasets/{dataset_id}": {"get": _op("An uploaded dataset with its schema", errors=(404,)),
+                                       "delete": _op("Delete an upload (file, then row)", "204", errors=(404, 409)),
                                        "parameters": [{"name": "dataset_id", "in": "path", "required": True,
                                                        "schema": {"type": "integer"}}]},
+            "/datasets/{dataset_id}/rows": {**_param("dataset_id"), "get": _op("First rows of an uploaded dataset (limit)", errors=(404, 422))},
+            "/tokens": {"get": _op("Your API tokens"),
+                        "post": _op("Create a token {name, expires_at?}; the secret is shown once", "201", errors=(422,))},
+            "/tokens/{token_id}": {**_param("token_id"), "delete": _op("Revoke one of your tokens", "204", errors=(404,))},
+            "/users": {"get": _op("Every user (admins only)", errors=(404,)),
+                       "post": _op("Create a user {email, role, password?} (admins only)", "201", errors=(404, 409, 422))},
+            "/users/{user_id}": {**_param("user_id"), "patch": _op("Set role, active or password (admins only)", errors=(404, 409, 422))},
+            "/admin/overview": {"get": _op("The admin dashboard's data (admins only)", errors=(404,))},
         },
     }
 

@@ -1,0 +1,115 @@
+"""The admin dashboard's numbers: jobs by state, queues, workers, running jobs, failures, usage per user.
+
+Read-only queries (a poll writes nothing) shared by ``/admin`` and ``GET /api/v1/admin/overview``;
+``/metrics`` reads the same tables. There is no worker registry table: the workers online are
+derived from attempts that have not ended (who runs what, and their last heartbeat).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, literal, select
+from sqlalchemy.orm import Session
+
+from app.jobs.states import STATES
+from app.models import Attempt, Job, User, utcnow
+from app.settings import DEFAULT_QUEUE, PREDICT_QUEUE, TRAIN_QUEUE, Settings
+
+QUEUES = (TRAIN_QUEUE, PREDICT_QUEUE, DEFAULT_QUEUE)
+RECENT_FAILURES = 10
+RUNNING_SHOWN = 50
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _age(now: datetime, then: datetime | None) -> float | None:
+    return round(max(0.0, (now - then).total_seconds()), 1) if then is not None else None
+
+
+def queue_depths(settings: Settings) -> dict[str, int | None]:
+    """Messages waiting in each broker queue (Redis LLEN); None for all when the broker does not answer."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
+        pipe = client.pipeline(transaction=False)
+        for name in QUEUES:
+            pipe.llen(name)
+        return dict(zip(QUEUES, pipe.execute()))
+    except Exception:  # noqa: BLE001 - a down broker shows as "unknown"; /readyz says why
+        return {name: None for name in QUEUES}
+
+
+def _seconds(session: Session, started, ended):
+    """SQL for ``ended - started`` in seconds, on SQLite and PostgreSQL."""
+    if session.get_bind().dialect.name == "sqlite":
+        return (func.julianday(ended) - func.julianday(started)) * 86400.0
+    return func.extract("epoch", ended - started)
+
+
+def usage(*, session: Session, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Per user: jobs submitted and compute seconds (the sum of their attempts' run times, a running one up to now)."""
+    now = now or utcnow()
+    ended = func.coalesce(Attempt.ended_at, literal(now, type_=Attempt.ended_at.type))
+    compute = (select(Job.owner_id, func.sum(_seconds(session, Attempt.started_at, ended)).label("seconds"),
+                      func.count(Attempt.id).label("attempts"))
+               .join(Attempt, Attempt.job_id == Job.id).group_by(Job.owner_id).subquery())
+    jobs = select(Job.owner_id, func.count().label("jobs")).group_by(Job.owner_id).subquery()
+    rows = session.execute(
+        select(User.id, User.email, User.role, jobs.c.jobs, compute.c.seconds, compute.c.attempts)
+        .join(jobs, jobs.c.owner_id == User.id)
+        .outerjoin(compute, compute.c.owner_id == User.id)
+        .order_by(compute.c.seconds.desc().nulls_last(), User.id)
+    ).all()
+    return [{"user_id": uid, "email": email, "role": role, "jobs": n, "attempts": attempts or 0,
+             "compute_seconds": round(float(seconds or 0.0), 1)}
+            for uid, email, role, n, seconds, attempts in rows]
+
+
+def overview(*, session: Session, settings: Settings) -> dict[str, Any]:
+    """Everything the admin dashboard shows, as JSON-ready data (all users' jobs)."""
+    now = utcnow()
+    by_state = dict.fromkeys(STATES, 0)
+    by_state.update(dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all()))
+    oldest = dict(session.execute(
+        select(Job.queue, func.min(Job.queued_at)).where(Job.state == "queued").group_by(Job.queue)
+    ).all())
+    queued = dict(session.execute(
+        select(Job.queue, func.count()).where(Job.state == "queued").group_by(Job.queue)
+    ).all())
+    depths = queue_depths(settings)
+    queues = [{"name": name, "depth": depths.get(name), "queued_jobs": queued.get(name, 0),
+               "oldest_wait_seconds": _age(now, oldest.get(name))} for name in QUEUES]
+    workers = [
+        {"worker": worker, "host": host, "pid": pid, "job_id": job_id, "job_name": name, "attempt": number,
+         "started_at": _iso(started), "last_heartbeat_at": _iso(beat), "heartbeat_age_seconds": _age(now, beat)}
+        for worker, host, pid, job_id, name, number, started, beat in session.execute(
+            select(Attempt.worker, Attempt.host, Attempt.pid, Attempt.job_id, Job.name, Attempt.number,
+                   Attempt.started_at, Attempt.heartbeat_at)
+            .join(Job, Job.id == Attempt.job_id).where(Attempt.ended_at.is_(None)).order_by(Attempt.worker)
+        )
+    ]
+    running = [
+        {"id": job_id, "name": name, "kind": kind, "owner": email, "progress": progress, "epoch": epoch,
+         "step": step, "attempt": attempt, "lease_owner": lease_owner, "started_at": _iso(started)}
+        for job_id, name, kind, email, progress, epoch, step, attempt, lease_owner, started in session.execute(
+            select(Job.id, Job.name, Job.kind, User.email, Job.progress, Job.epoch, Job.step, Job.attempts,
+                   Job.lease_owner, Job.started_at)
+            .join(User, User.id == Job.owner_id).where(Job.state == "running").order_by(Job.id).limit(RUNNING_SHOWN)
+        )
+    ]
+    failures = [
+        {"id": job_id, "name": name, "owner": email, "error_class": cls, "error_message": message,
+         "finished_at": _iso(finished)}
+        for job_id, name, email, cls, message, finished in session.execute(
+            select(Job.id, Job.name, User.email, Job.error_class, Job.error_message, Job.finished_at)
+            .join(User, User.id == Job.owner_id).where(Job.state == "failed")
+            .order_by(Job.finished_at.desc().nulls_last(), Job.id.desc()).limit(RECENT_FAILURES)
+        )
+    ]
+    return {"generated_at": now.isoformat(), "jobs_by_state": by_state, "queues": queues, "workers": workers,
+            "running": running, "recent_failures": failures, "usage": usage(session=session, now=now)}

@@ -1,0 +1,90 @@
+"""Dataset pages (upload with a progress bar, list, schema and first rows, delete) and the models page."""
+
+from __future__ import annotations
+
+from flask import Blueprint, flash, redirect, render_template, url_for
+from flask_login import login_required
+
+from app import catalog, datasets, model_registry
+from app.jobs.errors import Conflict, SpecError
+from app.web.context import db, settings
+from app.web.forms_accounts import DatasetUploadForm
+from app.web.login import web_user, writer_required
+from app.web.page_errors import human_bytes, install
+
+datasets_pages = Blueprint("datasets_pages", __name__)
+install(datasets_pages)
+
+
+def _list_page(form: DatasetUploadForm, error: str | None = None, status: int = 200):
+    uploads = datasets.list_owned(session=db(), user=web_user())
+    return render_template(
+        "datasets/list.html", form=form, uploads=uploads, builtins=list(catalog.BUILTIN_DATASETS.values()),
+        error=error, limit=human_bytes(settings().max_upload_bytes), limit_bytes=settings().max_upload_bytes,
+        human_bytes=human_bytes,
+    ), status
+
+
+@datasets_pages.get("/datasets")
+@login_required
+def datasets_list():
+    """Built-in datasets, the user's uploads and (for writers) the upload form."""
+    return _list_page(DatasetUploadForm())
+
+
+@datasets_pages.post("/datasets")
+@writer_required
+def upload():
+    """Store an uploaded file through the same service as ``POST /api/v1/datasets``; on to its page."""
+    form = DatasetUploadForm()
+    if not form.validate_on_submit():
+        first = next(iter(form.errors.values()), ["the form is incomplete"])[0]
+        return _list_page(form, str(first), 400)
+    session = db()
+    try:
+        dataset = datasets.upload(session=session, owner=web_user(), filename=form.file.data.filename or "",
+                                  data=form.file.data.read(), settings=settings(), name=form.name.data or None)
+    except SpecError as exc:
+        session.rollback()
+        return _list_page(form, exc.errors[0]["message"], 422)
+    session.commit()
+    flash(f"Uploaded {dataset.name}: {dataset.num_rows} rows.")
+    return redirect(url_for("datasets_pages.dataset", dataset_id=dataset.id), 303)
+
+
+@datasets_pages.get("/datasets/<int:dataset_id>")
+@login_required
+def dataset(dataset_id: int):
+    """One upload: its facts, inferred schema, first rows and the jobs that block its deletion."""
+    found = datasets.get(session=db(), user=web_user(), dataset_id=dataset_id)
+    return render_template(
+        "datasets/detail.html", dataset=found, human_bytes=human_bytes,
+        preview=datasets.preview(session=db(), user=web_user(), dataset_id=dataset_id, settings=settings()),
+        using=datasets.jobs_using(session=db(), dataset=found),
+    )
+
+
+@datasets_pages.post("/datasets/<int:dataset_id>/delete")
+@writer_required
+def delete(dataset_id: int):
+    """Delete an upload (refused with the blocking jobs named while any has not ended)."""
+    session = db()
+    try:
+        datasets.delete(session=session, user=web_user(), dataset_id=dataset_id, settings=settings())
+    except Conflict as exc:
+        session.rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("datasets_pages.dataset", dataset_id=dataset_id), 303)
+    session.commit()
+    flash(f"Dataset {dataset_id} deleted.")
+    return redirect(url_for("datasets_pages.datasets_list"), 303)
+
+
+@datasets_pages.get("/models")
+@login_required
+def models():
+    """Model versions per name with their metrics, source job and a link to predict with each."""
+    user = web_user()
+    groups = model_registry.versions_by_name(session=db(), user=user)
+    return render_template("models/list.html", groups=groups,
+                           reference=lambda v: model_registry.reference(v, user))
