@@ -82,17 +82,22 @@ def problem(status: int, title: str | None = None, detail: str | None = None, *,
 
 
 class IdConverter(IntegerConverter):
-    """An ``<int:...>`` path segment: ASCII digits within the id column's range.
+    """An ``<int:...>`` path segment: ASCII digits; a number beyond the id column's range is id 0.
 
-    A larger number, or Unicode digits (which ``\\d`` would match), matches no route, so it answers
-    404 like any missing id instead of failing in the database driver.
+    Unicode digits (which ``\\d`` would match) match no route. A number too large for the column
+    becomes 0, an id no row has (ids start at 1), so it answers 404 exactly like any missing id —
+    after authentication, as a missing id does — instead of failing in the database driver. (A
+    converter that refused it instead would make Werkzeug answer 405 for a DELETE on a path that
+    also has a GET route.)
     """
 
     regex = r"[0-9]+"
 
-    def __init__(self, map, fixed_digits: int = 0, min: int | None = None, max: int | None = None,
-                 signed: bool = False) -> None:
-        super().__init__(map, fixed_digits=fixed_digits, min=min, max=MAX_ID if max is None else max, signed=signed)
+    def to_python(self, value: str) -> int:
+        """The id, or 0 when it cannot be a row's id."""
+        if len(value) > len(str(MAX_ID)) or int(value) > MAX_ID:
+            return 0
+        return int(value)
 
 
 def register_converters(app: Flask) -> None:

@@ -4,29 +4,43 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import delete, select
 
 from app.db import session_scope
-from app.models import Attempt, Job, User, utcnow
+from app.models import Attempt, Job, JobEvent, User, utcnow
 from tests.web.test_pages import MLP, PASSWORD, person, sign_in  # noqa: F401 - person is a fixture
 from tests.web.test_polls import WRITES, statements
 
 
-def running_job(database_url: str, email: str) -> int:
-    """A job a worker is running (its row and its live attempt, as a claim leaves them)."""
-    now = utcnow()
+@pytest.fixture
+def running_job(database_url):
+    """Factory: a job a worker is running (its row and live attempt, as a claim leaves them) and a
+    failed one. The rows are removed afterwards: the database is shared with the reaper's tests,
+    which must not find a foreign live lease."""
+    created: list[int] = []
+
+    def _make(email: str) -> int:
+        now = utcnow()
+        with session_scope(database_url) as s:
+            owner = s.execute(select(User).where(User.email == email)).scalar_one()
+            job = Job(owner_id=owner.id, kind="train", name="busy-mlp", state="running", queue="train", spec={},
+                      attempts=1, progress=0.42, epoch=3, step=120, lease_owner="gpu0@host-a",
+                      started_at=now - timedelta(seconds=90), lease_expires_at=now + timedelta(seconds=60))
+            failed = Job(owner_id=owner.id, kind="train", name="broken", state="failed", queue="train", spec={},
+                         error_class="user_error", error_message="column 'y' is not numeric", finished_at=now)
+            s.add_all([job, failed])
+            s.flush()
+            s.add(Attempt(job_id=job.id, number=1, worker="gpu0@host-a", host="host-a", pid=4242,
+                          started_at=now - timedelta(seconds=90), heartbeat_at=now - timedelta(seconds=2)))
+            created.extend([job.id, failed.id])
+            return job.id
+
+    yield _make
     with session_scope(database_url) as s:
-        owner = s.execute(select(User).where(User.email == email)).scalar_one()
-        job = Job(owner_id=owner.id, kind="train", name="busy-mlp", state="running", queue="train", spec={},
-                  attempts=1, progress=0.42, epoch=3, step=120, lease_owner="gpu0@host-a",
-                  started_at=now - timedelta(seconds=90), lease_expires_at=now + timedelta(seconds=60))
-        s.add(job)
-        s.flush()
-        s.add(Attempt(job_id=job.id, number=1, worker="gpu0@host-a", host="host-a", pid=4242,
-                      started_at=now - timedelta(seconds=90), heartbeat_at=now - timedelta(seconds=2)))
-        s.add(Job(owner_id=owner.id, kind="train", name="broken", state="failed", queue="train", spec={},
-                  error_class="user_error", error_message="column 'y' is not numeric", finished_at=now))
-        return job.id
+        s.execute(delete(Attempt).where(Attempt.job_id.in_(created)))
+        s.execute(delete(JobEvent).where(JobEvent.job_id.in_(created)))
+        s.execute(delete(Job).where(Job.id.in_(created)))
 
 
 def test_users_and_viewers_get_404_on_the_dashboard_and_its_api(client, person):
@@ -39,11 +53,11 @@ def test_users_and_viewers_get_404_on_the_dashboard_and_its_api(client, person):
         assert 'href="/admin"' not in browser.get("/jobs").get_data(as_text=True)
 
 
-def test_an_admin_sees_states_queues_workers_running_jobs_failures_and_usage(client, person, database_url):
+def test_an_admin_sees_states_queues_workers_running_jobs_failures_and_usage(client, person, running_job):
     admin_email, admin = person("admin")
     user_email, user = person()
     queued = client.post("/api/v1/jobs", json=MLP, headers=user).get_json()["id"]
-    job_id = running_job(database_url, user_email)
+    job_id = running_job(user_email)
     data = client.get("/api/v1/admin/overview", headers=admin).get_json()
     assert data["jobs_by_state"]["running"] >= 1 and data["jobs_by_state"]["queued"] >= 1
     train = next(q for q in data["queues"] if q["name"] == "train")
