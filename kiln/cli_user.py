@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sys
 import time
@@ -159,7 +160,7 @@ def status(client: KilnClient, job_id: int, watch: bool, as_json: bool) -> None:
         return
     if as_json:
         for job in client.watch(job_id):
-            click.echo(output.json.dumps(job))
+            click.echo(json.dumps(job))
     else:
         job = output.watch_progress(client.watch(job_id))
         click.echo(output.job_line(job))
@@ -182,7 +183,7 @@ def logs(client: KilnClient, job_id: int, follow: bool, as_json: bool) -> None:
         for event in client.events(job_id):
             if event["id"] > seen:
                 seen = event["id"]
-                click.echo(output.json.dumps(event) if as_json else output.event_line(event))
+                click.echo(json.dumps(event) if as_json else output.event_line(event))
                 delay = 0.5
         if not follow or state in TERMINAL_STATES:
             return

@@ -14,7 +14,10 @@ import click
 
 def read_spec(path: Path) -> dict[str, Any]:
     """A job spec from a JSON or YAML file (by extension; ``-`` reads JSON from standard input)."""
-    text = click.get_text_stream("stdin").read() if str(path) == "-" else path.read_text()
+    try:
+        text = click.get_text_stream("stdin").read() if str(path) == "-" else path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
@@ -43,9 +46,9 @@ def _cell(value: str) -> float | int | str:
 def read_rows(path: Path) -> list[Any]:
     """Prediction inputs: a CSV (numbers; a header row is skipped), a JSON list of rows (or
     ``{"inputs": [...]}``) or JSONL (one row a line). A one-column text row becomes its string."""
-    text = path.read_text()
     suffix = path.suffix.lower()
     try:
+        text = path.read_text()
         if suffix == ".json":
             data = json.loads(text)
             rows = data.get("inputs") if isinstance(data, dict) else data
@@ -58,8 +61,8 @@ def read_rows(path: Path) -> list[Any]:
                     all(not isinstance(c, str) for c in table[1]):
                 table = table[1:]
             rows = [r[0] if len(r) == 1 and isinstance(r[0], str) else r for r in table]
-    except ValueError as exc:
-        raise click.BadParameter(f"{path} is not valid: {exc}") from None
+    except (OSError, ValueError) as exc:  # a UnicodeDecodeError is a ValueError
+        raise click.BadParameter(f"cannot read rows from {path}: {exc}") from None
     if not isinstance(rows, list) or not rows:
         raise click.BadParameter(f"{path} holds no rows")
     return rows
