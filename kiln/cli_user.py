@@ -283,18 +283,20 @@ def tokens_list(client: KilnClient, as_json: bool) -> None:
     if as_json:
         output.print_json(items)
         return
-    output.table(("ID", "NAME", "CREATED", "LAST USED"), [
-        (t.get("id"), t.get("name"), t.get("created_at"), t.get("last_used_at")) for t in items
+    output.table(("ID", "NAME", "PREFIX", "STATUS", "CREATED", "LAST USED", "EXPIRES"), [
+        (t.get("id"), t.get("name"), t.get("prefix"), t.get("status"), t.get("created_at"), t.get("last_used_at"),
+         t.get("expires_at")) for t in items
     ])
 
 
 @click.command("create")
 @click.argument("name")
+@click.option("--expires-at", default=None, help="When it stops working (an ISO date or time); default never.")
 @json_option
 @api_command
-def tokens_create(client: KilnClient, name: str, as_json: bool) -> None:
+def tokens_create(client: KilnClient, name: str, expires_at: str | None, as_json: bool) -> None:
     """Create an API token; its secret is the last line printed (shown once)."""
-    token = client.create_token(name)
+    token = client.create_token(name, expires_at=expires_at)
     if as_json:
         output.print_json(token)
         return

@@ -234,9 +234,11 @@ class KilnClient:
         body = self._request("GET", "/tokens")
         return body["items"] if isinstance(body, dict) and "items" in body else body
 
-    def create_token(self, name: str) -> dict[str, Any]:
-        """Create an API token named ``name``; the answer shows its secret once."""
-        return self._request("POST", "/tokens", json={"name": name}, idempotency_key=str(uuid.uuid4()))
+    def create_token(self, name: str, *, expires_at: str | None = None) -> dict[str, Any]:
+        """Create an API token named ``name`` (``expires_at``: an ISO date or time); the answer's
+        ``token`` is the only time its secret is shown."""
+        body = {"name": name} | ({"expires_at": expires_at} if expires_at else {})
+        return self._request("POST", "/tokens", json=body, idempotency_key=str(uuid.uuid4()))
 
     def revoke_token(self, token_id: int | str) -> None:
         """Revoke one of the caller's tokens (``DELETE /tokens/<id>``)."""
