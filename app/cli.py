@@ -9,6 +9,7 @@ import sys
 import click
 
 from app import settings as settings_module
+from kiln.cli_user import register as register_user_commands
 
 
 def _settings() -> settings_module.Settings:
@@ -200,6 +201,11 @@ def _find_user(session, email: str):
     if user is None:
         raise click.ClickException(f"no user {email}")
     return user
+
+
+# The user commands (login, submit, jobs, status...) talk to a server over the JSON API; they live in
+# the client package, which imports neither Flask nor torch.
+register_user_commands(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,1 @@
+"""Kiln's Python client and user CLI: talks to a Kiln server over its JSON API (no torch, no Flask)."""
