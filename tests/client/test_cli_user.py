@@ -139,3 +139,19 @@ def test_a_dataset_upload_is_listed(kiln, server, tmp_path):
     listed = json.loads(kiln("datasets", "--json", **auth).stdout)
     assert {"id": dataset_id, "name": "flowers", "rows": 20}.items() <= next(
         d for d in listed if d["id"] == dataset_id).items()
+
+
+def test_tokens_are_created_listed_and_revoked_from_the_shell(kiln, server):
+    auth = {"KILN_URL": server.url}
+    created = kiln("tokens", "create", "laptop", "--json", KILN_TOKEN=server.token, **auth)
+    assert created.returncode == 0, created
+    token = json.loads(created.stdout)
+    new_token, token_id = token["token"], token["id"]
+    # The new token works on its own, and the list shows it by name (never its plain text).
+    listed = kiln("tokens", "--json", KILN_TOKEN=new_token, **auth)
+    assert listed.returncode == 0, listed
+    shown = {t["id"]: t for t in json.loads(listed.stdout)}
+    assert shown[token_id]["name"] == "laptop" and new_token not in listed.stdout
+    revoked = kiln("tokens", "revoke", str(token_id), KILN_TOKEN=server.token, **auth)
+    assert revoked.returncode == 0, revoked
+    assert kiln("jobs", KILN_TOKEN=new_token, **auth).returncode == 4  # 401 from now on
