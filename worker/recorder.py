@@ -136,7 +136,9 @@ class Recorder:
         """The attempt's last fenced transaction: queued reports first, then the caller's writes."""
         self._check_live()
         with self._write_lock, self._fenced(what) as session:
-            self._write_queued(session)
+            # With nothing queued, the final transition's own compare-and-set on the token is the fence.
+            if self._pending or self._pending_progress is not None:
+                self._write_queued(session)
             yield session
 
     # -- the heartbeat thread's side -----------------------------------------------------------
