@@ -229,12 +229,12 @@ class Recorder:
             # Queued metrics go first, in the same transaction: the reports before a checkpoint
             # are stored before it, whatever happens to the process next.
             with self._write_lock, self._fenced(f"checkpoint at epoch {epoch}, step {step}") as session:
-                self._write_queued(session)
+                self._write_queued(session)  # renews the lease: the fence of this whole transaction
                 row = attempts.add_checkpoint(
                     session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                     lease_seconds=self.settings.lease_seconds, epoch=epoch, step=step, path=relative,
                     size=size, sha256=digest, metric_name=metric_name, metric_value=metric_value,
-                    is_best=is_best, reason=reason,
+                    is_best=is_best, reason=reason, renewed=True,
                 )
                 self.last_checkpoint_id = row.id
                 if is_best:

@@ -148,10 +148,14 @@ def record_batch(
 def add_checkpoint(
     *, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
     epoch: int, step: int, path: str, size: int, sha256: str, metric_name: str | None,
-    metric_value: float | None, is_best: bool, reason: str,
+    metric_value: float | None, is_best: bool, reason: str, renewed: bool = False,
 ) -> Checkpoint:
-    """Record a checkpoint file written by the attempt holding the lease."""
-    renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds)
+    """Record a checkpoint file written by the attempt holding the lease.
+
+    ``renewed``: the caller already renewed the lease in this transaction (:func:`record_batch`).
+    """
+    if not renewed:
+        renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds)
     if is_best:
         session.execute(update(Checkpoint).where(Checkpoint.job_id == job_id).values(is_best=False))
     row = Checkpoint(
