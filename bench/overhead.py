@@ -4,8 +4,8 @@
 
 Both sides train the same model on the same data with the same seed and batch order. The Kiln
 side is a real job: a SQLite database, the runner, the recorder (a metrics row per epoch and step
-report, a heartbeat thread), and a safetensors checkpoint per epoch written atomically with its
-sha256. It prints the median wall time of each, their ratio (goal <= 1.05) and both final losses.
+report, queued and flushed by the process's heartbeat thread), and a safetensors checkpoint per
+epoch written atomically with its sha256. It prints the median wall time of each, their ratio (goal <= 1.05) and both final losses.
 """
 
 from __future__ import annotations

@@ -1,7 +1,12 @@
 """The recorder: a running attempt's fenced link to the database (metrics, checkpoints, lease).
 
-It implements ``worker.ml.hooks.TrainingHooks``. A heartbeat thread renews the lease and reads
-the persisted cancel flag, so a stop request reaches the training loop within one heartbeat.
+It implements ``worker.ml.hooks.TrainingHooks``. Metric reports and progress are queued, not
+written by the training thread: the process's heartbeat thread (``worker.heartbeat``) flushes
+them in one fenced transaction that also renews the lease and reads the persisted cancel and
+pause flags, so a stop request reaches the training loop within one heartbeat. A checkpoint, and
+the attempt's final transaction, flush what is queued first, in their own transaction, so the
+stored order is the order of the reports. A flush the database refuses (the attempt lost its
+lease) makes :meth:`Recorder.stop_reason` answer "stale" and every later write raise StaleAttempt.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -21,7 +27,9 @@ from app import storage
 from app.db import session_scope
 from app.jobs import attempts
 from app.jobs.errors import StaleAttempt, UserError
+from app.models import Job, utcnow
 from app.settings import Settings
+from worker.heartbeat import SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +45,35 @@ class Recorder:
         self.deadline = time.monotonic() + max_attempt_runtime_s
         self.best_checkpoint_id: int | None = None
         self.last_checkpoint_id: int | None = None
+        self.flushes = 0
         self._reason: str | None = None
+        self._stale = False
+        self._closed = False
         self._progress_written = 0.0
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Reports waiting for the next flush; ``_queue_lock`` guards them (held for microseconds).
+        self._pending: list[dict[str, Any]] = []
+        self._pending_progress: float | None = None
+        self._queue_lock = threading.Lock()
+        # Held across a whole flush (take the queue, write it, commit), so two flushes never
+        # commit out of order. Always taken before a transaction opens, never inside one.
+        self._write_lock = threading.Lock()
+        self._interval = max(0.2, min(settings.heartbeat_seconds, settings.lease_seconds / 3))
+        self._renewed = time.monotonic()
+        self._context: contextvars.Context | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> "Recorder":
-        """Start renewing the lease in the background, in the caller's logging context."""
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(self._heartbeat,),
-                                        name=f"heartbeat-{self.job_id}", daemon=True)
-        self._thread.start()
+        """Hand the attempt to the process's heartbeat thread, which logs in the caller's context."""
+        self._context = contextvars.copy_context()
+        SERVICE.register(self)
         return self
 
     def close(self) -> None:
-        """Stop the heartbeat thread."""
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        """Take the attempt off the heartbeat thread; whatever is still queued is dropped."""
+        SERVICE.unregister(self)
+        with self._write_lock:  # a beat in flight finishes before the attempt is over
+            self._closed = True
 
     def request_stop(self, reason: str) -> None:
         """Ask the training loop to stop at its next step check (first reason wins)."""
@@ -67,9 +84,10 @@ class Recorder:
     def _fenced(self, what: str) -> Iterator[Session]:
         """One short transaction for one fenced write; a refused write leaves a durable trace."""
         try:
-            with session_scope(self.settings.database_url) as session:
+            with session_scope(self.settings.database_url, write=True) as session:
                 yield session
         except StaleAttempt as exc:
+            self._stale = True
             # The refused transaction is rolled back by now: record the refusal in a new one.
             log.warning("event=write_refused job_id=%s attempt=%s what=%r", self.job_id, self.token, what)
             try:
@@ -81,58 +99,118 @@ class Recorder:
                             self.job_id, self.token, err)
             raise
 
-    def _heartbeat(self) -> None:
-        interval = max(0.2, min(self.settings.heartbeat_seconds, self.settings.lease_seconds / 3))
-        while not self._done.wait(interval):
+    def _check_live(self) -> None:
+        if self._stale:
+            raise StaleAttempt(f"job {self.job_id}: attempt {self.token} no longer holds the lease")
+
+    def _take(self) -> tuple[list[dict[str, Any]], float | None]:
+        with self._queue_lock:
+            batch, progress = self._pending, self._pending_progress
+            self._pending, self._pending_progress = [], None
+        return batch, progress
+
+    def _put_back(self, batch: list[dict[str, Any]], progress: float | None) -> None:
+        # A flush that failed for another reason than the fence (a database blip) is retried.
+        with self._queue_lock:
+            self._pending[:0] = batch
+            if self._pending_progress is None:
+                self._pending_progress = progress
+
+    def _write_queued(self, session: Session) -> Job:
+        """Write what is queued (and renew the lease) in ``session``; the caller holds ``_write_lock``."""
+        batch, progress = self._take()
+        try:
+            job = attempts.record_batch(session=session, job_id=self.job_id, token=self.token, owner=self.owner,
+                                        lease_seconds=self.settings.lease_seconds, metrics=batch, progress=progress)
+        except StaleAttempt:
+            raise  # refused: the batch is dropped with the attempt
+        except BaseException:
+            self._put_back(batch, progress)
+            raise
+        self._renewed = time.monotonic()
+        self.flushes += 1
+        return job
+
+    @contextmanager
+    def final(self, what: str) -> Iterator[Session]:
+        """The attempt's last fenced transaction: queued reports first, then the caller's writes."""
+        self._check_live()
+        with self._write_lock, self._fenced(what) as session:
+            # With nothing queued, the final transition's own compare-and-set on the token is the fence.
+            if self._pending or self._pending_progress is not None:
+                self._write_queued(session)
+            yield session
+
+    # -- the heartbeat thread's side -----------------------------------------------------------
+
+    def interval(self) -> float:
+        """Seconds between lease renewals."""
+        return self._interval
+
+    def due(self, now: float) -> bool:
+        """Whether the heartbeat thread should flush or renew now."""
+        if self._stale or self._closed:
+            return False
+        return bool(self._pending) or self._pending_progress is not None or now - self._renewed >= self._interval
+
+    def beat(self) -> None:
+        """Flush queued reports and renew the lease in one fenced transaction; read cancel and pause."""
+        if self._context is not None:
+            self._context.run(self._beat)
+        else:
+            self._beat()
+
+    def _beat(self) -> None:
+        with self._write_lock:
+            if self._closed or self._stale:
+                return
             try:
-                with self._fenced("lease renewal") as session:
-                    job = attempts.renew(
-                        session=session, job_id=self.job_id, token=self.token, owner=self.owner,
-                        lease_seconds=self.settings.lease_seconds,
-                    )
-                    if job.cancel_requested_at is not None:
-                        self.request_stop("cancel")
-                    elif job.pause_requested_at is not None:
-                        self.request_stop("pause")
+                with self._fenced("lease renewal and queued metrics") as session:
+                    job = self._write_queued(session)
+                    cancel, pause = job.cancel_requested_at, job.pause_requested_at
             except StaleAttempt:
                 log.warning("event=lease_lost job_id=%s attempt=%s", self.job_id, self.token)
-                self.request_stop("stale")
                 return
-            except Exception as exc:  # noqa: BLE001 - a database blip must not kill the heartbeat
+            except Exception as exc:  # noqa: BLE001 - a database blip must not stop the heartbeat
                 log.warning("event=heartbeat_failed job_id=%s attempt=%s error=%r", self.job_id, self.token, exc)
+                return
+        if cancel is not None:
+            self.request_stop("cancel")
+        elif pause is not None:
+            self.request_stop("pause")
 
     # -- TrainingHooks -----------------------------------------------------------------------
 
     def stop_reason(self) -> str | None:
-        """Why the run must stop now, or None."""
+        """Why the run must stop now, or None; "stale" once the database refused a write."""
+        if self._stale:
+            return "stale"
         if self._reason is None and time.monotonic() > self.deadline:
             self._reason = "timeout"
         return self._reason
 
     def on_metrics(self, scope: str, epoch: int, step: int, values: dict[str, float]) -> None:
-        """Store a metrics report under the lease; a non-finite loss means training diverged."""
+        """Queue a metrics report for the next flush; a non-finite loss means training diverged."""
         for name in ("train_loss", "val_loss"):
             if name in values and not math.isfinite(values[name]):
                 raise UserError(
                     f"training diverged: {name} is {values[name]} at epoch {epoch}, step {step}; "
                     "try a lower learning_rate, grad_clip, or normalize"
                 )
+        self._check_live()
         # Other metrics can be undefined (R² of a constant target): stored as null, not as NaN.
         clean = {k: float(v) if math.isfinite(v) else None for k, v in values.items()}
-        with self._fenced(f"{scope} metrics at epoch {epoch}, step {step}") as session:
-            attempts.record_metrics(
-                session=session, job_id=self.job_id, token=self.token, owner=self.owner,
-                lease_seconds=self.settings.lease_seconds, scope=scope, epoch=epoch, step=step, values=clean,
-            )
+        report = {"scope": scope, "epoch": epoch, "step": step, "values": clean, "at": utcnow()}
+        with self._queue_lock:
+            self._pending.append(report)
 
     def on_progress(self, epoch: int, step: int, fraction: float) -> None:
-        """Store progress when it moved by at least half a percent (one small fenced write)."""
+        """Queue progress when it moved by at least half a percent (written with the next flush)."""
         if fraction < 1.0 and fraction - self._progress_written < 0.005:
             return
-        with self._fenced(f"progress {fraction:.3f}") as session:
-            job = attempts.renew(session=session, job_id=self.job_id, token=self.token, owner=self.owner,
-                                 lease_seconds=self.settings.lease_seconds)
-            job.progress = max(0.0, min(1.0, fraction))
+        self._check_live()
+        with self._queue_lock:
+            self._pending_progress = fraction
         self._progress_written = fraction
 
     def on_checkpoint(self, epoch: int, step: int, data: bytes, *, metric_name: str | None,
@@ -145,14 +223,18 @@ class Recorder:
                     f"a{self.token}-e{epoch:05d}-s{step:09d}-{reason}-{secrets.token_hex(4)}.safetensors")
         # The file is written (and fsynced) before any transaction opens: no database lock is held
         # across disk I/O, which on SQLite would stall every other writer for as long as it takes.
+        self._check_live()
         size, digest = storage.write_atomic(root, relative, data)
         try:
-            with self._fenced(f"checkpoint at epoch {epoch}, step {step}") as session:
+            # Queued metrics go first, in the same transaction: the reports before a checkpoint
+            # are stored before it, whatever happens to the process next.
+            with self._write_lock, self._fenced(f"checkpoint at epoch {epoch}, step {step}") as session:
+                self._write_queued(session)  # renews the lease: the fence of this whole transaction
                 row = attempts.add_checkpoint(
                     session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                     lease_seconds=self.settings.lease_seconds, epoch=epoch, step=step, path=relative,
                     size=size, sha256=digest, metric_name=metric_name, metric_value=metric_value,
-                    is_best=is_best, reason=reason,
+                    is_best=is_best, reason=reason, renewed=True,
                 )
                 self.last_checkpoint_id = row.id
                 if is_best:

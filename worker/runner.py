@@ -7,6 +7,8 @@ import math
 import os
 import socket
 import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -37,31 +39,107 @@ def request_shutdown() -> None:
         recorder.request_stop("shutdown")
 
 
+@dataclass
+class _Prepared:
+    """What a job needs before it starts, read and verified before the claim (no lock held)."""
+
+    raw_spec: dict
+    spec: TrainSpec | PredictSpec | None = None
+    problem: JobFailure | None = None  # found before the claim; fails the attempt right after it
+    resume: bytes | None = None
+    start: tuple[int, int] | None = None
+    skipped: list[str] = field(default_factory=list)
+    init_from: bytes | None = None
+    dataset_file: Path | None = None
+    dataset_format: str | None = None
+    model: tuple[str, str, str] | None = None  # prediction: model ref, checkpoint path, its sha256
+
+
 def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
-    """Run one attempt of ``job_id`` if it is claimable with ``token``; returns what happened."""
-    with session_scope(settings.database_url) as session:
+    """Run one attempt of ``job_id`` if it is claimable with ``token``; returns what happened.
+
+    Everything the attempt needs is read (and its files verified) before the claim, so the claim
+    and the record of where the attempt starts are one short write transaction.
+    """
+    prepared = _prepare(job_id, token, settings)
+    if prepared is None:
+        log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
+        return "dropped"
+    resumed = prepared.resume is not None
+    with session_scope(settings.database_url, write=True) as session:
         attempt = attempts.claim(
             session=session, job_id=job_id, token=token, worker=worker, host=socket.gethostname(),
-            pid=os.getpid(), lease_seconds=settings.lease_seconds,
+            pid=os.getpid(), lease_seconds=settings.lease_seconds, start=prepared.start, resumed=resumed,
         )
-        if attempt is None:
-            log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
-            return "dropped"
-        raw_spec = session.get(Job, job_id).spec
-        number, owner = attempt.number, attempts.lease_owner(attempt)
+        if attempt is not None:
+            for message in prepared.skipped:
+                attempts.record_event(session=session, job_id=job_id, token=attempt.number,
+                                      kind="checkpoint_skipped", message=message)
+            number, owner = attempt.number, attempts.lease_owner(attempt)
+    if attempt is None:
+        log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
+        return "dropped"
     with bind_job(job_id, number):
         log.info("event=claimed job_id=%s attempt=%s worker=%s", job_id, number, worker)
+        if prepared.spec is None:
+            return _fail(job_id, number, settings, None, prepared.problem.failure_class, prepared.problem.message,
+                         retryable=prepared.problem.retryable)
+        return _run_claimed(job_id, number, owner, prepared, settings=settings)
+
+
+def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
+    """Read the job and what it refers to, then verify its files; None if it is not claimable."""
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != states.QUEUED or job.attempts != token:
+            return None
+        prepared = _Prepared(raw_spec=job.spec)
         try:
-            spec = parse_spec(raw_spec)
+            prepared.spec = parse_spec(job.spec)
         except SpecError as exc:  # a spec stored by an older release that this one no longer accepts
-            return _fail(job_id, number, settings, "user_error", f"the stored spec is no longer valid: {exc}",
-                         retryable=False)
-        return _run_claimed(job_id, number, owner, spec, settings=settings)
+            prepared.problem = UserError(f"the stored spec is no longer valid: {exc}")
+            return prepared
+        try:
+            if isinstance(prepared.spec, PredictSpec):
+                model = session.get(ModelVersion, job.model_version_id) if job.model_version_id else None
+                if model is None:
+                    raise UserError(f"the model {prepared.spec.model!r} no longer exists")
+                ckpt = session.get(Checkpoint, model.checkpoint_id)
+                prepared.model = (f"{model.name}@{model.version}", ckpt.path, ckpt.sha256)
+                return prepared
+            candidates = [(c.id, c.path, c.sha256, c.epoch, c.step)
+                          for c in attempts.checkpoints_newest_first(session=session, job_id=job_id)]
+            base = None
+            if prepared.spec.init_from:
+                model = _pinned_base(session, job, prepared.spec.init_from)
+                ckpt = session.get(Checkpoint, model.checkpoint_id)
+                base = (f"{model.name}@{model.version}", ckpt.path, ckpt.sha256)
+            if prepared.spec.dataset.id.startswith("dataset:"):
+                ds = session.execute(select(Dataset.path, Dataset.format).where(
+                    Dataset.id == int(prepared.spec.dataset.id.split(":", 1)[1]),
+                    Dataset.owner_id == job.owner_id)).one_or_none()
+                if ds is None:
+                    raise UserError(f"dataset {prepared.spec.dataset.id} no longer exists")
+                prepared.dataset_file, prepared.dataset_format = storage.resolve(settings.storage_root, ds.path), ds.format
+        except UserError as exc:
+            prepared.problem = exc
+            return prepared
+    # Files are read with no transaction open. Checkpoint rows of a queued job cannot change
+    # before the claim: only the attempt holding the lease writes them, and the claim checks the
+    # token, so what was verified here is what the attempt starts from.
+    prepared.resume, epoch, step = _load_resume(job_id, candidates, prepared.skipped, settings)
+    prepared.start = (epoch, step)
+    if prepared.resume is None and base is not None:
+        try:
+            prepared.init_from = _model_checkpoint(base, settings)
+        except UserError as exc:
+            prepared.problem = exc
+    return prepared
 
 
-def _run_claimed(job_id: int, number: int, owner: str, spec: TrainSpec | PredictSpec, *,
-                 settings: Settings) -> str:
+def _run_claimed(job_id: int, number: int, owner: str, prepared: _Prepared, *, settings: Settings) -> str:
     """Run a claimed attempt to its end, classifying any failure."""
+    spec = prepared.spec
     recorder = Recorder(
         job_id=job_id, token=number, owner=owner, settings=settings,
         keep_last=spec.checkpoint.keep_last if isinstance(spec, TrainSpec) else 1,
@@ -71,27 +149,32 @@ def _run_claimed(job_id: int, number: int, owner: str, spec: TrainSpec | Predict
     if _shutting_down:
         recorder.request_stop("shutdown")
     try:
+        if prepared.problem is not None:
+            raise prepared.problem
         if isinstance(spec, TrainSpec):
-            return _train(job_id, spec, recorder, settings)
-        return _predict(job_id, spec, recorder, settings)
+            return _train(job_id, spec, prepared, recorder)
+        return _predict(spec, prepared, recorder, settings)
     except StaleAttempt as exc:
         log.warning("event=stale_attempt job_id=%s attempt=%s detail=%s", job_id, number, exc)
         return "stale"
     except JobFailure as exc:
-        return _fail(job_id, number, settings, exc.failure_class, exc.message, retryable=exc.retryable)
+        return _fail(job_id, number, settings, recorder, exc.failure_class, exc.message, retryable=exc.retryable)
     except Exception as exc:  # noqa: BLE001 - classified as internal; traceback to the log, not the API
         log.error("event=internal_error job_id=%s attempt=%s\n%s", job_id, number, traceback.format_exc())
         message = f"internal error ({type(exc).__name__}); operators can find the traceback in the job's log"
-        return _fail(job_id, number, settings, "internal", message, retryable=True, detail=traceback.format_exc())
+        return _fail(job_id, number, settings, recorder, "internal", message, retryable=True,
+                     detail=traceback.format_exc())
     finally:
         _active.discard(recorder)
         recorder.close()
 
 
-def _fail(job_id: int, token: int, settings: Settings, error_class: str, message: str, *, retryable: bool,
-          detail: str | None = None) -> str:
+def _fail(job_id: int, token: int, settings: Settings, recorder: Recorder | None, error_class: str, message: str,
+          *, retryable: bool, detail: str | None = None) -> str:
+    """Requeue or fail the attempt in one transaction, after the metrics it had queued."""
     try:
-        with session_scope(settings.database_url) as session:
+        with (recorder.final(f"{error_class} failure") if recorder is not None
+              else session_scope(settings.database_url, write=True)) as session:
             if detail:
                 attempts.record_event(session=session, job_id=job_id, token=token, kind="traceback",
                                       message=message, data={"traceback": detail})
@@ -107,13 +190,14 @@ def _fail(job_id: int, token: int, settings: Settings, error_class: str, message
     return new_state
 
 
-def _load_resume(job_id: int, token: int, settings: Settings) -> tuple[bytes | None, int, int]:
-    """Bytes, epoch and step of the newest checkpoint that verifies and parses (older ones as fallback)."""
+def _load_resume(job_id: int, candidates: list[tuple], skipped: list[str],
+                 settings: Settings) -> tuple[bytes | None, int, int]:
+    """Bytes, epoch and step of the newest checkpoint that verifies and parses (older ones as fallback).
+
+    Each unusable one adds a message to ``skipped`` (recorded as an event with the claim).
+    """
     from worker.ml import checkpoints
 
-    with session_scope(settings.database_url) as session:
-        rows = attempts.checkpoints_newest_first(session=session, job_id=job_id)
-        candidates = [(c.id, c.path, c.sha256, c.epoch, c.step) for c in rows]
     for ckpt_id, path, digest, epoch, step in candidates:
         try:
             data = storage.read_verified(settings.storage_root, path, digest)
@@ -121,52 +205,35 @@ def _load_resume(job_id: int, token: int, settings: Settings) -> tuple[bytes | N
             return data, epoch, step
         except (OSError, storage.StorageError, checkpoints.UnreadableCheckpoint) as exc:
             log.warning("event=checkpoint_unusable job_id=%s checkpoint=%s error=%s", job_id, ckpt_id, exc)
-            with session_scope(settings.database_url) as session:
-                attempts.record_event(session=session, job_id=job_id, token=token, kind="checkpoint_skipped",
-                                      message=f"checkpoint at epoch {epoch} is unusable ({exc}); trying an older one")
+            skipped.append(f"checkpoint at epoch {epoch} is unusable ({exc}); trying an older one")
     return None, 0, 0
 
 
-def _model_checkpoint(session, model: ModelVersion, settings: Settings) -> bytes:
+def _model_checkpoint(model: tuple[str, str, str], settings: Settings) -> bytes:
     """A model version's checkpoint bytes, verified and parsable; a bad one is the user's (never retried)."""
     from worker.ml import checkpoints
 
-    ckpt = session.get(Checkpoint, model.checkpoint_id)
+    ref, path, digest = model
     try:
-        data = storage.read_verified(settings.storage_root, ckpt.path, ckpt.sha256)
+        data = storage.read_verified(settings.storage_root, path, digest)
         checkpoints.check(data)
     except (OSError, storage.StorageError, checkpoints.UnreadableCheckpoint) as exc:
-        raise UserError(f"model {model.name}@{model.version} cannot be loaded: {exc}; "
-                        "train it again or use another version") from None
+        raise UserError(f"model {ref} cannot be loaded: {exc}; train it again or use another version") from None
     return data
 
 
-def _train(job_id: int, spec: TrainSpec, recorder: Recorder, settings: Settings) -> str:
+def _train(job_id: int, spec: TrainSpec, prepared: _Prepared, recorder: Recorder) -> str:
     from worker.ml import training
 
     failpoints.check_job(spec.name)
-    resume, resume_epoch, resume_step = _load_resume(job_id, recorder.token, settings)
-    init_from = dataset_file = dataset_format = None
-    with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        if resume is None and spec.init_from:
-            init_from = _model_checkpoint(session, _pinned_base(session, job, spec.init_from), settings)
-        if spec.dataset.id.startswith("dataset:"):
-            ds = session.execute(select(Dataset).where(
-                Dataset.id == int(spec.dataset.id.split(":", 1)[1]), Dataset.owner_id == job.owner_id)).scalar_one_or_none()
-            if ds is None:
-                raise UserError(f"dataset {spec.dataset.id} no longer exists")
-            dataset_file, dataset_format = storage.resolve(settings.storage_root, ds.path), ds.format
-        attempts.mark_start(session=session, job_id=job_id, token=recorder.token, owner=recorder.owner,
-                            lease_seconds=settings.lease_seconds, epoch=resume_epoch, step=resume_step,
-                            resumed=resume is not None)
     result = training.train(
-        spec, hooks=recorder, dataset_file=dataset_file, dataset_format=dataset_format,
-        resume=resume, init_from=init_from, device=spec.resources.device,
+        spec, hooks=recorder, dataset_file=prepared.dataset_file, dataset_format=prepared.dataset_format,
+        resume=prepared.resume, init_from=prepared.init_from, device=spec.resources.device,
     )
     if result.stopped:
-        return _stopped(job_id, recorder, result.stopped, settings)
-    with session_scope(settings.database_url) as session:
+        return _stopped(job_id, recorder, result.stopped)
+    # One transaction: the last queued metrics, the model version, the result, the attempt's end.
+    with recorder.final("finish") as session:
         job = session.get(Job, job_id)
         best_id = recorder.best_checkpoint_id or recorder.last_checkpoint_id
         best = session.get(Checkpoint, best_id) if best_id else None
@@ -200,12 +267,12 @@ def _finite(value):
     return value
 
 
-def _stopped(job_id: int, recorder: Recorder, reason: str, settings: Settings) -> str:
+def _stopped(job_id: int, recorder: Recorder, reason: str) -> str:
     if reason == "stale":
         raise StaleAttempt(f"job {job_id}: lease lost")
     if reason == "timeout":
         raise JobTimeout(f"job {job_id} ran past its max_attempt_runtime_s; a checkpoint was saved, retry to continue")
-    with session_scope(settings.database_url) as session:
+    with recorder.final(f"stop ({reason})") as session:
         if reason == "cancel":
             attempts.finish(session=session, job_id=job_id, token=recorder.token, to=states.CANCELLED,
                             message="cancelled by request; checkpoint saved")
@@ -233,19 +300,16 @@ def _pinned_base(session, job: Job, ref: str) -> ModelVersion:
     return model
 
 
-def _predict(job_id: int, spec: PredictSpec, recorder: Recorder, settings: Settings) -> str:
+def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, settings: Settings) -> str:
     from worker.ml import prediction
 
-    with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        model = session.get(ModelVersion, job.model_version_id) if job.model_version_id else None
-        if model is None:
-            raise UserError(f"the model {spec.model!r} no longer exists")
-        data = _model_checkpoint(session, model, settings)
-        model_ref = f"{model.name}@{model.version}"
-    output = prediction.predict(data, list(spec.inputs), device="cpu")
-    with session_scope(settings.database_url) as session:
-        attempts.finish(session=session, job_id=job_id, token=recorder.token, to=states.SUCCEEDED,
+    model_ref, _, digest = prepared.model
+    # A model served recently is in the process's cache under its checkpoint's sha256: no file
+    # read, hash or parse; otherwise the file is read (and verified) here, with no transaction open.
+    output = prediction.predict(lambda: _model_checkpoint(prepared.model, settings), list(spec.inputs),
+                                device="cpu", digest=digest)
+    with recorder.final("finish") as session:
+        attempts.finish(session=session, job_id=recorder.job_id, token=recorder.token, to=states.SUCCEEDED,
                         result=_finite({"model": model_ref, **output}),
                         message=f"predicted {len(spec.inputs)} inputs with {model_ref}")
     return states.SUCCEEDED

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.jobs import states
@@ -18,9 +18,14 @@ from app.models import Attempt, Checkpoint, Job, JobEvent, Metric, ModelVersion,
 
 
 def claim(
-    *, session: Session, job_id: int, token: int, worker: str, host: str, pid: int, lease_seconds: float
+    *, session: Session, job_id: int, token: int, worker: str, host: str, pid: int, lease_seconds: float,
+    start: tuple[int, int] | None = None, resumed: bool = False,
 ) -> Attempt | None:
-    """Take a queued job for one new attempt, or None if it is not claimable with ``token``."""
+    """Take a queued job for one new attempt, or None if it is not claimable with ``token``.
+
+    ``start`` (epoch, step) is where the attempt really starts (the checkpoint it verified before
+    claiming, or (0, 0)); given, it is recorded in the same transaction, as :func:`mark_start` would.
+    """
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.state != states.QUEUED or job.attempts != token:
         return None
@@ -34,21 +39,29 @@ def claim(
         return None
     number = token + 1
     owner = f"{worker}:{pid}:{number}"
+    values: dict[str, Any] = {
+        "attempts": number, "lease_owner": owner,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "started_at": func.coalesce(Job.started_at, now), "error_class": None, "error_message": None,
+    }
+    if start is not None:
+        values.update(epoch=start[0], step=start[1])
+        if resumed:
+            values["resumed_from_epoch"] = start[0]
     ok = states.transition(
-        session, job_id, to=states.RUNNING, expect=states.QUEUED, token=token,
-        values={
-            "attempts": number, "lease_owner": owner,
-            "lease_expires_at": now + timedelta(seconds=lease_seconds),
-            "started_at": func.coalesce(Job.started_at, now), "error_class": None, "error_message": None,
-        },
+        session, job_id, to=states.RUNNING, expect=states.QUEUED, token=token, values=values,
         message=f"attempt {number} started on {worker}",
     )
     if not ok:
         return None
+    # Without ``start``, start_epoch/start_step stay NULL until mark_start knows where it began.
     attempt = Attempt(
         job_id=job_id, number=number, worker=worker, host=host, pid=pid, started_at=now, heartbeat_at=now,
-    )  # start_epoch/start_step stay NULL until mark_start knows which checkpoint it resumed from
+        start_epoch=start[0] if start is not None else None, start_step=start[1] if start is not None else None,
+    )
     session.add(attempt)
+    if start is not None and resumed:
+        record_event(session=session, job_id=job_id, token=number, kind="resumed", message=f"resumed from epoch {start[0]}")
     session.flush()
     return attempt
 
@@ -58,13 +71,17 @@ def lease_owner(attempt: Attempt) -> str:
     return f"{attempt.worker}:{attempt.pid}:{attempt.number}"
 
 
-def renew(*, session: Session, job_id: int, token: int, owner: str, lease_seconds: float) -> Job:
-    """Extend the lease (the fence for every write); returns the fresh job row or raises StaleAttempt."""
+def renew(*, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
+          values: dict[str, Any] | None = None) -> Job:
+    """Extend the lease (the fence for every write); returns the fresh job row or raises StaleAttempt.
+
+    ``values`` are progress columns (epoch, step, progress) set in the same fenced UPDATE.
+    """
     now = utcnow()
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempts == token, Job.state == states.RUNNING, Job.lease_owner == owner)
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now, **(values or {}))
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
@@ -107,13 +124,38 @@ def record_metrics(
         job.epoch, job.step = epoch, step
 
 
+def record_batch(
+    *, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
+    metrics: list[dict[str, Any]], progress: float | None = None,
+) -> Job:
+    """Renew the lease and store queued metrics reports (in order) and progress, all in one fenced write.
+
+    Each report is a dict of scope, epoch, step, values and ``at`` (when it was measured).
+    """
+    changes: dict[str, Any] = {}
+    last = next((m for m in reversed(metrics) if m["scope"] != "test"), None)
+    if last is not None:
+        changes.update(epoch=last["epoch"], step=last["step"])
+    if progress is not None:
+        changes["progress"] = max(0.0, min(1.0, progress))
+    job = renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds, values=changes)
+    if metrics:
+        # One multi-row INSERT; rows go in list order, so ids increase with the order of the reports.
+        session.execute(insert(Metric), [{"job_id": job_id, "attempt": token, **m} for m in metrics])
+    return job
+
+
 def add_checkpoint(
     *, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
     epoch: int, step: int, path: str, size: int, sha256: str, metric_name: str | None,
-    metric_value: float | None, is_best: bool, reason: str,
+    metric_value: float | None, is_best: bool, reason: str, renewed: bool = False,
 ) -> Checkpoint:
-    """Record a checkpoint file written by the attempt holding the lease."""
-    renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds)
+    """Record a checkpoint file written by the attempt holding the lease.
+
+    ``renewed``: the caller already renewed the lease in this transaction (:func:`record_batch`).
+    """
+    if not renewed:
+        renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds)
     if is_best:
         session.execute(update(Checkpoint).where(Checkpoint.job_id == job_id).values(is_best=False))
     row = Checkpoint(

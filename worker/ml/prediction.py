@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,13 +51,24 @@ def signature(checkpoint: bytes) -> dict:
     return checkpoints.signature_of(checkpoint)
 
 
-def load_model(checkpoint: bytes, device: torch.device) -> LoadedModel:
-    """The served model of a checkpoint, from the LRU cache when it was loaded recently."""
-    key = (hashlib.sha256(checkpoint).hexdigest(), str(device))
+def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
+               digest: str | None = None) -> LoadedModel:
+    """The served model of a checkpoint, from the LRU cache when it was loaded recently.
+
+    With ``digest`` (the checkpoint's verified sha256, from its row) a cached model is found
+    without the bytes, and ``checkpoint`` may be a function that reads them, called on a miss only.
+    """
+    if digest is None:
+        if callable(checkpoint):
+            checkpoint = checkpoint()
+        digest = hashlib.sha256(checkpoint).hexdigest()
+    key = (digest, str(device))
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
+    if callable(checkpoint):
+        checkpoint = checkpoint()
     saved = checkpoints.decode(checkpoint)
     sig = saved.signature
     network = build_model(_model_config.validate_python(sig["model"]), ModelShape.from_signature(sig))
@@ -126,20 +138,31 @@ def decode_outputs(loaded: LoadedModel, outputs: np.ndarray) -> list[dict]:
     ]
 
 
-def predict(checkpoint: bytes, inputs: list, *, device: str = "cpu") -> dict:
-    """Predictions for raw ``inputs`` from the model in ``checkpoint``: ``{"predictions": [...]}``."""
+def cached(digest: str, device: str = "cpu") -> bool:
+    """Whether the model of the checkpoint with sha256 ``digest`` is in this process's cache."""
+    with _cache_lock:
+        return (digest, str(resolve_device(device))) in _cache
+
+
+def predict(checkpoint: bytes | Callable[[], bytes], inputs: list, *, device: str = "cpu",
+            digest: str | None = None) -> dict:
+    """Predictions for raw ``inputs`` from the model in ``checkpoint``: ``{"predictions": [...]}``.
+
+    ``checkpoint`` may be a function returning the bytes, called only when ``digest`` (the
+    checkpoint's sha256) is not in the cache.
+    """
     target = resolve_device(device)
     try:
-        return _predict(checkpoint, inputs, target)
+        return _predict(checkpoint, inputs, target, digest)
     except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first, so the traceback's frames can free their tensors
     raise out_of_memory(None, target)
 
 
-def _predict(checkpoint: bytes, inputs: list, device: torch.device) -> dict:
+def _predict(checkpoint, inputs: list, device: torch.device, digest: str | None) -> dict:
     if not inputs:
         return {"predictions": []}
-    loaded = load_model(checkpoint, device)
+    loaded = load_model(checkpoint, device, digest=digest)
     batch = encode_inputs(loaded, inputs)
     outputs = []
     with torch.no_grad():
