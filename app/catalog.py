@@ -12,7 +12,10 @@ CLASSIFICATION = "classification"
 REGRESSION = "regression"
 FORECASTING = "forecasting"
 TEXT_CLASSIFICATION = "text_classification"
-TASKS = (CLASSIFICATION, REGRESSION, FORECASTING, TEXT_CLASSIFICATION)
+IMAGE_CLASSIFICATION = "image_classification"
+TASKS = (CLASSIFICATION, REGRESSION, FORECASTING, TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION)
+# Tasks whose model outputs class scores (cross-entropy, accuracy and F1).
+CLASSIFYING_TASKS = (CLASSIFICATION, TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class BuiltinDataset:
     # How sequence models read one tabular row: (steps, features per step).
     sequence_shape: tuple[int, int] | None = None
     default_window: int | None = None
+    # Image datasets: (channels, height, width) as stored.
+    image_shape: tuple[int, int, int] | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -40,6 +45,10 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         BuiltinDataset(
             "digits", CLASSIFICATION, "scikit-learn", "8x8 images of handwritten digits",
             num_rows=1797, target="digit", num_features=64, num_classes=10, sequence_shape=(8, 8),
+        ),
+        BuiltinDataset(
+            "digits_images", IMAGE_CLASSIFICATION, "scikit-learn", "the digits as 8x8 grey images (for cnn2d)",
+            num_rows=1797, target="digit", num_features=64, num_classes=10, image_shape=(1, 8, 8),
         ),
         BuiltinDataset(
             "iris", CLASSIFICATION, "scikit-learn", "Fisher's iris flowers", num_rows=150,

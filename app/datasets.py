@@ -10,13 +10,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import catalog, storage, task_rules
+from app import catalog, images, storage, task_rules
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.states import TERMINAL
 from app.models import Dataset, Job, User
 from app.settings import Settings
 
-FORMATS = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "parquet": "parquet"}
+FORMATS = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "parquet": "parquet", "zip": "zip"}
 MAX_SAMPLE_VALUES = 5
 PREVIEW_ROWS = 20
 MAX_PREVIEW_ROWS = 200
@@ -26,7 +26,8 @@ def detect_format(filename: str, declared: str | None = None) -> str:
     """The dataset format from an explicit ``format`` field or the file extension."""
     name = (declared or filename.rsplit(".", 1)[-1]).lower()
     if name not in FORMATS:
-        raise SpecError.at("file", f"unsupported format {name!r}; upload CSV (.csv), JSON Lines (.jsonl) or Parquet (.parquet)")
+        raise SpecError.at("file", f"unsupported format {name!r}; upload CSV (.csv), JSON Lines (.jsonl), Parquet (.parquet) "
+                                   "or a zip of images in class folders (.zip)")
     return FORMATS[name]
 
 
@@ -56,19 +57,39 @@ def infer_schema(frame) -> dict[str, Any]:
     for name in frame.columns:
         series = frame[name]
         samples = series.dropna().head(MAX_SAMPLE_VALUES).tolist()
-        columns.append({
+        described = {
             "name": str(name), **task_rules.describe_column(series), "missing": int(series.isna().sum()),
             "samples": [s if isinstance(s, (int, float, bool)) else str(s)[:80] for s in samples],
-        })
+        }
+        if samples and all(isinstance(s, bytes) for s in samples):
+            described.update(_image_column(str(name), samples))
+        columns.append(described)
     return {"columns": columns, "rows": int(frame.shape[0])}
+
+
+def _image_column(name: str, samples: list[bytes]) -> dict[str, Any]:
+    """Facts of a column of encoded images (its first values open as PNG or JPEG), else nothing."""
+    sizes = []
+    for i, value in enumerate(samples):
+        try:
+            sizes.append(list(images.open_image(value, f"column {name!r} row {i + 1}").size))
+        except images.ImageError:
+            return {"samples": [f"<{len(s)} bytes>" for s in samples]}
+    return {"image": True, "image_sizes": sizes, "samples": [f"<image {w}x{h}>" for w, h in sizes]}
+
+
+def _archive_schema(data: bytes) -> dict[str, Any]:
+    try:
+        return images.describe_archive(data)
+    except images.ImageError as exc:
+        raise SpecError.at("file", str(exc)) from None
 
 
 def upload(*, session: Session, owner: User, filename: str, data: bytes, settings: Settings,
            declared_format: str | None = None, name: str | None = None) -> Dataset:
     """Validate and store an uploaded file, record it with its sha256 and inferred schema."""
     fmt = detect_format(filename, declared_format)
-    frame = read_frame(data, fmt)
-    schema = infer_schema(frame)
+    schema = _archive_schema(data) if fmt == "zip" else infer_schema(read_frame(data, fmt))
     relative = f"datasets/{owner.id}/{uuid.uuid4().hex}.{fmt}"
     size, digest = storage.write_atomic(settings.storage_root, relative, data)
     dataset = Dataset(
@@ -111,6 +132,12 @@ def preview(
     limit = max(1, min(limit, MAX_PREVIEW_ROWS))
     path = storage.resolve(settings.storage_root, dataset.path)
     try:
+        if dataset.format == "zip":
+            import zipfile
+
+            with zipfile.ZipFile(path) as archive:
+                members = images.list_members(archive)[:limit]
+            return {"columns": [images.IMAGE_COLUMN, images.LABEL_COLUMN], "rows": [[m.name, m.label] for m in members]}
         if dataset.format == "csv":
             frame = pd.read_csv(path, nrows=limit)
         elif dataset.format == "jsonl":

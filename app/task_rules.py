@@ -10,12 +10,42 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from app.catalog import CLASSIFICATION, FORECASTING, REGRESSION, TEXT_CLASSIFICATION
+from app.catalog import CLASSIFICATION, FORECASTING, IMAGE_CLASSIFICATION, REGRESSION, TASKS, TEXT_CLASSIFICATION
 
 # An integer target with at most this many distinct values is read as class labels.
 MAX_INFERRED_CLASSES = 20
 # The window of a forecasting job whose spec and dataset name none.
 DEFAULT_WINDOW = 16
+# The side images are resized to when neither the spec nor a built-in gives one.
+DEFAULT_IMAGE_SIZE = 32
+
+# Which architectures serve which tasks. Images go to the 2-D CNN, or to the MLP, which reads
+# the pixels flattened; sequence models have no reading of an image, and the 2-D CNN has none
+# of a table, a window or a text.
+_NON_IMAGE_TASKS = tuple(t for t in TASKS if t != IMAGE_CLASSIFICATION)
+ARCHITECTURE_TASKS: dict[str, tuple[str, ...]] = {
+    "mlp": TASKS,
+    "rnn": _NON_IMAGE_TASKS,
+    "lstm": _NON_IMAGE_TASKS,
+    "gru": _NON_IMAGE_TASKS,
+    "transformer": _NON_IMAGE_TASKS,
+    "cnn1d": _NON_IMAGE_TASKS,
+    "cnn2d": (IMAGE_CLASSIFICATION,),
+}
+
+
+def architecture_error(arch: str, task: str) -> str | None:
+    """Why ``arch`` cannot serve ``task``, or None when it can."""
+    tasks = ARCHITECTURE_TASKS.get(arch, ())
+    if task in tasks:
+        return None
+    serving = ", ".join(a for a, ts in ARCHITECTURE_TASKS.items() if task in ts)
+    return f"{arch} does not serve {task} datasets; use one of: {serving}"
+
+
+def image_size(size: int | None, dataset_default: int | None = None) -> int:
+    """The side images are resized to: the spec's, else the built-in's own, else ``DEFAULT_IMAGE_SIZE``."""
+    return size or dataset_default or DEFAULT_IMAGE_SIZE
 
 
 def describe_column(series) -> dict[str, Any]:
@@ -26,14 +56,18 @@ def describe_column(series) -> dict[str, Any]:
     return {"dtype": str(series.dtype), "numeric": numeric, "distinct": int(series.nunique(dropna=True))}
 
 
-def infer_task(*, text_column: str | None, window: int | None, target: Mapping[str, Any] | None) -> str:
+def infer_task(*, text_column: str | None, window: int | None, target: Mapping[str, Any] | None,
+               image_column: str | None = None) -> str:
     """The task a dataset reference implies when it names none.
 
-    A text column means text classification; a window means forecasting; a target that is not
+    An image column (a zip of class folders always has one) means image classification;
+    a text column means text classification; a window means forecasting; a target that is not
     numeric (or unknown), or an integer one with at most ``MAX_INFERRED_CLASSES`` distinct values,
     means classification; any other numeric target means regression. ``target`` holds the facts
     of :func:`describe_column` (as stored in an upload's schema).
     """
+    if image_column is not None:
+        return IMAGE_CLASSIFICATION
     if text_column is not None:
         return TEXT_CLASSIFICATION
     if window is not None:

@@ -73,10 +73,22 @@ class CNN1DConfig(Strict):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
+class CNN2DConfig(Strict):
+    """A 2-D convolutional network over images: conv, batch norm, ReLU, max pool (and dropout) per
+    block, then a global average pool into the head."""
+
+    arch: Literal["cnn2d"]
+    channels: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default=[32, 64], min_length=1, max_length=8, description="output channels of each conv block"
+    )
+    kernel_size: int = Field(default=3, ge=1, le=15)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
 ModelConfig = Annotated[
-    Union[MLPConfig, RecurrentConfig, TransformerConfig, CNN1DConfig], Field(discriminator="arch")
+    Union[MLPConfig, RecurrentConfig, TransformerConfig, CNN1DConfig, CNN2DConfig], Field(discriminator="arch")
 ]
-ARCHITECTURES = ("mlp", "rnn", "lstm", "gru", "transformer", "cnn1d")
+ARCHITECTURES = ("mlp", "rnn", "lstm", "gru", "transformer", "cnn1d", "cnn2d")
 SEQUENCE_ARCHITECTURES = ("rnn", "lstm", "gru", "transformer", "cnn1d")
 
 
@@ -97,6 +109,13 @@ class SplitConfig(Strict):
         return self
 
 
+class ImageAugmentation(Strict):
+    """Random changes to training images only, drawn from a generator seeded by (seed, epoch, image)."""
+
+    horizontal_flip: bool = Field(default=True, description="mirror half of the training images")
+    crop_padding: int = Field(default=2, ge=0, le=64, description="pixels of padding before a random crop back to size")
+
+
 class DatasetRef(Strict):
     """Which data to train on, and which columns play which part."""
 
@@ -104,11 +123,16 @@ class DatasetRef(Strict):
     target: str | None = Field(default=None, max_length=200)
     features: list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=4096)
     text_column: str | None = Field(default=None, max_length=200)
-    task: Literal["classification", "regression", "forecasting", "text_classification"] | None = None
+    image_column: str | None = Field(default=None, max_length=200, description="Parquet column of encoded images")
+    task: Literal["classification", "regression", "forecasting", "text_classification", "image_classification"] | None = None
     window: int | None = Field(default=None, ge=1, le=4096)
     horizon: int = Field(default=1, ge=1, le=512)
     max_tokens: int = Field(default=64, ge=1, le=4096)
     vocab_size: int = Field(default=20000, ge=16, le=1_000_000)
+    image_size: int | None = Field(
+        default=None, ge=4, le=512, description="side in pixels images are resized to (a built-in's own size, else 32)"
+    )
+    augment: ImageAugmentation | None = None
     normalize: bool = True
     split: SplitConfig = SplitConfig()
 

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session
 
-from app import catalog, task_rules
+from app import catalog, images, task_rules
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import DatasetRef, PredictSpec, TrainSpec
@@ -165,6 +165,7 @@ def _check_builtin(ds: DatasetRef) -> str:
         raise SpecError.at("dataset.task", f"{ds.id} is a {meta.task} dataset, not {task}")
     if ds.text_column is not None:
         raise SpecError.at("dataset.text_column", f"{ds.id} has no text column")
+    _check_image_settings(ds, task, image_column=None)
     if ds.window is not None and task != catalog.FORECASTING:
         raise SpecError.at("dataset.window", f"window applies to forecasting; {ds.id} is a {task} dataset")
     if ds.features is not None and task == catalog.FORECASTING:
@@ -176,6 +177,48 @@ def _check_builtin(ds: DatasetRef) -> str:
     return task
 
 
+def _check_image_settings(ds: DatasetRef, task: str, image_column: str | None) -> None:
+    """Image settings apply to image tasks only; an image task reads no feature, text or window."""
+    if task != catalog.IMAGE_CLASSIFICATION:
+        for field, value in (("image_column", ds.image_column), ("image_size", ds.image_size),
+                             ("augment", ds.augment)):
+            if value is not None:
+                raise SpecError.at(f"dataset.{field}", f"{field} applies to image datasets; {ds.id} is a {task} dataset")
+        return
+    if ds.image_column is not None and ds.image_column != image_column:
+        raise SpecError.at("dataset.image_column", f"{ds.image_column!r} is not an image column of {ds.id}")
+    for field, value in (("features", ds.features), ("text_column", ds.text_column), ("window", ds.window)):
+        if value is not None:
+            raise SpecError.at(f"dataset.{field}", f"an image dataset has no {field.replace('_', ' ')}; drop dataset.{field}")
+
+
+def _check_images_upload(dataset: Dataset, ds: DatasetRef, columns: dict) -> str:
+    """Check a spec's use of an uploaded image set (a zip of class folders, or a Parquet image column)."""
+    if dataset.format == "zip":
+        image_column, target = images.IMAGE_COLUMN, ds.target or images.LABEL_COLUMN
+        if target != images.LABEL_COLUMN:
+            raise SpecError.at("dataset.target", f"the labels of {ds.id} are its class folders; leave dataset.target unset")
+    else:
+        image_column, target = ds.image_column, ds.target
+        if image_column is None:
+            raise SpecError.at("dataset.image_column", "image classification needs the column that holds the images")
+        if image_column not in columns or not columns[image_column].get("image"):
+            found = [n for n, c in columns.items() if c.get("image")]
+            raise SpecError.at("dataset.image_column", f"{image_column!r} is not a column of PNG or JPEG images "
+                               f"in {ds.id} (image columns: {', '.join(found) or 'none'})")
+        if target is None:
+            raise SpecError.at("dataset.target", "an uploaded dataset needs a target column")
+        if target not in columns:
+            raise SpecError.at("dataset.target", f"{target!r} is not a column of {ds.id} (columns: {', '.join(columns)})")
+    task = ds.task or task_rules.infer_task(text_column=None, window=None, target=None, image_column=image_column)
+    if task != catalog.IMAGE_CLASSIFICATION:
+        raise SpecError.at("dataset.task", f"{ds.id} holds images; its task is image_classification, not {task}")
+    _check_image_settings(ds, task, image_column)
+    if columns[target]["distinct"] < 2:
+        raise SpecError.at("dataset.target", f"{ds.id} has a single class; a classifier needs two or more")
+    return task
+
+
 def _check_upload(session: Session, user: User, ds: DatasetRef) -> str:
     """Check a spec's use of an uploaded dataset against its stored schema; returns the task."""
     dataset = session.execute(
@@ -184,6 +227,8 @@ def _check_upload(session: Session, user: User, ds: DatasetRef) -> str:
     if dataset is None:
         raise SpecError.at("dataset.id", f"no dataset {ds.id!r}")
     columns = {c["name"]: c for c in dataset.schema.get("columns", [])}
+    if dataset.format == "zip" or ds.image_column is not None or ds.task == catalog.IMAGE_CLASSIFICATION:
+        return _check_images_upload(dataset, ds, columns)
     for field, name in (("dataset.target", ds.target), ("dataset.text_column", ds.text_column)):
         if name is not None and name not in columns:
             raise SpecError.at(field, f"{name!r} is not a column of {ds.id} (columns: {', '.join(columns)})")
@@ -198,6 +243,7 @@ def _check_upload(session: Session, user: User, ds: DatasetRef) -> str:
                                             target=columns.get(ds.target) if ds.target is not None else None)
     if task == catalog.TEXT_CLASSIFICATION and ds.text_column is None:
         raise SpecError.at("dataset.text_column", "text classification needs a text column")
+    _check_image_settings(ds, task, image_column=None)
     if task in (catalog.CLASSIFICATION, catalog.TEXT_CLASSIFICATION) and ds.target is not None:
         if columns[ds.target]["distinct"] < 2:
             raise SpecError.at("dataset.target", f"target {ds.target!r} has a single class; a classifier needs two or more")
@@ -220,6 +266,9 @@ def _check_train(session: Session, user: User, spec: TrainSpec) -> ModelVersion 
     """Check a training spec's cross-references; returns the model version to start from, if any."""
     ds = spec.dataset
     task = check_dataset(session=session, user=user, dataset=ds)
+    refused = task_rules.architecture_error(spec.model.arch, task)
+    if refused:
+        raise SpecError.at("model.arch", refused)
     if task == catalog.TEXT_CLASSIFICATION and spec.model.arch == "cnn1d" and spec.model.kernel_size > ds.max_tokens:
         raise SpecError.at("model.kernel_size", "kernel_size is longer than dataset.max_tokens")
     if spec.resources.gpus > 1:
@@ -236,6 +285,15 @@ def _check_train(session: Session, user: User, spec: TrainSpec) -> ModelVersion 
 def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVersion:
     model = resolve_model(session=session, user=user, ref=spec.model)
     shape = model.signature.get("input_shape") or []
+    if model.task == catalog.IMAGE_CLASSIFICATION:
+        for i, row in enumerate(spec.inputs):
+            if not isinstance(row, str):
+                raise SpecError.at(f"inputs[{i}]", "this image model takes a base64 PNG or JPEG string per input")
+            try:
+                images.decode_input(row, f"inputs[{i}]")
+            except images.ImageError as exc:
+                raise SpecError.at(f"inputs[{i}]", str(exc)) from None
+        return model
     if model.task == catalog.TEXT_CLASSIFICATION:
         for i, row in enumerate(spec.inputs):
             if not isinstance(row, str):

@@ -21,12 +21,12 @@ from werkzeug.datastructures import MultiDict
 
 from app.jobs.errors import SpecError
 from app.jobs.schemas import (
-    ARCHITECTURES, CNN1DConfig, MLPConfig, PredictSpec, RecurrentConfig, TrainSpec, TransformerConfig,
+    ARCHITECTURES, CNN1DConfig, CNN2DConfig, MLPConfig, PredictSpec, RecurrentConfig, TrainSpec, TransformerConfig,
 )
 
 ARCH_CONFIGS: dict[str, type[BaseModel]] = {
     "mlp": MLPConfig, "rnn": RecurrentConfig, "lstm": RecurrentConfig, "gru": RecurrentConfig,
-    "transformer": TransformerConfig, "cnn1d": CNN1DConfig,
+    "transformer": TransformerConfig, "cnn1d": CNN1DConfig, "cnn2d": CNN2DConfig,
 }
 
 # One line of help where the schema's Field has no description (a description, when there is one, wins).

@@ -219,3 +219,72 @@ def test_text_classification_on_an_uploaded_csv(client, auth, worker):
     bad = client.post("/api/v1/jobs", json={"kind": "predict", "model": "topics@latest", "inputs": [[1, 2]]},
                       headers=auth)
     assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "inputs[0]"
+
+
+def _shape_png(label: str, rng, size: int = 12) -> bytes:
+    """A bright vertical bar or a ring on a noisy dark background, as RGB PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    image = rng.integers(0, 60, (size, size, 3))
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(4, size - 4, 2)
+    mask = (abs(xx - cx) <= 1) if label == "bar" else (abs(np.hypot(yy - cy, xx - cx) - 3) < 1)
+    image[mask] = 230
+    out = io.BytesIO()
+    Image.fromarray(image.astype(np.uint8), "RGB").save(out, "PNG")
+    return out.getvalue()
+
+
+def _predict_shapes(client, auth, worker, model_ref: str) -> None:
+    import base64
+
+    rng = np.random.default_rng(123)  # images no training job saw
+    labels = ["circle", "bar", "bar", "circle"]
+    inputs = [base64.b64encode(_shape_png(label, rng)).decode() for label in labels]
+    r = client.post("/api/v1/jobs", json={"kind": "predict", "model": model_ref, "inputs": inputs}, headers=auth)
+    assert r.status_code == 201, r.get_json()
+    pred = wait_for_job(client, auth, r.get_json()["id"], worker=worker)
+    assert pred["state"] == "succeeded", pred
+    assert [p["class"] for p in pred["result"]["predictions"]] == labels
+    assert all(len(p["probabilities"]) == 2 for p in pred["result"]["predictions"])
+    for bad_input in ("%%% not base64 %%%", base64.b64encode(b"plain text, not a picture").decode(), [1.0, 2.0]):
+        bad = client.post("/api/v1/jobs", json={"kind": "predict", "model": model_ref,
+                                                "inputs": [inputs[0], bad_input]}, headers=auth)
+        assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "inputs[1]", bad.get_json()
+
+
+@pytest.mark.parametrize("container", ["zip", "parquet"])
+def test_uploaded_images_train_a_cnn_and_predict_held_out_images(client, auth, worker, container):
+    import io
+    import zipfile
+
+    import pandas as pd
+
+    rng = np.random.default_rng(7)
+    labels = ["bar", "circle"] * 40
+    pictures = [_shape_png(label, rng) for label in labels]
+    if container == "zip":
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as archive:
+            for i, (label, data) in enumerate(zip(labels, pictures)):
+                archive.writestr(f"{label}/{i:03d}.png", data)
+        dataset = {}
+    else:
+        out = io.BytesIO()
+        pd.DataFrame({"png": pictures, "shape": labels}).to_parquet(out)
+        dataset = {"image_column": "png", "target": "shape"}
+    r = client.post("/api/v1/datasets", headers=auth, content_type="multipart/form-data",
+                    data={"file": (io.BytesIO(out.getvalue()), f"shapes.{container}")})
+    assert r.status_code == 201, r.get_json()
+    spec = {"kind": "train", "name": f"shapes-{container}", "model": {"arch": "cnn2d", "channels": [16, 32]},
+            "dataset": {"id": r.get_json()["id"], "image_size": 12, **dataset,
+                        "augment": {"horizontal_flip": True, "crop_padding": 1}},
+            "hyperparameters": {"epochs": 12, "batch_size": 16, "learning_rate": 0.01}}
+    r = client.post("/api/v1/jobs", json=spec, headers=auth)
+    assert r.status_code == 201, r.get_json()
+    job = wait_for_job(client, auth, r.get_json()["id"], worker=worker)
+    assert job["state"] == "succeeded", job
+    assert job["result"]["test_metrics"]["test_accuracy"] >= 0.9, job["result"]["test_metrics"]
+    _predict_shapes(client, auth, worker, f"shapes-{container}@latest")

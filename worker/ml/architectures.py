@@ -4,7 +4,9 @@ Every architecture serves every task through the same three inputs:
 - ``vector``: a tabular row; the MLP reads it flat, sequence models as ``sequence_shape``
   (digits: 8 steps of 8 pixels; other tables: one feature per step);
 - ``sequence``: a forecasting window (steps, 1); the MLP flattens it;
-- ``tokens``: token ids, embedded; the MLP averages the embeddings of the real tokens.
+- ``tokens``: token ids, embedded; the MLP averages the embeddings of the real tokens;
+- ``image``: pixels (channels, height, width); the 2-D CNN reads them as they are, the MLP flat.
+Which architecture serves which task is ``app.task_rules.ARCHITECTURE_TASKS``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from app.catalog import TASKS
-from app.jobs.schemas import CNN1DConfig, MLPConfig, RecurrentConfig, TransformerConfig
+from app.jobs.schemas import CNN1DConfig, CNN2DConfig, MLPConfig, RecurrentConfig, TransformerConfig
+from app.task_rules import ARCHITECTURE_TASKS
 from worker.ml.text import PAD_ID
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -28,17 +30,19 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 class ModelShape:
     """What a network reads and what it must produce."""
 
-    input_kind: str  # "vector" | "sequence" | "tokens"
+    input_kind: str  # "vector" | "sequence" | "tokens" | "image"
     sequence_shape: tuple[int, int]  # (steps, features per step) for sequence models
     num_outputs: int
     vocab_size: int = 0
+    image_shape: tuple[int, int, int] | None = None  # (channels, height, width) of images
 
     @classmethod
     def from_signature(cls, signature: dict) -> "ModelShape":
         """The shape recorded in a model signature."""
         steps, channels = signature["sequence_shape"]
+        image = signature.get("image_shape")
         return cls(signature["input_kind"], (int(steps), int(channels)), int(signature["num_outputs"]),
-                   int(signature.get("vocab_size") or 0))
+                   int(signature.get("vocab_size") or 0), tuple(int(n) for n in image) if image else None)
 
 
 def masked_mean(seq: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -193,13 +197,40 @@ class CNN1DBody(nn.Module):
         return masked_mean(hidden.transpose(1, 2), mask)
 
 
+class CNN2DBody(nn.Module):
+    """Blocks of same-padded conv, batch norm, ReLU, 2x2 max pool (while the image is at least
+    2 pixels high and wide) and dropout, then a global average over the remaining pixels."""
+
+    def __init__(self, config: CNN2DConfig, image_shape: tuple[int, int, int]):
+        super().__init__()
+        width, side = image_shape[0], min(image_shape[1:])
+        blocks: list[nn.Module] = []
+        for channels in config.channels:
+            # No bias: the batch norm right after adds its own shift.
+            block = [nn.Conv2d(width, channels, config.kernel_size, padding="same", bias=False),
+                     nn.BatchNorm2d(channels), nn.ReLU()]
+            if side >= 2:
+                block.append(nn.MaxPool2d(2))
+                side //= 2
+            if config.dropout:
+                block.append(nn.Dropout(config.dropout))
+            blocks.append(nn.Sequential(*block))
+            width = channels
+        self.blocks = nn.Sequential(*blocks)
+        self.out_features = width
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Features (batch, last channels)."""
+        return self.blocks(images).mean(dim=(2, 3))
+
+
 class Network(nn.Module):
     """Input front (reshape or token embedding), an architecture's body, and a linear head."""
 
     def __init__(self, body: nn.Module, shape: ModelShape, embedding_dim: int):
         super().__init__()
         self.input_kind = shape.input_kind
-        self.sequence_shape = shape.sequence_shape
+        self.sequence_shape = shape.image_shape if shape.input_kind == "image" else shape.sequence_shape
         self.embedding = None
         if shape.input_kind == "tokens":
             self.embedding = nn.Embedding(shape.vocab_size, embedding_dim, padding_idx=PAD_ID)
@@ -225,23 +256,36 @@ class Architecture:
     config_type: type
     build_body: Callable[[object, int, int], nn.Module]  # (config, features per step, steps)
     embedding_dim: Callable[[object], int]
-    tasks: tuple[str, ...] = TASKS
+    # (config, (channels, height, width)): the body over images, for architectures that read them.
+    build_image_body: Callable[[object, tuple[int, int, int]], nn.Module] | None = None
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks this architecture serves (the rule lives in ``app.task_rules``)."""
+        return ARCHITECTURE_TASKS[self.name]
 
 
 def _recurrent(name: str) -> Architecture:
     return Architecture(name, RecurrentConfig, lambda c, f, s: RecurrentBody(c, f), lambda c: c.hidden_size)
 
 
+def _no_sequence_body(config, per_step: int, steps: int) -> nn.Module:
+    raise ValueError(f"{config.arch} reads images only")
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
         Architecture("mlp", MLPConfig, lambda c, f, s: MLPBody(c, f * s),
-                     lambda c: c.hidden_sizes[0] if c.hidden_sizes else 64),
+                     lambda c: c.hidden_sizes[0] if c.hidden_sizes else 64,
+                     lambda c, shape: MLPBody(c, shape[0] * shape[1] * shape[2])),
         _recurrent("rnn"),
         _recurrent("lstm"),
         _recurrent("gru"),
         Architecture("transformer", TransformerConfig, lambda c, f, s: TransformerBody(c, f, s), lambda c: c.d_model),
         Architecture("cnn1d", CNN1DConfig, lambda c, f, s: CNN1DBody(c, f), lambda c: c.channels[0]),
+        Architecture("cnn2d", CNN2DConfig, _no_sequence_body, lambda c: c.channels[0],
+                     lambda c, shape: CNN2DBody(c, shape)),
     )
 }
 
@@ -249,6 +293,10 @@ ARCHITECTURES: dict[str, Architecture] = {
 def build_model(config, shape: ModelShape) -> Network:
     """A fresh network for ``config`` (a schemas model config) reading and producing ``shape``."""
     architecture = ARCHITECTURES[config.arch]
+    if shape.input_kind == "image":
+        if architecture.build_image_body is None or shape.image_shape is None:
+            raise ValueError(f"{config.arch} does not read images")
+        return Network(architecture.build_image_body(config, shape.image_shape), shape, 0)
     steps, per_step = shape.sequence_shape
     if shape.input_kind == "tokens":
         per_step = architecture.embedding_dim(config)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from app.catalog import BUILTIN_DATASETS, UPLOAD_PREFIX, builtin
+from app.catalog import BUILTIN_DATASETS, IMAGE_CLASSIFICATION, UPLOAD_PREFIX, builtin
 from app.jobs.errors import UserError
 from app.jobs.schemas import DatasetRef, SplitConfig
 
-UPLOAD_FORMATS = ("csv", "jsonl", "parquet")
+UPLOAD_FORMATS = ("csv", "jsonl", "parquet", "zip")
 
 
 @dataclass
@@ -31,6 +31,9 @@ class Table:
     classes: list | None = None
     sequence_shape: tuple[int, int] | None = None
     default_window: int | None = None
+    # Image sets: pixels (rows, channels, h, w) in [0, 1] of a built-in, or the encoded files of a zip.
+    images: np.ndarray | list[bytes] | None = None
+    image_shape: tuple[int, int, int] | None = None
 
 
 def split_indices(n: int, split: SplitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -62,7 +65,13 @@ def load_table(dataset: DatasetRef, dataset_file: Path | None, dataset_format: s
     if dataset.id.startswith(UPLOAD_PREFIX):
         if dataset_file is None:
             raise ValueError(f"{dataset.id} needs dataset_file and dataset_format")
-        return Table(frame=read_upload(Path(dataset_file), dataset_format or _format_of(dataset_file)))
+        fmt = dataset_format or _format_of(dataset_file)
+        if fmt == "zip":
+            from worker.ml.images import read_archive
+
+            encoded, labels = read_archive(Path(dataset_file))
+            return Table(frame=labels, task=IMAGE_CLASSIFICATION, target=labels.columns[0], images=encoded)
+        return Table(frame=read_upload(Path(dataset_file), fmt))
     entry = builtin(dataset.id)
     if entry is None:
         raise UserError(f"unknown built-in dataset {dataset.id!r}; choose one of "
@@ -108,6 +117,7 @@ def _load_builtin(name: str) -> Table:
     table.target = entry.target
     table.sequence_shape = entry.sequence_shape
     table.default_window = entry.default_window
+    table.image_shape = entry.image_shape
     return table
 
 
@@ -126,6 +136,14 @@ def _sklearn_table(loader_name: str, target: str, *, class_names: bool = True, *
 
 def _digits() -> Table:
     return _sklearn_table("load_digits", "digit")
+
+
+def _digits_images() -> Table:
+    # Pixels 0..16 scaled to [0, 1], as a PNG's 0..255 would be; the flat columns stay for load_builtin_raw.
+    table = _digits()
+    pixels = table.frame[table.feature_names].to_numpy(dtype=np.float32) / 16.0
+    table.images = pixels.reshape(-1, 1, 8, 8)
+    return table
 
 
 def _iris() -> Table:
@@ -170,6 +188,7 @@ def _sine() -> Table:
 
 _BUILTIN_LOADERS = {
     "digits": _digits,
+    "digits_images": _digits_images,
     "iris": _iris,
     "wine": _wine,
     "breast_cancer": _breast_cancer,

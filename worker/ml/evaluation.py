@@ -11,10 +11,11 @@ from sklearn.metrics import f1_score, mean_absolute_error, r2_score, root_mean_s
 from torch import nn
 from torch.nn import functional as F
 
+from app.catalog import CLASSIFYING_TASKS
 from worker.ml.devices import autocast_for
 from worker.ml.preparation import FORECASTING, REGRESSION, Standardizer
 
-CLASSIFYING = ("classification", "text_classification")
+CLASSIFYING = CLASSIFYING_TASKS
 
 
 def loss_sum(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

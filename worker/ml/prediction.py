@@ -93,6 +93,8 @@ def clear_cache() -> None:
 def encode_inputs(loaded: LoadedModel, inputs: list) -> torch.Tensor:
     """Raw rows as the model's input tensor, normalised with the training statistics."""
     sig = loaded.signature
+    if sig["input_kind"] == "image":
+        return _encode_images(loaded, inputs)
     if sig["input_kind"] == "tokens":
         for i, row in enumerate(inputs):
             if not isinstance(row, str):
@@ -114,6 +116,27 @@ def encode_inputs(loaded: LoadedModel, inputs: list) -> torch.Tensor:
             raise UserError(f"inputs[{i}] contains a value that is not a finite number")
         rows.append(values.reshape(shape))
     batch = np.stack(rows)
+    if loaded.features is not None:
+        batch = loaded.features.apply(batch)
+    return torch.from_numpy(batch.astype(np.float32))
+
+
+def _encode_images(loaded: LoadedModel, inputs: list) -> torch.Tensor:
+    """Base64 PNG or JPEG inputs through the evaluation transforms: decode, resize, normalise."""
+    from app import images as image_rules
+    from worker.ml import images
+
+    channels, side = int(loaded.signature["channels"]), int(loaded.signature["image_size"])
+    rows = []
+    for i, row in enumerate(inputs):
+        if not isinstance(row, str):
+            raise UserError(f"inputs[{i}] must be a base64 PNG or JPEG string; this model classifies images")
+        try:
+            encoded = image_rules.decode_input(row, f"inputs[{i}]")
+        except image_rules.ImageError as exc:
+            raise UserError(str(exc)) from None
+        rows.append(images.to_pixels(encoded, f"inputs[{i}]", channels, side).numpy())
+    batch = np.stack(rows).astype(np.float64)
     if loaded.features is not None:
         batch = loaded.features.apply(batch)
     return torch.from_numpy(batch.astype(np.float32))

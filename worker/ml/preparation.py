@@ -12,15 +12,18 @@ Decisions a user may notice:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from app.catalog import CLASSIFICATION, FORECASTING, REGRESSION, TEXT_CLASSIFICATION
+from app.catalog import (
+    CLASSIFICATION, CLASSIFYING_TASKS, FORECASTING, IMAGE_CLASSIFICATION, REGRESSION, TEXT_CLASSIFICATION,
+)
 from app.jobs.errors import UserError
 from app.jobs.schemas import DatasetRef
-from app.task_rules import describe_column, forecast_window, infer_task
+from app.task_rules import describe_column, forecast_window, image_size, infer_task
 from worker.ml.datasets import Table, split_indices
 from worker.ml.text import Tokenizer
 
@@ -58,6 +61,8 @@ class PreparedData:
     features: Standardizer | None = None
     targets: Standardizer | None = None
     tokenizer: Tokenizer | None = None
+    # Images: (batch, indices, seed, epoch) -> the batch augmented (training batches only).
+    augment: Callable | None = None
 
 
 def prepare(dataset: DatasetRef, table: Table) -> PreparedData:
@@ -68,10 +73,14 @@ def prepare(dataset: DatasetRef, table: Table) -> PreparedData:
         raise UserError(f"dataset.window applies to forecasting, and this is a {task} job")
     if dataset.text_column is not None and task != TEXT_CLASSIFICATION:
         raise UserError(f"dataset.text_column applies to text classification, and this is a {task} job")
+    if task != IMAGE_CLASSIFICATION and (dataset.image_column, dataset.image_size, dataset.augment) != (None,) * 3:
+        raise UserError(f"dataset.image_column, image_size and augment apply to images, and this is a {task} job")
     if task == FORECASTING:
         data = _prepare_forecasting(dataset, table)
     elif task == TEXT_CLASSIFICATION:
         data = _prepare_text(dataset, table)
+    elif task == IMAGE_CLASSIFICATION:
+        data = _prepare_images(dataset, table)
     else:
         data = _prepare_tabular(dataset, table, task)
     data.signature.update(task=task, dataset=dataset.id, normalize=dataset.normalize)
@@ -86,8 +95,9 @@ def _task_of(dataset: DatasetRef, table: Table) -> str:
         return table.task
     if dataset.task is not None:
         return dataset.task
-    if dataset.text_column is not None or dataset.window is not None:
-        return infer_task(text_column=dataset.text_column, window=dataset.window, target=None)
+    if dataset.text_column is not None or dataset.window is not None or dataset.image_column is not None:
+        return infer_task(text_column=dataset.text_column, window=dataset.window, target=None,
+                          image_column=dataset.image_column)
     target = _column(table.frame, dataset.target or table.frame.columns[-1], "target")
     return infer_task(text_column=None, window=None, target=describe_column(table.frame[target]))
 
@@ -186,7 +196,7 @@ def _prepare_tabular(dataset: DatasetRef, table: Table, task: str) -> PreparedDa
 
 
 def _target_dtype(y: np.ndarray, task: str) -> np.ndarray:
-    return y.astype(np.int64) if task in (CLASSIFICATION, TEXT_CLASSIFICATION) else y.astype(np.float32)
+    return y.astype(np.int64) if task in CLASSIFYING_TASKS else y.astype(np.float32)
 
 
 def _prepare_forecasting(dataset: DatasetRef, table: Table) -> PreparedData:
@@ -259,3 +269,50 @@ def _prepare_text(dataset: DatasetRef, table: Table) -> PreparedData:
         "text_column": text_column, "max_tokens": dataset.max_tokens, "vocab_size": len(tokenizer.vocabulary),
     }
     return PreparedData(TEXT_CLASSIFICATION, splits, signature, tokenizer=tokenizer)
+
+
+def _prepare_images(dataset: DatasetRef, table: Table) -> PreparedData:
+    import torch
+
+    from worker.ml import images
+
+    if dataset.features or dataset.text_column or dataset.window:
+        raise UserError("an image dataset reads only its images and labels; drop features, text_column and window")
+    frame = table.frame
+    target = _target_of(dataset, table)
+    own_side = table.image_shape[-1] if table.image_shape else None
+    side = image_size(dataset.image_size, own_side)
+    if isinstance(table.images, np.ndarray):  # a built-in's pixels
+        channels = table.images.shape[1]
+        pixels = images.resize(torch.from_numpy(np.ascontiguousarray(table.images, dtype=np.float32)), side).numpy()
+        source = "image"
+    else:
+        if table.images is not None:
+            encoded, source = table.images, "image"
+        else:
+            source = _column(frame, dataset.image_column or "image", "image")
+            encoded = frame[source].tolist()
+            for i, value in enumerate(encoded):
+                if not isinstance(value, (bytes, bytearray)):
+                    raise UserError(f"column {source!r} holds no encoded image at row {i + 1}")
+        channels = 3  # uploads are read as RGB, whatever their mode
+        pixels = images.pixels_of(encoded, "image {i}", channels, side)
+    y, classes = _labels(table, target)
+    parts = _split(len(frame), dataset)
+    mean, std = images.channel_statistics(pixels[parts["train"]])
+    scale = Standardizer(mean, std) if dataset.normalize else None
+    if scale is not None:
+        pixels = scale.apply(pixels)
+    splits = {name: (pixels[idx].astype(np.float32), y[idx]) for name, idx in parts.items()}
+    shape = [channels, side, side]
+    signature = {
+        "input_kind": "image", "input_shape": shape, "sequence_shape": [channels * side, side],
+        "image_shape": shape, "image_size": side, "channels": channels,
+        "image_mean": [float(v) for v in mean.ravel()] if scale is not None else None,
+        "image_std": [float(v) for v in std.ravel()] if scale is not None else None,
+        "num_outputs": len(classes), "classes": classes, "target": target, "feature_names": [source],
+        "image_column": source,
+    }
+    return PreparedData(IMAGE_CLASSIFICATION, splits, signature, features=scale,
+                        augment=images.augmenter(IMAGE_CLASSIFICATION, dataset.augment))
+

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from app.jobs.errors import UserError
 from app.jobs.schemas import TrainSpec
+from app.task_rules import architecture_error
 from worker.ml import checkpoints
 from worker.ml.architectures import ModelShape, build_model
 from worker.ml.datasets import load_table
@@ -99,6 +101,9 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     hp = spec.hyperparameters
     torch.manual_seed(hp.seed)
     data = prepare(spec.dataset, load_table(spec.dataset, dataset_file, dataset_format))
+    refused = architecture_error(spec.model.arch, data.task)
+    if refused:
+        raise UserError(refused)
     signature = {**data.signature, "arch": spec.model.arch, "model": spec.model.model_dump(mode="json"),
                  "format": SIGNATURE_FORMAT}
     model = build_model(spec.model, ModelShape.from_signature(signature)).to(device)
@@ -154,6 +159,8 @@ def train_epoch(run: Run) -> str | None:
         group_loss = torch.zeros((), dtype=torch.float64, device=run.device)
         for indices in group:
             xb, yb = to_device(x[indices], run.device), to_device(y[indices], run.device)
+            if run.data.augment is not None:
+                xb = run.data.augment(xb, indices, hp.seed, progress.epoch)
             with run.autocast():
                 outputs = model(xb)
             # Dividing the summed loss by the group's samples makes k accumulated micro-batches

@@ -8,6 +8,7 @@ from pydantic import TypeAdapter
 
 from app.jobs.schemas import ARCHITECTURES as SCHEMA_ARCHITECTURES
 from app.jobs.schemas import ModelConfig
+from app.task_rules import ARCHITECTURE_TASKS
 from worker.ml.architectures import ARCHITECTURES, ModelShape, build_model
 
 CONFIGS = {
@@ -17,7 +18,10 @@ CONFIGS = {
     "gru": {"arch": "gru", "hidden_size": 8, "num_layers": 2, "bidirectional": True},
     "transformer": {"arch": "transformer", "d_model": 8, "nhead": 2, "num_layers": 1, "dim_feedforward": 16},
     "cnn1d": {"arch": "cnn1d", "channels": [4, 8, 8], "kernel_size": 3, "dropout": 0.1},
+    # Three pooled blocks take a 6-pixel image to 3, then 1: the last block must not pool further.
+    "cnn2d": {"arch": "cnn2d", "channels": [4, 8, 8], "kernel_size": 3, "dropout": 0.1},
 }
+IMAGE_SHAPE = (3, 6, 6)
 # (task, input kind, sequence shape, outputs, a batch of inputs, targets)
 TASK_INPUTS = {
     "classification": ("vector", (8, 8), 10, lambda: torch.randn(5, 64), lambda: torch.randint(0, 10, (5,))),
@@ -30,6 +34,7 @@ TASK_INPUTS = {
                               [1, 2, 3, 0, 0, 0]]),
         lambda: torch.tensor([0, 1, 1, 0, 1]),
     ),
+    "image_classification": ("image", (18, 6), 4, lambda: torch.randn(5, *IMAGE_SHAPE), lambda: torch.randint(0, 4, (5,))),
 }
 _config = TypeAdapter(ModelConfig)
 
@@ -38,13 +43,19 @@ def test_registry_matches_the_schema_architectures():
     assert tuple(ARCHITECTURES) == SCHEMA_ARCHITECTURES
 
 
-@pytest.mark.parametrize("task", sorted(TASK_INPUTS))
-@pytest.mark.parametrize("arch", SCHEMA_ARCHITECTURES)
+def test_every_architecture_and_task_pair_has_a_rule_and_a_test_input():
+    assert set(ARCHITECTURE_TASKS) == set(SCHEMA_ARCHITECTURES)
+    assert {t for ts in ARCHITECTURE_TASKS.values() for t in ts} == set(TASK_INPUTS)
+
+
+@pytest.mark.parametrize("arch,task", [(a, t) for a in SCHEMA_ARCHITECTURES for t in sorted(ARCHITECTURE_TASKS[a])])
 def test_forward_and_backward_for_every_task(arch, task):
     kind, sequence_shape, outputs, make_x, make_y = TASK_INPUTS[task]
     assert task in ARCHITECTURES[arch].tasks
     torch.manual_seed(0)
-    model = build_model(_config.validate_python(CONFIGS[arch]), ModelShape(kind, sequence_shape, outputs, vocab_size=10))
+    image_shape = IMAGE_SHAPE if kind == "image" else None
+    shape = ModelShape(kind, sequence_shape, outputs, vocab_size=10, image_shape=image_shape)
+    model = build_model(_config.validate_python(CONFIGS[arch]), shape)
     x, y = make_x(), make_y()
     out = model(x)
     assert out.shape == (5, outputs)
@@ -81,12 +92,13 @@ def test_padding_does_not_change_a_text_prediction():
         assert torch.allclose(a, b, atol=1e-5), arch
 
 
-@pytest.mark.parametrize("task", ["classification", "text_classification"])
-@pytest.mark.parametrize("arch", SCHEMA_ARCHITECTURES)
+@pytest.mark.parametrize("arch,task", [(a, t) for a in SCHEMA_ARCHITECTURES for t in sorted(ARCHITECTURE_TASKS[a])
+                                       if t in ("classification", "text_classification", "image_classification")])
 def test_every_architecture_runs_under_bf16_autocast(arch, task):
     # CUDA trains under bf16 autocast; CPU autocast exercises the same casts (RNNs opt out to fp32).
     kind, sequence_shape, outputs, make_x, make_y = TASK_INPUTS[task]
-    model = build_model(_config.validate_python(CONFIGS[arch]), ModelShape(kind, sequence_shape, outputs, vocab_size=10))
+    shape = ModelShape(kind, sequence_shape, outputs, vocab_size=10, image_shape=IMAGE_SHAPE if kind == "image" else None)
+    model = build_model(_config.validate_python(CONFIGS[arch]), shape)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = model(make_x())
     loss = torch.nn.functional.cross_entropy(out.float(), make_y())

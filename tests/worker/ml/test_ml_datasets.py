@@ -35,6 +35,10 @@ def test_every_catalog_entry_loads_with_the_stated_shape(name):
         assert sig["input_shape"] == [entry.default_window, 1]
         assert entry.num_features == 1
         assert np.isfinite(table.frame[entry.target]).all()
+    elif entry.image_shape:
+        assert sum(sig["rows"].values()) == entry.num_rows
+        assert tuple(sig["input_shape"]) == entry.image_shape == table.images.shape[1:]
+        assert int(np.prod(entry.image_shape)) == entry.num_features
     else:
         assert sum(sig["rows"].values()) == entry.num_rows
         assert len(sig["feature_names"]) == entry.num_features
