@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 import zipfile
 
 import numpy as np
@@ -35,12 +34,10 @@ def digit_png(row: np.ndarray) -> str:
     return base64.b64encode(png(np.round(row.reshape(8, 8) * 255 / 16))).decode()
 
 
-def test_cnn2d_on_digit_images_reaches_the_bar_fast_and_predicts_pngs(spec_for, hooks):
-    started = time.perf_counter()
+def test_cnn2d_on_digit_images_reaches_the_bar_and_predicts_pngs(spec_for, hooks):
+    # Time is not asserted here (benchmarks measure speed); the preset takes seconds on one thread.
     result = train(spec_for("cnn2d", "builtin:digits_images", model=CNN, epochs=8, learning_rate=0.01), hooks=hooks)
-    elapsed = time.perf_counter() - started
     assert result.test_metrics["test_accuracy"] >= 0.97, result.test_metrics
-    assert elapsed < 60, f"the tiny preset took {elapsed:.1f}s"
     sig = result.signature
     assert (sig["input_kind"], sig["image_shape"], sig["image_size"]) == ("image", [1, 8, 8], 8)
     assert len(sig["image_mean"]) == 1 and sig["image_std"][0] > 0
