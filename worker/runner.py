@@ -183,6 +183,8 @@ def _train(job_id: int, spec: TrainSpec, recorder: Recorder, settings: Settings)
                 "final_metrics": final, "test_metrics": tested, "best_epoch": result.best_epoch,
                 "best_metric": _finite({result.best_metric_name: result.best_metric_value}),
                 "epochs_completed": result.epochs_completed, "model": f"{version.name}@{version.version}",
+                "parameters": result.signature.get("parameters"),
+                "trainable_parameters": result.signature.get("trainable_parameters"),
             },
             message=f"trained {result.epochs_completed} epochs; registered {version.name}@{version.version}",
         )
@@ -236,14 +238,19 @@ def _pinned_base(session, job: Job, ref: str) -> ModelVersion:
 def _predict(job_id: int, spec: PredictSpec, recorder: Recorder, settings: Settings) -> str:
     from worker.ml import prediction
 
-    with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        model = session.get(ModelVersion, job.model_version_id) if job.model_version_id else None
-        if model is None:
-            raise UserError(f"the model {spec.model!r} no longer exists")
-        data = _model_checkpoint(session, model, settings)
-        model_ref = f"{model.name}@{model.version}"
-    output = prediction.predict(data, list(spec.inputs), device="cpu")
+    if spec.model.startswith("pretrained:"):
+        # A catalog model as it ships: embeddings only (the spec refuses anything else).
+        data, model_ref = None, spec.model
+    else:
+        with session_scope(settings.database_url) as session:
+            job = session.get(Job, job_id)
+            model = session.get(ModelVersion, job.model_version_id) if job.model_version_id else None
+            if model is None:
+                raise UserError(f"the model {spec.model!r} no longer exists")
+            data = _model_checkpoint(session, model, settings)
+            model_ref = f"{model.name}@{model.version}"
+    output = prediction.predict(data, list(spec.inputs), device="cpu", output=spec.output,
+                                compare_with=spec.compare_with, base=spec.model.partition(":")[2] or None)
     with session_scope(settings.database_url) as session:
         attempts.finish(session=session, job_id=job_id, token=recorder.token, to=states.SUCCEEDED,
                         result=_finite({"model": model_ref, **output}),
