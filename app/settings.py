@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     # How often a worker sweeps Redis for unacked messages past the visibility timeout.
     unacked_restore_seconds: int = 10
     max_upload_bytes: int = 200 * 1024 * 1024
+    # The device memory a training job's model may need (app/sizing.py's estimate), checked at
+    # submit. Workers do not report their device memory yet, so this setting is the bound.
+    max_model_bytes: int = 16 * 1024**3
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # /metrics: a bearer token it requires, and/or a port of its own (then never on the web port).

@@ -31,6 +31,9 @@ ARCHITECTURE_TASKS: dict[str, tuple[str, ...]] = {
     "transformer": _NON_IMAGE_TASKS,
     "cnn1d": _NON_IMAGE_TASKS,
     "cnn2d": (IMAGE_CLASSIFICATION,),
+    # Fine-tuned catalog models read a text column: a class (or a number, with a regression head)
+    # per text. Which head a catalog entry supports is checked against the catalog at submit.
+    "pretrained": (TEXT_CLASSIFICATION, CLASSIFICATION, REGRESSION),
 }
 
 

@@ -11,6 +11,10 @@ from celery.signals import setup_logging, worker_process_init, worker_shutting_d
 
 from app.settings import CELERY
 
+# Pretrained models load from installed packages only; nothing in a worker may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 log = logging.getLogger(__name__)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -101,6 +102,8 @@ def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
             return prepared
         try:
             if isinstance(prepared.spec, PredictSpec):
+                if prepared.spec.model.startswith("pretrained:"):
+                    return prepared  # a catalog model as it ships: nothing stored to read
                 model = session.get(ModelVersion, job.model_version_id) if job.model_version_id else None
                 if model is None:
                     raise UserError(f"the model {prepared.spec.model!r} no longer exists")
@@ -250,6 +253,8 @@ def _train(job_id: int, spec: TrainSpec, prepared: _Prepared, recorder: Recorder
                 "final_metrics": final, "test_metrics": tested, "best_epoch": result.best_epoch,
                 "best_metric": _finite({result.best_metric_name: result.best_metric_value}),
                 "epochs_completed": result.epochs_completed, "model": f"{version.name}@{version.version}",
+                "parameters": result.signature.get("parameters"),
+                "trainable_parameters": result.signature.get("trainable_parameters"),
             },
             message=f"trained {result.epochs_completed} epochs; registered {version.name}@{version.version}",
         )
@@ -303,11 +308,16 @@ def _pinned_base(session, job: Job, ref: str) -> ModelVersion:
 def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, settings: Settings) -> str:
     from worker.ml import prediction
 
-    model_ref, _, digest = prepared.model
-    # A model served recently is in the process's cache under its checkpoint's sha256: no file
-    # read, hash or parse; otherwise the file is read (and verified) here, with no transaction open.
-    output = prediction.predict(lambda: _model_checkpoint(prepared.model, settings), list(spec.inputs),
-                                device="cpu", digest=digest)
+    if prepared.model is None:
+        # A catalog model as it ships: embeddings only (the spec refuses anything else).
+        model_ref, checkpoint, digest = spec.model, None, None
+    else:
+        model_ref, _, digest = prepared.model
+        # A model served recently is in the process's cache under its checkpoint's sha256: no file
+        # read, hash or parse; otherwise the file is read (and verified) here, with no transaction open.
+        checkpoint = functools.partial(_model_checkpoint, prepared.model, settings)
+    output = prediction.predict(checkpoint, list(spec.inputs), device="cpu", digest=digest, output=spec.output,
+                                compare_with=spec.compare_with, base=spec.model.partition(":")[2] or None)
     with recorder.final("finish") as session:
         attempts.finish(session=session, job_id=recorder.job_id, token=recorder.token, to=states.SUCCEEDED,
                         result=_finite({"model": model_ref, **output}),

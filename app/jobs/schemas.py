@@ -85,10 +85,33 @@ class CNN2DConfig(Strict):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
+class LoraConfig(Strict):
+    """Low-rank adapters (peft's LoRA) on the named linear layers; only they and the head train."""
+
+    r: int = Field(default=8, ge=1, le=256)
+    alpha: float = Field(default=16.0, gt=0.0, le=4096.0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.]+$")]] = Field(
+        default=["query", "value"], min_length=1, max_length=32)
+
+
+class PretrainedConfig(Strict):
+    """A catalog model (``app/pretrained.toml``) with a new head, fine-tuned on a text column."""
+
+    arch: Literal["pretrained"]
+    base: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    head: Literal["classification", "regression"] = "classification"
+    freeze: Literal["none", "embeddings", "all_but_head"] = "none"
+    lora: LoraConfig | None = None
+    max_length: int = Field(default=128, ge=2, le=8192, description="tokens per text (truncated; padded per batch)")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="dropout before the head")
+
+
 ModelConfig = Annotated[
-    Union[MLPConfig, RecurrentConfig, TransformerConfig, CNN1DConfig, CNN2DConfig], Field(discriminator="arch")
+    Union[MLPConfig, RecurrentConfig, TransformerConfig, CNN1DConfig, CNN2DConfig, PretrainedConfig],
+    Field(discriminator="arch"),
 ]
-ARCHITECTURES = ("mlp", "rnn", "lstm", "gru", "transformer", "cnn1d", "cnn2d")
+ARCHITECTURES = ("mlp", "rnn", "lstm", "gru", "transformer", "cnn1d", "cnn2d", "pretrained")
 SEQUENCE_ARCHITECTURES = ("rnn", "lstm", "gru", "transformer", "cnn1d")
 
 
@@ -169,10 +192,11 @@ class Hyperparameters(Strict):
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
-    scheduler: Literal["none", "step", "cosine", "onecycle"] = "none"
+    scheduler: Literal["none", "step", "cosine", "linear", "onecycle"] = "none"
     step_size: int = Field(default=10, ge=1, le=10000)
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
     warmup_epochs: int = Field(default=0, ge=0, le=1000)
+    warmup_steps: int = Field(default=0, ge=0, le=1_000_000, description="warm-up in optimizer steps (adds to warmup_epochs)")
     grad_clip: float | None = Field(default=None, gt=0.0)
     grad_accum_steps: int = Field(default=1, ge=1, le=1024)
     early_stopping: EarlyStopping | None = None
@@ -242,9 +266,14 @@ class PredictSpec(AttemptRuntime):
 
     kind: Literal["predict"]
     name: Name | None = None
-    model: str = Field(min_length=1, max_length=200, description="training job id, or name@version|latest")
+    model: str = Field(min_length=1, max_length=200, description="training job id, name@version|latest, or pretrained:<catalog name> (embeddings)")
     inputs: list[InputRow] = Field(min_length=1, max_length=10000)
     explain: bool = False
+    output: Literal["prediction", "embedding"] = Field(
+        default="prediction", description="embedding: normalised sentence embeddings (pretrained models only)")
+    compare_with: list[Annotated[str, Field(max_length=100_000)]] | None = Field(
+        default=None, min_length=1, max_length=10000,
+        description="texts whose cosine similarity to each input is returned (output: embedding)")
     priority: Literal["low", "normal", "high"] = "normal"
     max_attempt_runtime_s: int = Field(
         default=600, ge=1, le=86400,
@@ -252,6 +281,14 @@ class PredictSpec(AttemptRuntime):
     )
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     metadata: Metadata = Field(default_factory=dict, max_length=50)
+
+    @model_validator(mode="after")
+    def _embedding_options(self) -> "PredictSpec":
+        if self.compare_with is not None and self.output != "embedding":
+            raise ValueError("compare_with needs output: embedding")
+        if self.model.startswith("pretrained:") and self.output != "embedding":
+            raise ValueError("a catalog model without fine-tuning only gives embeddings; set output: embedding")
+        return self
 
 
 JobSpec = Annotated[Union[TrainSpec, PredictSpec], Field(discriminator="kind")]

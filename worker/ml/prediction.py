@@ -17,8 +17,8 @@ import torch
 from pydantic import TypeAdapter
 
 from app.jobs.errors import UserError
-from app.jobs.schemas import ModelConfig
-from worker.ml import checkpoints
+from app.jobs.schemas import ModelConfig, PretrainedConfig
+from worker.ml import checkpoints, pretrained
 from worker.ml.architectures import ModelShape, build_model
 from worker.ml.devices import out_of_memory, resolve_device
 from worker.ml.preparation import FORECASTING, REGRESSION, Standardizer
@@ -71,16 +71,42 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
         checkpoint = checkpoint()
     saved = checkpoints.decode(checkpoint)
     sig = saved.signature
-    network = build_model(_model_config.validate_python(sig["model"]), ModelShape.from_signature(sig))
+    config = _model_config.validate_python(sig["model"])
+    if sig["input_kind"] == pretrained.INPUT_KIND:
+        pretrained.check_base(sig)
+    network = build_model(config, ModelShape.from_signature(sig))
     load_weights(network, saved.model, "prediction")
+    tokenizer = Tokenizer(saved.vocabulary, int(sig["max_tokens"])) if saved.vocabulary is not None else None
+    if sig["input_kind"] == pretrained.INPUT_KIND:
+        network.merge_adapters()
+        tokenizer = pretrained.PretrainedTokenizer(config.base, int(sig["max_length"]))
     network.to(device).eval()
     features, targets = checkpoints.unpack_standardizers(saved.normalizer)
-    tokenizer = Tokenizer(saved.vocabulary, int(sig["max_tokens"])) if saved.vocabulary is not None else None
     loaded = LoadedModel(network, sig, features, targets, tokenizer, device)
+    _remember(key, loaded)
+    return loaded
+
+
+def _remember(key: tuple[str, str], loaded: LoadedModel) -> None:
     with _cache_lock:
         _cache[key] = loaded
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
+
+
+def load_catalog_model(name: str, device: torch.device) -> LoadedModel:
+    """A catalog encoder as it ships (no fine-tuning), for embeddings; cached like a checkpoint."""
+    key = (f"pretrained:{name}", str(device))
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    entry, _ = pretrained.locate(name)
+    config = PretrainedConfig(arch="pretrained", base=name, max_length=entry.max_length)
+    network = pretrained.build_network(config, 1).to(device).eval()
+    sig = {"input_kind": pretrained.INPUT_KIND, "task": "embedding", "base": name, "max_length": entry.max_length}
+    loaded = LoadedModel(network, sig, None, None, pretrained.PretrainedTokenizer(name, entry.max_length), device)
+    _remember(key, loaded)
     return loaded
 
 
@@ -95,7 +121,7 @@ def encode_inputs(loaded: LoadedModel, inputs: list) -> torch.Tensor:
     sig = loaded.signature
     if sig["input_kind"] == "image":
         return _encode_images(loaded, inputs)
-    if sig["input_kind"] == "tokens":
+    if sig["input_kind"] in ("tokens", pretrained.INPUT_KIND):
         for i, row in enumerate(inputs):
             if not isinstance(row, str):
                 raise UserError(f"inputs[{i}] must be a text string; this model classifies text")
@@ -167,15 +193,22 @@ def cached(digest: str, device: str = "cpu") -> bool:
         return (digest, str(resolve_device(device))) in _cache
 
 
-def predict(checkpoint: bytes | Callable[[], bytes], inputs: list, *, device: str = "cpu",
-            digest: str | None = None) -> dict:
+def predict(checkpoint: bytes | Callable[[], bytes] | None, inputs: list, *, device: str = "cpu",
+            digest: str | None = None, output: str = "prediction", compare_with: list[str] | None = None,
+            base: str | None = None) -> dict:
     """Predictions for raw ``inputs`` from the model in ``checkpoint``: ``{"predictions": [...]}``.
 
     ``checkpoint`` may be a function returning the bytes, called only when ``digest`` (the
-    checkpoint's sha256) is not in the cache.
+    checkpoint's sha256) is not in the cache. ``output="embedding"`` gives unit-norm sentence
+    embeddings instead (pretrained models; with ``checkpoint=None``, the catalog model ``base`` as
+    it ships), and with ``compare_with`` the cosine similarity of each input to each of those texts.
     """
     target = resolve_device(device)
     try:
+        if output == "embedding":
+            loaded = (load_model(checkpoint, target, digest=digest) if checkpoint is not None
+                      else load_catalog_model(base, target))
+            return _embed(loaded, inputs, compare_with)
         return _predict(checkpoint, inputs, target, digest)
     except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first, so the traceback's frames can free their tensors
@@ -192,3 +225,23 @@ def _predict(checkpoint, inputs: list, device: torch.device, digest: str | None)
         for start in range(0, len(batch), BATCH_SIZE):
             outputs.append(loaded.network(batch[start:start + BATCH_SIZE].to(device)).float().cpu())
     return {"predictions": decode_outputs(loaded, torch.cat(outputs).numpy().astype(np.float64))}
+
+
+def _embeddings(loaded: LoadedModel, texts: list) -> torch.Tensor:
+    batch = encode_inputs(loaded, texts)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(batch), BATCH_SIZE):
+            parts.append(loaded.network.embed(batch[start:start + BATCH_SIZE].to(loaded.device)).cpu())
+    return torch.cat(parts)
+
+
+def _embed(loaded: LoadedModel, inputs: list, compare_with: list[str] | None) -> dict:
+    if loaded.signature["input_kind"] != pretrained.INPUT_KIND:
+        raise UserError("output: embedding needs a pretrained model (arch pretrained, or pretrained:<name>)")
+    vectors = _embeddings(loaded, inputs)
+    result: dict = {"embeddings": vectors.double().tolist()}
+    if compare_with:
+        # Unit vectors: the dot product is the cosine similarity.
+        result["similarities"] = (vectors @ _embeddings(loaded, compare_with).T).double().tolist()
+    return result

@@ -65,8 +65,13 @@ class PreparedData:
     augment: Callable | None = None
 
 
-def prepare(dataset: DatasetRef, table: Table) -> PreparedData:
-    """Choose columns and task, split, encode and normalise the rows of ``table``."""
+def prepare(dataset: DatasetRef, table: Table, model=None) -> PreparedData:
+    """Choose columns and task, split, encode and normalise the rows of ``table`` (for ``model``'s input)."""
+    if getattr(model, "arch", None) == "pretrained":
+        data = _prepare_pretrained(dataset, table, model)
+        data.signature.update(dataset=dataset.id, normalize=dataset.normalize)
+        data.signature["rows"] = {name: int(len(y)) for name, (_, y) in data.splits.items()}
+        return data
     task = _task_of(dataset, table)
     # Settings that only one task reads are refused elsewhere, so a mistake is never ignored.
     if dataset.window is not None and task != FORECASTING:
@@ -241,7 +246,7 @@ def _prepare_forecasting(dataset: DatasetRef, table: Table) -> PreparedData:
     return PreparedData(FORECASTING, splits, signature, scale, scale)
 
 
-def _prepare_text(dataset: DatasetRef, table: Table) -> PreparedData:
+def _text_and_target(dataset: DatasetRef, table: Table) -> tuple[str, str]:
     frame = table.frame
     if dataset.text_column is not None:
         text_column = _column(frame, dataset.text_column, "text")
@@ -256,6 +261,12 @@ def _prepare_text(dataset: DatasetRef, table: Table) -> PreparedData:
     target = _column(frame, dataset.target or default_target, "target")
     if target == text_column:
         raise UserError(f"column {target!r} cannot be both the text and the target")
+    return text_column, target
+
+
+def _prepare_text(dataset: DatasetRef, table: Table) -> PreparedData:
+    frame = table.frame
+    text_column, target = _text_and_target(dataset, table)
     y, classes = _labels(table, target)
     texts = frame[text_column].fillna("").astype(str).tolist()
     parts = _split(len(frame), dataset)
@@ -316,3 +327,36 @@ def _prepare_images(dataset: DatasetRef, table: Table) -> PreparedData:
     return PreparedData(IMAGE_CLASSIFICATION, splits, signature, features=scale,
                         augment=images.augmenter(IMAGE_CLASSIFICATION, dataset.augment))
 
+
+def _prepare_pretrained(dataset: DatasetRef, table: Table, model) -> PreparedData:
+    """A text column through a catalog model's own tokenizer; class labels, or a standardised value."""
+    from worker.ml.pretrained import INPUT_KIND, PretrainedTokenizer, locate
+
+    task = TEXT_CLASSIFICATION if model.head == "classification" else REGRESSION
+    if dataset.task is not None and dataset.task != task and not (task == TEXT_CLASSIFICATION
+                                                                  and dataset.task == CLASSIFICATION):
+        raise UserError(f"a {model.head} head needs a {task} dataset, not {dataset.task}")
+    if table.task is not None:
+        raise UserError(f"{dataset.id} has no text column; fine-tuning a pretrained model needs text")
+    frame = table.frame
+    text_column, target = _text_and_target(dataset, table)
+    parts = _split(len(frame), dataset)
+    classes, targets_scale = None, None
+    if task == TEXT_CLASSIFICATION:
+        y, classes = _labels(table, target)
+    else:
+        y = _numeric(frame, target)
+        if dataset.normalize:
+            targets_scale = Standardizer.fit(y[parts["train"]])
+            y = targets_scale.apply(y)
+    tokenizer = PretrainedTokenizer(model.base, model.max_length)
+    ids = tokenizer.encode(frame[text_column].fillna("").astype(str).tolist())
+    entry, _ = locate(model.base)
+    splits = {name: (ids[idx], _target_dtype(y[idx], task)) for name, idx in parts.items()}
+    signature = {
+        "input_kind": INPUT_KIND, "input_shape": [model.max_length], "sequence_shape": [model.max_length, 1],
+        "num_outputs": len(classes) if classes is not None else 1, "classes": classes, "target": target,
+        "feature_names": [text_column], "text_column": text_column, "max_length": model.max_length,
+        "base": entry.name, "base_sha256": entry.sha256, "base_hf_name": entry.hf_name, "task": task,
+    }
+    return PreparedData(task, splits, signature, None, targets_scale)

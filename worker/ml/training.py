@@ -16,7 +16,7 @@ from app.jobs.errors import UserError
 from app.jobs.schemas import TrainSpec
 from app.task_rules import architecture_error
 from worker.ml import checkpoints
-from worker.ml.architectures import ModelShape, build_model
+from worker.ml.architectures import ModelShape, build_model, parameter_counts
 from worker.ml.datasets import load_table
 from worker.ml.devices import (
     autocast_for, out_of_memory, release_cuda_memory, resolve_device, stage, to_device, uses_bf16,
@@ -100,13 +100,15 @@ def train(
 def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device) -> TrainResult:
     hp = spec.hyperparameters
     torch.manual_seed(hp.seed)
-    data = prepare(spec.dataset, load_table(spec.dataset, dataset_file, dataset_format))
+    data = prepare(spec.dataset, load_table(spec.dataset, dataset_file, dataset_format), spec.model)
     refused = architecture_error(spec.model.arch, data.task)
     if refused:
         raise UserError(refused)
     signature = {**data.signature, "arch": spec.model.arch, "model": spec.model.model_dump(mode="json"),
                  "format": SIGNATURE_FORMAT}
     model = build_model(spec.model, ModelShape.from_signature(signature)).to(device)
+    # Every job states its size: the counts travel in the signature to the model version and result.
+    signature.update(parameter_counts(model))
     if init_from is not None:
         load_weights(model, checkpoints.decode(init_from).model, "init_from")
     tensors = {name: (torch.from_numpy(x), torch.from_numpy(y)) for name, (x, y) in data.splits.items()}
