@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+from datetime import datetime, timezone
 
 from flask import Blueprint, Response, jsonify, request, url_for
 from sqlalchemy import select
@@ -31,6 +33,7 @@ MAX_METRICS_PAGE = 10_000
 DOWNSAMPLE_ROWS = 200_000
 MAX_POINTS = 10_000
 METRIC_SCOPES = ("epoch", "step", "test")
+METADATA_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def _int_arg(name: str, default: int | None, *, lo: int = 1, hi: int = MAX_ID) -> int | None:
@@ -45,6 +48,19 @@ def _int_arg(name: str, default: int | None, *, lo: int = 1, hi: int = MAX_ID) -
     if value < lo or value > hi:
         raise InvalidParameter.at(name, f"must be between {lo} and {hi}")
     return value
+
+
+def _time_arg(name: str) -> datetime | None:
+    """Query parameter ``name`` as an ISO 8601 time (UTC when it names no zone), else a 422 naming it."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        # fromisoformat takes "Z" from Python 3.11; a "+" sent unescaped in a query arrives as " ".
+        moment = datetime.fromisoformat(raw.strip().replace(" ", "+") if "T" in raw else raw.strip())
+    except ValueError:
+        raise InvalidParameter.at(name, f"must be an ISO 8601 time (2025-01-31T12:00:00Z), not {raw[:40]!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _json_body() -> dict:
@@ -91,18 +107,31 @@ def submit_job():
 
 @api.get("/jobs")
 def list_jobs():
-    """The caller's jobs, newest first; ``limit``, ``cursor``, ``state`` and ``kind`` filter."""
+    """The caller's jobs, newest first; ``limit`` and ``cursor`` page; ``state``, ``kind``, ``name``
+    (substring), ``metadata.<key>``, ``created_after``, ``created_before`` and ``updated_after`` filter."""
     state = request.args.get("state")
     if state and state not in STATES:
         raise InvalidParameter.at("state", f"must be one of {', '.join(STATES)}")
     user = current_user()
     limit, cursor, kind = _int_arg("limit", 50, hi=MAX_PAGE), _int_arg("cursor", None), request.args.get("kind") or None
+    name = request.args.get("name") or None
+    if name is not None and len(name) > 200:
+        raise InvalidParameter.at("name", "must be at most 200 characters")
+    metadata = {}
+    for param, value in request.args.items():
+        if param.startswith("metadata."):
+            key = param[len("metadata."):]
+            if not METADATA_KEY.fullmatch(key):
+                raise InvalidParameter.at(param, "a metadata key is 1 to 64 letters, digits, '_', '-' or '.'")
+            metadata[key] = value
+    times = {p: _time_arg(p) for p in ("created_after", "created_before", "updated_after")}
     jobs, next_cursor = service.list_jobs(
-        session=db(), user=user, limit=limit, before_id=cursor, state=state, kind=kind,
+        session=db(), user=user, limit=limit, before_id=cursor, state=state, kind=kind, name=name,
+        metadata=metadata, **times,
     )
     # The page's rows are small (no JSON columns): their ids and versions are the ETag.
-    etag = _etag("jobs", user.id, user.is_admin, limit, cursor, state, kind, next_cursor,
-                 [(j.id, j.updated_at) for j in jobs])
+    etag = _etag("jobs", user.id, user.is_admin, limit, cursor, state, kind, name, sorted(metadata.items()),
+                 sorted(times.items()), next_cursor, [(j.id, j.updated_at) for j in jobs])
     if (unchanged := _not_modified(etag)) is not None:
         return unchanged
     return _tagged({"items": [serializers.job_summary(j) for j in jobs],
@@ -155,7 +184,7 @@ def resume_job(job_id: int):
 
 @api.get("/jobs/<int:job_id>/metrics")
 def job_metrics(job_id: int):
-    """Metrics reports in order, paged with ``after`` (an id) and ``limit``; ``scope`` (epoch|step|test)
+    """Metrics reports in order, paged with ``after`` (an id) and ``limit``; ``since`` (ISO time) starts there; ``scope`` (epoch|step|test)
     filters; ``latest=true`` keeps only the newest attempt's report of each epoch/step (one curve);
     ``points=N`` answers one downsampled curve per metric instead of the reports."""
     scope = request.args.get("scope") or None
@@ -164,9 +193,10 @@ def job_metrics(job_id: int):
     points = _int_arg("points", None, lo=4, hi=MAX_POINTS)
     limit = _int_arg("limit", DOWNSAMPLE_ROWS if points else 1000, hi=DOWNSAMPLE_ROWS if points else MAX_METRICS_PAGE)
     after = _int_arg("after", None, lo=0)
+    since = _time_arg("since")
     latest = request.args.get("latest") in ("1", "true")
     newest = service.metrics_version(session=db(), user=current_user(), job_id=job_id, scope=scope)
-    etag = _etag("metrics", job_id, newest, scope, points, limit, after, latest)
+    etag = _etag("metrics", job_id, newest, scope, points, limit, after, since, latest)
     if (unchanged := _not_modified(etag)) is not None:
         return unchanged
     stmt = select(*serializers.METRIC_COLUMNS).where(Metric.job_id == job_id).order_by(Metric.id).limit(limit)
@@ -174,6 +204,8 @@ def job_metrics(job_id: int):
         stmt = stmt.where(Metric.scope == scope)
     if after is not None:
         stmt = stmt.where(Metric.id > after)
+    if since is not None:
+        stmt = stmt.where(Metric.at >= since)
     rows = db().execute(stmt).all()
     next_after = rows[-1][0] if len(rows) == limit else None
     if latest:
