@@ -96,6 +96,17 @@ class Settings(BaseSettings):
     # How often a worker sweeps Redis for unacked messages past the visibility timeout.
     unacked_restore_seconds: int = 10
     max_upload_bytes: int = 200 * 1024 * 1024
+    # A JSON request body's own limit (job specs, tokens, users), far below the upload limit.
+    max_json_bytes: int = 1024 * 1024
+    # API rate limits per token (a signed-in browser: per user), in Flask-Limiter's notation;
+    # reads (GET/HEAD) and writes have separate budgets. Empty turns a budget off.
+    rate_limit_read: str = "600/minute"
+    rate_limit_write: str = "60/minute"
+    # Per-user quotas, 0 = unlimited: queued + running jobs, attempt run time per UTC day,
+    # bytes of checkpoints + uploaded datasets.
+    quota_active_jobs: int = Field(0, ge=0)
+    quota_compute_seconds_per_day: int = Field(0, ge=0)
+    quota_storage_bytes: int = Field(0, ge=0)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # /metrics: a bearer token it requires, and/or a port of its own (then never on the web port).

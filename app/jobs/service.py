@@ -283,6 +283,9 @@ def submit(
     A caller that publishes right after the commit passes ``published_at`` (now), so the submit
     is one write transaction; if that publish never happens (a crash), the reconciler republishes
     the job once ``published_at`` is older than ``requeue_after_seconds``."""
+    from app import quotas  # quotas read usage, which reads these models: imported when first needed
+
+    quotas.check_submit(session=session, user=owner, settings=settings)
     model_version_id = init_model_version_id = None
     if isinstance(spec, TrainSpec):
         # Pinned here, so "name@latest" means the version the person saw at submit, not a newer one.

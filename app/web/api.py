@@ -8,9 +8,12 @@ import re
 from datetime import datetime, timezone
 
 from flask import Blueprint, Response, jsonify, request, url_for
+from werkzeug.exceptions import RequestEntityTooLarge
 from sqlalchemy import select
 
-from app import catalog, datasets
+from werkzeug.formparser import FormDataParser
+
+from app import catalog, datasets, storage
 from app.jobs import service
 from app.jobs.errors import InvalidParameter, SpecError
 from app.jobs.schemas import parse_spec
@@ -25,6 +28,16 @@ from app.web.login import api_user, api_write_guard
 api = Blueprint("api", __name__)
 api.before_request(api_user)  # bearer token; a signed-in browser session for reads only
 api.before_request(api_write_guard)  # viewers and disabled users: 403 on every write, in one place
+
+
+@api.before_request
+def _json_limit():
+    """A JSON body has its own, small limit (``max_json_bytes``), apart from the upload limit, decided
+    from its Content-Length (a chunked body without one is bounded by the upload limit)."""
+    if request.mimetype == "application/json" or request.mimetype.endswith("+json"):
+        limit = settings().max_json_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestEntityTooLarge(f"a JSON body may be at most {limit} bytes (KILN_MAX_JSON_BYTES)")
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 200
@@ -254,15 +267,35 @@ def list_datasets():
 
 @api.post("/datasets")
 def upload_dataset():
-    """Upload a CSV, JSONL or Parquet file (multipart field ``file``); answers with its inferred schema."""
-    upload = request.files.get("file")
-    if upload is None or not upload.filename:
+    """Upload a CSV, JSONL or Parquet file (multipart field ``file``); answers with its inferred schema.
+
+    The file part streams from the request straight into a temporary file under storage, in
+    chunks, while its sha256 is counted: it is never held whole in memory.
+    """
+    if request.mimetype != "multipart/form-data":
         raise SpecError.at("file", "send the dataset as a multipart/form-data field named 'file'")
-    dataset = datasets.upload(
-        session=db(), owner=current_user(), filename=upload.filename, data=upload.read(), settings=settings(),
-        declared_format=request.form.get("format") or None, name=request.form.get("name") or None,
-    )
-    db().commit()
+    writers: list[storage.AtomicWriter] = []
+
+    def to_storage(**_: object) -> storage.AtomicWriter:
+        writers.append(storage.AtomicWriter(settings().storage_root, f"datasets/{current_user().id}"))
+        return writers[-1]
+
+    try:
+        parser = FormDataParser(stream_factory=to_storage, max_content_length=request.max_content_length,
+                                max_form_memory_size=request.max_form_memory_size,
+                                max_form_parts=request.max_form_parts)
+        _, form, files = parser.parse_from_environ(request.environ)
+        upload = files.get("file")
+        if upload is None or not upload.filename:
+            raise SpecError.at("file", "send the dataset as a multipart/form-data field named 'file'")
+        dataset = datasets.store(
+            session=db(), owner=current_user(), filename=upload.filename, writer=upload.stream, settings=settings(),
+            declared_format=form.get("format") or None, name=form.get("name") or None,
+        )
+        db().commit()
+    finally:
+        for writer in writers:
+            writer.abort()  # every part but the stored one (and that one on failure)
     response = jsonify(serializers.dataset(dataset))
     response.status_code = 201
     response.headers["Location"] = url_for("api.get_dataset", dataset_id=dataset.id)
