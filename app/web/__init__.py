@@ -53,6 +53,7 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
     register_sign_in(app)
     register_errors(app)
     register_converters(app)
+    register_rate_limits(app, settings)
     register_blueprints(app)
     return app
 
@@ -90,6 +91,13 @@ def register_converters(app: Flask) -> None:
     from app.web.problems import register_converters as register
 
     register(app)
+
+
+def register_rate_limits(app: Flask, settings: settings_module.Settings) -> None:
+    """Per-token read and write budgets on the API, counted in Redis."""
+    from app.web.rate_limits import register
+
+    register(app, settings)
 
 
 def register_blueprints(app: Flask) -> None:
