@@ -22,12 +22,15 @@ from app.models import MAX_ID, JobEvent, Metric, ModelVersion, utcnow
 from app.web import serializers
 from app.web.auth import current_user
 from app.web.context import db, settings
+from app.web import idempotency
+from app.web.idempotency import json_view as idempotent
 from app.web.publishing import publish
 from app.web.login import api_user, api_write_guard
 
 api = Blueprint("api", __name__)
 api.before_request(api_user)  # bearer token; a signed-in browser session for reads only
 api.before_request(api_write_guard)  # viewers and disabled users: 403 on every write, in one place
+api.after_request(idempotency.store_answer)  # a claimed Idempotency-Key keeps the answer it got
 
 
 @api.before_request
@@ -104,6 +107,7 @@ def _tagged(payload: dict, etag: str):
 
 
 @api.post("/jobs")
+@idempotent
 def submit_job():
     """Validate a spec and record the job as queued (one write transaction), then publish its wake-up message."""
     spec = parse_spec(_json_body())
@@ -288,6 +292,9 @@ def upload_dataset():
         upload = files.get("file")
         if upload is None or not upload.filename:
             raise SpecError.at("file", "send the dataset as a multipart/form-data field named 'file'")
+        # The file's sha256 (counted while it streamed in) and the fields are the request's fingerprint.
+        if (replayed := idempotency.replay(upload.stream.sha256, upload.filename, form.to_dict())) is not None:
+            return replayed
         dataset = datasets.store(
             session=db(), owner=current_user(), filename=upload.filename, writer=upload.stream, settings=settings(),
             declared_format=form.get("format") or None, name=form.get("name") or None,
