@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -20,6 +20,9 @@ FORMATS = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "parquet": "parque
 MAX_SAMPLE_VALUES = 5
 PREVIEW_ROWS = 20
 MAX_PREVIEW_ROWS = 200
+# The schema (dtypes, distinct counts, samples) is inferred from this many first rows, so a large
+# upload is never parsed whole in the web process.
+SAMPLE_ROWS = 100_000
 
 
 def detect_format(filename: str, declared: str | None = None) -> str:
@@ -33,22 +36,53 @@ def detect_format(filename: str, declared: str | None = None) -> str:
 
 def read_frame(data: bytes, fmt: str):
     """Parse bytes as a pandas DataFrame, or raise SpecError saying what is wrong."""
+    return _parse(io.BytesIO(data), fmt, nrows=None)
+
+
+def _parse(source, fmt: str, *, nrows: int | None):
     import pandas as pd
 
-    if not data.strip():
-        raise SpecError.at("file", "the file is empty")
     try:
         if fmt == "csv":
-            frame = pd.read_csv(io.BytesIO(data))
+            frame = pd.read_csv(source, nrows=nrows)
         elif fmt == "jsonl":
-            frame = pd.read_json(io.BytesIO(data), lines=True)
+            frame = pd.read_json(source, lines=True, nrows=nrows)
+        elif nrows is None:
+            frame = pd.read_parquet(source)
         else:
-            frame = pd.read_parquet(io.BytesIO(data))
+            import pyarrow.parquet as pq
+
+            # The first batch of rows only: the rest of a large file is never read here.
+            batch = next(pq.ParquetFile(source).iter_batches(batch_size=nrows), None)
+            frame = batch.to_pandas() if batch is not None else pd.DataFrame()
+    except pd.errors.EmptyDataError:
+        raise SpecError.at("file", "the file is empty") from None
     except Exception as exc:  # noqa: BLE001 - any parser error is the uploader's to fix
         raise SpecError.at("file", f"could not read the file as {fmt}: {exc}") from None
     if frame.shape[0] == 0 or frame.shape[1] == 0:
         raise SpecError.at("file", "the file has no rows or no columns")
     return frame
+
+
+def _count_rows(path, fmt: str, sample_rows: int, sampled: int) -> int:
+    """Rows of the whole file: the sample's count when it held every row, else counted by streaming.
+
+    CSV and JSON Lines are counted by line breaks in 1 MiB chunks (a CSV header is not a row;
+    a quoted CSV field holding a line break is counted as two rows), Parquet from its footer.
+    """
+    if sampled < sample_rows:
+        return sampled
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    lines, last = 0, b"\n"
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    lines += last != b"\n"  # a last line without its line break
+    return lines - 1 if fmt == "csv" else lines
 
 
 def infer_schema(frame) -> dict[str, Any]:
@@ -78,20 +112,53 @@ def _image_column(name: str, samples: list[bytes]) -> dict[str, Any]:
     return {"image": True, "image_sizes": sizes, "samples": [f"<image {w}x{h}>" for w, h in sizes]}
 
 
-def _archive_schema(data: bytes) -> dict[str, Any]:
+def _archive_schema(source) -> dict[str, Any]:
     try:
-        return images.describe_archive(data)
+        return images.describe_archive(source)
     except images.ImageError as exc:
         raise SpecError.at("file", str(exc)) from None
 
 
-def upload(*, session: Session, owner: User, filename: str, data: bytes, settings: Settings,
+def upload(*, session: Session, owner: User, filename: str, data: bytes | BinaryIO, settings: Settings,
            declared_format: str | None = None, name: str | None = None) -> Dataset:
-    """Validate and store an uploaded file, record it with its sha256 and inferred schema."""
+    """Validate and store an uploaded file (bytes, or a stream copied in chunks), see :func:`store`."""
+    writer = storage.AtomicWriter(settings.storage_root, f"datasets/{owner.id}")
+    try:
+        if isinstance(data, bytes):
+            writer.write(data)
+        else:
+            while chunk := data.read(1 << 20):
+                writer.write(chunk)
+        return store(session=session, owner=owner, filename=filename, writer=writer, settings=settings,
+                     declared_format=declared_format, name=name)
+    finally:
+        writer.abort()  # a no-op once stored
+
+
+def store(*, session: Session, owner: User, filename: str, writer: storage.AtomicWriter, settings: Settings,
+          declared_format: str | None = None, name: str | None = None) -> Dataset:
+    """Record a file already written to storage by ``writer``: its format, sha256, row count and a
+    schema inferred from its first ``SAMPLE_ROWS`` rows; then rename it into place (the caller commits).
+
+    The caller aborts ``writer`` whatever happens (a no-op once stored). The storage quota is
+    checked here, so the page and the API refuse the same upload.
+    """
+    from app import quotas
+
     fmt = detect_format(filename, declared_format)
-    schema = _archive_schema(data) if fmt == "zip" else infer_schema(read_frame(data, fmt))
+    writer.close()
+    if writer.size == 0:
+        raise SpecError.at("file", "the file is empty")
+    quotas.check_storage(session=session, user=owner, settings=settings, adding=writer.size)
+    if fmt == "zip":
+        schema = _archive_schema(writer.path)
+    else:
+        frame = _parse(writer.path, fmt, nrows=SAMPLE_ROWS)
+        schema = infer_schema(frame)
+        schema["rows"] = _count_rows(writer.path, fmt, SAMPLE_ROWS, int(frame.shape[0]))
+        schema["sampled_rows"] = int(frame.shape[0])
     relative = f"datasets/{owner.id}/{uuid.uuid4().hex}.{fmt}"
-    size, digest = storage.write_atomic(settings.storage_root, relative, data)
+    size, digest = writer.commit(relative)
     dataset = Dataset(
         owner_id=owner.id, name=(name or filename)[:200], format=fmt, path=relative, size_bytes=size,
         sha256=digest, num_rows=schema["rows"], schema=schema,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import posixpath
 import zipfile
 from dataclasses import dataclass
@@ -134,10 +135,11 @@ def decode_input(text: str, what: str) -> bytes:
     return data
 
 
-def describe_archive(data: bytes) -> dict:
-    """The stored schema of an uploaded zip: image and label columns, rows, images per class, sampled sizes."""
+def describe_archive(data: bytes | str | os.PathLike) -> dict:
+    """The stored schema of an uploaded zip (its bytes, or its path: only the central directory and
+    sampled members are read): image and label columns, rows, images per class, sampled sizes."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     except zipfile.BadZipFile:
         raise ImageError("the file is not a zip archive") from None
     with archive:

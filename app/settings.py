@@ -99,6 +99,17 @@ class Settings(BaseSettings):
     # The device memory a training job's model may need (app/sizing.py's estimate), checked at
     # submit. Workers do not report their device memory yet, so this setting is the bound.
     max_model_bytes: int = 16 * 1024**3
+    # A JSON request body's own limit (job specs, tokens, users), far below the upload limit.
+    max_json_bytes: int = 1024 * 1024
+    # API rate limits per token (a signed-in browser: per user), in Flask-Limiter's notation;
+    # reads (GET/HEAD) and writes have separate budgets. Empty turns a budget off.
+    rate_limit_read: str = "600/minute"
+    rate_limit_write: str = "60/minute"
+    # Per-user quotas, 0 = unlimited: queued + running jobs, attempt run time per UTC day,
+    # bytes of checkpoints + uploaded datasets.
+    quota_active_jobs: int = Field(0, ge=0)
+    quota_compute_seconds_per_day: int = Field(0, ge=0)
+    quota_storage_bytes: int = Field(0, ge=0)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # /metrics: a bearer token it requires, and/or a port of its own (then never on the web port).

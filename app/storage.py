@@ -66,6 +66,81 @@ def write_atomic(root: Path, relative: str, data: bytes) -> tuple[int, str]:
     return len(data), sha256_bytes(data)
 
 
+class AtomicWriter:
+    """A file written in chunks under the storage root while its size and sha256 are counted.
+
+    It writes to a temporary file in ``directory`` (so the final rename stays on one filesystem);
+    :meth:`commit` fsyncs and renames it to its final relative path, :meth:`abort` removes it.
+    Werkzeug's form parser may use one as the container of an uploaded file part, so an upload
+    goes straight from the socket to storage in chunks, never whole into memory.
+    """
+
+    def __init__(self, root: Path, directory: str):
+        self.root = Path(root)
+        folder = resolve(root, directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".upload")
+        self.path = Path(tmp)
+        self._fh = os.fdopen(fd, "w+b")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> int:
+        """Append ``chunk``, counting it into the size and the sha256."""
+        self._hash.update(chunk)
+        self.size += len(chunk)
+        return self._fh.write(chunk)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Move the file position (the form parser rewinds a finished part)."""
+        return self._fh.seek(offset, whence)
+
+    def read(self, size: int = -1) -> bytes:
+        """Read from the current position (for a caller that rewinds and reads a little)."""
+        return self._fh.read(size)
+
+    def tell(self) -> int:
+        """The current position."""
+        return self._fh.tell()
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of everything written so far."""
+        return self._hash.hexdigest()
+
+    def commit(self, relative: str) -> tuple[int, str]:
+        """fsync, rename to ``relative`` (in the same directory tree) and fsync the directory; (size, sha256)."""
+        target = resolve(self.root, relative)
+        if not self._fh.closed:
+            self._fh.flush()
+            self._fh.close()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.size, self.sha256
+
+    def abort(self) -> None:
+        """Close and remove the temporary file (safe to call after :meth:`commit`)."""
+        if not self._fh.closed:
+            self._fh.close()
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the file handle (the temporary file stays until :meth:`commit` or :meth:`abort`)."""
+        if not self._fh.closed:
+            self._fh.flush()
+            self._fh.close()
+
+
 def read_verified(root: Path, relative: str, sha256: str) -> bytes:
     """Read a file and check its sha256 before anyone parses it."""
     data = resolve(root, relative).read_bytes()

@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("KILN_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("KILN_TEST_REDIS_URL")
 BACKEND = os.environ.get("KILN_TEST_DATABASE", "sqlite")
+# Per-token rate limits have their own tests (tests/web/test_rate_limits.py, with tiny budgets);
+# everywhere else a test's many requests with one token must not be throttled. Set before any
+# settings are loaded, so the test apps and every subprocess (which copy os.environ) see it.
+os.environ.setdefault("KILN_RATE_LIMIT_READ", "1000000/minute")
+os.environ.setdefault("KILN_RATE_LIMIT_WRITE", "1000000/minute")
 
 
 def create_pg_database(name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, String, cast, func, select, update
 from sqlalchemy.orm import Session
 
 from app import catalog, images, pretrained, sizing, task_rules
@@ -78,10 +78,16 @@ def metrics_version(*, session: Session, user: User, job_id: int, scope: str | N
 
 def list_jobs(
     *, session: Session, user: User, limit: int = 50, before_id: int | None = None,
-    state: str | None = None, kind: str | None = None,
+    state: str | None = None, kind: str | None = None, name: str | None = None,
+    metadata: dict[str, str] | None = None, created_after: datetime | None = None,
+    created_before: datetime | None = None, updated_after: datetime | None = None,
 ) -> tuple[list[Row], int | None]:
     """The caller's jobs, newest first, as rows of :data:`SUMMARY_COLUMNS`; returns the page and
-    the cursor of the next page."""
+    the cursor of the next page.
+
+    ``name`` matches a substring, case-insensitively; ``metadata`` matches each key of the spec's
+    ``metadata`` exactly (a JSON path per dialect: ``json_extract`` on SQLite, ``->>`` on PostgreSQL).
+    """
     stmt = _visible(select(*SUMMARY_COLUMNS), user).order_by(Job.id.desc()).limit(limit + 1)
     if before_id is not None:
         stmt = stmt.where(Job.id < before_id)
@@ -89,6 +95,19 @@ def list_jobs(
         stmt = stmt.where(Job.state == state)
     if kind:
         stmt = stmt.where(Job.kind == kind)
+    if name:
+        # LIKE wildcards in the text are literal: escape them rather than let "%" match everything.
+        pattern = "%" + name.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        stmt = stmt.where(func.lower(Job.name).like(pattern, escape="\\"))
+    for key, value in (metadata or {}).items():
+        # Cast, so a number matches its text ("3") on SQLite too, where json_extract answers an integer.
+        stmt = stmt.where(cast(Job.spec["metadata"][key].as_string(), String) == value)
+    if created_after is not None:
+        stmt = stmt.where(Job.created_at > created_after)
+    if created_before is not None:
+        stmt = stmt.where(Job.created_at < created_before)
+    if updated_after is not None:
+        stmt = stmt.where(Job.updated_at > updated_after)
     jobs = list(session.execute(stmt))
     next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
     return jobs[:limit], next_cursor
@@ -400,6 +419,9 @@ def submit(
     A caller that publishes right after the commit passes ``published_at`` (now), so the submit
     is one write transaction; if that publish never happens (a crash), the reconciler republishes
     the job once ``published_at`` is older than ``requeue_after_seconds``."""
+    from app import quotas  # quotas read usage, which reads these models: imported when first needed
+
+    quotas.check_submit(session=session, user=owner, settings=settings)
     model_version_id = init_model_version_id = None
     if isinstance(spec, TrainSpec):
         # Pinned here, so "name@latest" means the version the person saw at submit, not a newer one.
@@ -520,3 +542,22 @@ def list_events(*, session: Session, user: User, job_id: int) -> list[JobEvent]:
     if not user.is_admin:
         stmt = stmt.where(JobEvent.kind != "traceback")
     return list(session.execute(stmt).scalars())
+
+
+def list_checkpoints(*, session: Session, user: User, job_id: int) -> list[Checkpoint]:
+    """The job's checkpoints, oldest first; NotFound like :func:`get_job`."""
+    get_job(session=session, user=user, job_id=job_id)
+    return list(session.execute(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id)
+    ).scalars())
+
+
+def get_checkpoint(*, session: Session, user: User, job_id: int, checkpoint_id: int) -> Checkpoint:
+    """One checkpoint of a job ``user`` may see; another user's answers NotFound like a missing one."""
+    row = session.execute(
+        _visible(select(Checkpoint).join(Job, Job.id == Checkpoint.job_id), user)
+        .where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job_id)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} of job {job_id} not found")
+    return row

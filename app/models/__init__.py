@@ -4,6 +4,7 @@ from app.models.base import MAX_ID, Base, utcnow
 from app.models.checkpoints import Checkpoint
 from app.models.datasets import Dataset
 from app.models.events import JobEvent
+from app.models.idempotency import IdempotencyKey
 from app.models.jobs import Attempt, Job
 from app.models.leases import ServiceLease
 from app.models.metrics import Metric
@@ -11,6 +12,7 @@ from app.models.model_versions import ModelVersion
 from app.models.users import ApiToken, User
 
 __all__ = [
+    "IdempotencyKey",
     "MAX_ID",
     "ApiToken",
     "Attempt",

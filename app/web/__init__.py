@@ -53,6 +53,7 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
     register_sign_in(app)
     register_errors(app)
     register_converters(app)
+    register_rate_limits(app, settings)
     register_blueprints(app)
     return app
 
@@ -92,11 +93,19 @@ def register_converters(app: Flask) -> None:
     register(app)
 
 
+def register_rate_limits(app: Flask, settings: settings_module.Settings) -> None:
+    """Per-token read and write budgets on the API, counted in Redis."""
+    from app.web.rate_limits import register
+
+    register(app, settings)
+
+
 def register_blueprints(app: Flask) -> None:
     """The JSON API, its OpenAPI document, health, Prometheus metrics and the pages."""
     from app.web.api import api
     from app.web import api_accounts  # noqa: F401 - adds its routes to `api` before it is registered
     from app.web import api_pretrained  # noqa: F401 - adds its route to `api` before it is registered
+    from app.web import api_jobs_extra  # noqa: F401 - likewise
     from app.web.health import health
     from app.web.metrics import metrics
     from app.web.openapi import openapi

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+from datetime import datetime, timezone
 
 from flask import Blueprint, Response, jsonify, request, url_for
+from werkzeug.exceptions import RequestEntityTooLarge
 from sqlalchemy import select
 
-from app import catalog, datasets
+from werkzeug.formparser import FormDataParser
+
+from app import catalog, datasets, storage
 from app.jobs import service
 from app.jobs.errors import InvalidParameter, SpecError
 from app.jobs.schemas import parse_spec
@@ -17,12 +22,25 @@ from app.models import MAX_ID, JobEvent, Metric, ModelVersion, utcnow
 from app.web import serializers
 from app.web.auth import current_user
 from app.web.context import db, settings
+from app.web import idempotency
+from app.web.idempotency import json_view as idempotent
 from app.web.publishing import publish
 from app.web.login import api_user, api_write_guard
 
 api = Blueprint("api", __name__)
 api.before_request(api_user)  # bearer token; a signed-in browser session for reads only
 api.before_request(api_write_guard)  # viewers and disabled users: 403 on every write, in one place
+api.after_request(idempotency.store_answer)  # a claimed Idempotency-Key keeps the answer it got
+
+
+@api.before_request
+def _json_limit():
+    """A JSON body has its own, small limit (``max_json_bytes``), apart from the upload limit, decided
+    from its Content-Length (a chunked body without one is bounded by the upload limit)."""
+    if request.mimetype == "application/json" or request.mimetype.endswith("+json"):
+        limit = settings().max_json_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestEntityTooLarge(f"a JSON body may be at most {limit} bytes (KILN_MAX_JSON_BYTES)")
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 200
@@ -31,6 +49,7 @@ MAX_METRICS_PAGE = 10_000
 DOWNSAMPLE_ROWS = 200_000
 MAX_POINTS = 10_000
 METRIC_SCOPES = ("epoch", "step", "test")
+METADATA_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def _int_arg(name: str, default: int | None, *, lo: int = 1, hi: int = MAX_ID) -> int | None:
@@ -45,6 +64,19 @@ def _int_arg(name: str, default: int | None, *, lo: int = 1, hi: int = MAX_ID) -
     if value < lo or value > hi:
         raise InvalidParameter.at(name, f"must be between {lo} and {hi}")
     return value
+
+
+def _time_arg(name: str) -> datetime | None:
+    """Query parameter ``name`` as an ISO 8601 time (UTC when it names no zone), else a 422 naming it."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        # fromisoformat takes "Z" from Python 3.11; a "+" sent unescaped in a query arrives as " ".
+        moment = datetime.fromisoformat(raw.strip().replace(" ", "+") if "T" in raw else raw.strip())
+    except ValueError:
+        raise InvalidParameter.at(name, f"must be an ISO 8601 time (2025-01-31T12:00:00Z), not {raw[:40]!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _json_body() -> dict:
@@ -75,6 +107,7 @@ def _tagged(payload: dict, etag: str):
 
 
 @api.post("/jobs")
+@idempotent
 def submit_job():
     """Validate a spec and record the job as queued (one write transaction), then publish its wake-up message."""
     spec = parse_spec(_json_body())
@@ -91,18 +124,31 @@ def submit_job():
 
 @api.get("/jobs")
 def list_jobs():
-    """The caller's jobs, newest first; ``limit``, ``cursor``, ``state`` and ``kind`` filter."""
+    """The caller's jobs, newest first; ``limit`` and ``cursor`` page; ``state``, ``kind``, ``name``
+    (substring), ``metadata.<key>``, ``created_after``, ``created_before`` and ``updated_after`` filter."""
     state = request.args.get("state")
     if state and state not in STATES:
         raise InvalidParameter.at("state", f"must be one of {', '.join(STATES)}")
     user = current_user()
     limit, cursor, kind = _int_arg("limit", 50, hi=MAX_PAGE), _int_arg("cursor", None), request.args.get("kind") or None
+    name = request.args.get("name") or None
+    if name is not None and len(name) > 200:
+        raise InvalidParameter.at("name", "must be at most 200 characters")
+    metadata = {}
+    for param, value in request.args.items():
+        if param.startswith("metadata."):
+            key = param[len("metadata."):]
+            if not METADATA_KEY.fullmatch(key):
+                raise InvalidParameter.at(param, "a metadata key is 1 to 64 letters, digits, '_', '-' or '.'")
+            metadata[key] = value
+    times = {p: _time_arg(p) for p in ("created_after", "created_before", "updated_after")}
     jobs, next_cursor = service.list_jobs(
-        session=db(), user=user, limit=limit, before_id=cursor, state=state, kind=kind,
+        session=db(), user=user, limit=limit, before_id=cursor, state=state, kind=kind, name=name,
+        metadata=metadata, **times,
     )
     # The page's rows are small (no JSON columns): their ids and versions are the ETag.
-    etag = _etag("jobs", user.id, user.is_admin, limit, cursor, state, kind, next_cursor,
-                 [(j.id, j.updated_at) for j in jobs])
+    etag = _etag("jobs", user.id, user.is_admin, limit, cursor, state, kind, name, sorted(metadata.items()),
+                 sorted(times.items()), next_cursor, [(j.id, j.updated_at) for j in jobs])
     if (unchanged := _not_modified(etag)) is not None:
         return unchanged
     return _tagged({"items": [serializers.job_summary(j) for j in jobs],
@@ -155,7 +201,7 @@ def resume_job(job_id: int):
 
 @api.get("/jobs/<int:job_id>/metrics")
 def job_metrics(job_id: int):
-    """Metrics reports in order, paged with ``after`` (an id) and ``limit``; ``scope`` (epoch|step|test)
+    """Metrics reports in order, paged with ``after`` (an id) and ``limit``; ``since`` (ISO time) starts there; ``scope`` (epoch|step|test)
     filters; ``latest=true`` keeps only the newest attempt's report of each epoch/step (one curve);
     ``points=N`` answers one downsampled curve per metric instead of the reports."""
     scope = request.args.get("scope") or None
@@ -164,9 +210,10 @@ def job_metrics(job_id: int):
     points = _int_arg("points", None, lo=4, hi=MAX_POINTS)
     limit = _int_arg("limit", DOWNSAMPLE_ROWS if points else 1000, hi=DOWNSAMPLE_ROWS if points else MAX_METRICS_PAGE)
     after = _int_arg("after", None, lo=0)
+    since = _time_arg("since")
     latest = request.args.get("latest") in ("1", "true")
     newest = service.metrics_version(session=db(), user=current_user(), job_id=job_id, scope=scope)
-    etag = _etag("metrics", job_id, newest, scope, points, limit, after, latest)
+    etag = _etag("metrics", job_id, newest, scope, points, limit, after, since, latest)
     if (unchanged := _not_modified(etag)) is not None:
         return unchanged
     stmt = select(*serializers.METRIC_COLUMNS).where(Metric.job_id == job_id).order_by(Metric.id).limit(limit)
@@ -174,6 +221,8 @@ def job_metrics(job_id: int):
         stmt = stmt.where(Metric.scope == scope)
     if after is not None:
         stmt = stmt.where(Metric.id > after)
+    if since is not None:
+        stmt = stmt.where(Metric.at >= since)
     rows = db().execute(stmt).all()
     next_after = rows[-1][0] if len(rows) == limit else None
     if latest:
@@ -222,15 +271,38 @@ def list_datasets():
 
 @api.post("/datasets")
 def upload_dataset():
-    """Upload a CSV, JSONL or Parquet file (multipart field ``file``); answers with its inferred schema."""
-    upload = request.files.get("file")
-    if upload is None or not upload.filename:
+    """Upload a CSV, JSONL or Parquet file (multipart field ``file``); answers with its inferred schema.
+
+    The file part streams from the request straight into a temporary file under storage, in
+    chunks, while its sha256 is counted: it is never held whole in memory.
+    """
+    if request.mimetype != "multipart/form-data":
         raise SpecError.at("file", "send the dataset as a multipart/form-data field named 'file'")
-    dataset = datasets.upload(
-        session=db(), owner=current_user(), filename=upload.filename, data=upload.read(), settings=settings(),
-        declared_format=request.form.get("format") or None, name=request.form.get("name") or None,
-    )
-    db().commit()
+    writers: list[storage.AtomicWriter] = []
+
+    def to_storage(**_: object) -> storage.AtomicWriter:
+        writers.append(storage.AtomicWriter(settings().storage_root, f"datasets/{current_user().id}"))
+        return writers[-1]
+
+    try:
+        parser = FormDataParser(stream_factory=to_storage, max_content_length=request.max_content_length,
+                                max_form_memory_size=request.max_form_memory_size,
+                                max_form_parts=request.max_form_parts)
+        _, form, files = parser.parse_from_environ(request.environ)
+        upload = files.get("file")
+        if upload is None or not upload.filename:
+            raise SpecError.at("file", "send the dataset as a multipart/form-data field named 'file'")
+        # The file's sha256 (counted while it streamed in) and the fields are the request's fingerprint.
+        if (replayed := idempotency.replay(upload.stream.sha256, upload.filename, form.to_dict())) is not None:
+            return replayed
+        dataset = datasets.store(
+            session=db(), owner=current_user(), filename=upload.filename, writer=upload.stream, settings=settings(),
+            declared_format=form.get("format") or None, name=form.get("name") or None,
+        )
+        db().commit()
+    finally:
+        for writer in writers:
+            writer.abort()  # every part but the stored one (and that one on failure)
     response = jsonify(serializers.dataset(dataset))
     response.status_code = 201
     response.headers["Location"] = url_for("api.get_dataset", dataset_id=dataset.id)

@@ -17,6 +17,7 @@ from app.models import ApiToken, User
 from app.web.api import api
 from app.web.auth import current_user
 from app.web.context import db, settings
+from app.web.idempotency import json_view as idempotent
 
 def _body() -> dict[str, Any]:
     body = request.get_json(silent=True)
@@ -54,6 +55,7 @@ def list_tokens():
 
 
 @api.post("/tokens")
+@idempotent
 def create_token():
     """Create a token ``{"name", "expires_at"?}``; the answer's ``token`` is the only time it is shown."""
     body = _body()
@@ -81,6 +83,7 @@ def list_users():
 
 
 @api.post("/users")
+@idempotent
 def create_user():
     """Create a user ``{"email", "role", "password"?}`` (admins only); answers with a first API token, shown once."""
     accounts.require_admin(current_user())

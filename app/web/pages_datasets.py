@@ -43,7 +43,7 @@ def upload():
     session = db()
     try:
         dataset = datasets.upload(session=session, owner=web_user(), filename=form.file.data.filename or "",
-                                  data=form.file.data.read(), settings=settings(), name=form.name.data or None)
+                                  data=form.file.data.stream, settings=settings(), name=form.name.data or None)
     except SpecError as exc:
         session.rollback()
         return _list_page(form, exc.errors[0]["message"], 422)

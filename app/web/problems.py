@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
 from app.jobs.errors import Conflict, InvalidParameter, NotFound, SpecError
+from app.quotas import QuotaExceeded
 from app.jobs.states import InvalidTransition
 from app.models import MAX_ID
 
@@ -53,7 +54,20 @@ PROBLEM_TYPES: dict[str, ProblemType] = {t.slug: t for t in (
     ProblemType("conflict", 409, "Conflict",
                 "The request does not fit the resource's current state (e.g. cancelling a finished job)."),
     ProblemType("payload-too-large", 413, "Request Entity Too Large",
-                "The request body is larger than the configured upload limit."),
+                "The request body is larger than the configured limit: KILN_MAX_JSON_BYTES for a JSON body, "
+                "KILN_MAX_UPLOAD_BYTES for an upload."),
+    ProblemType("storage-quota-exceeded", 413, "Storage quota exceeded",
+                "The file would take the account's stored bytes (checkpoints and datasets) past its quota; "
+                "quota, limit and used say which and how much."),
+    ProblemType("quota-exceeded", 429, "Quota exceeded",
+                "The account is at a quota (queued + running jobs, or compute seconds today); "
+                "quota, limit and used say which and how much."),
+    ProblemType("rate-limited", 429, "Too Many Requests",
+                "The token made more requests than its rate limit allows; Retry-After says when to try again."),
+    ProblemType("idempotency-key-reuse", 422, "Idempotency key reused",
+                "The Idempotency-Key was already used with a different request body; use a new key."),
+    ProblemType("idempotency-key-in-progress", 409, "Idempotency key in progress",
+                "A request with this Idempotency-Key is still being processed; retry it shortly."),
     ProblemType("unsupported-media-type", 415, "Unsupported Media Type",
                 "The request body's Content-Type is not one this endpoint reads."),
     ProblemType("invalid-spec", 422, "Invalid job specification",
@@ -67,7 +81,9 @@ PROBLEM_TYPES: dict[str, ProblemType] = {t.slug: t for t in (
     ProblemType("http-error", 0, "HTTP error",
                 "Any other HTTP error; status and title say which."),
 )}
-_BY_STATUS = {t.status: t for t in PROBLEM_TYPES.values() if t.slug not in ("invalid-parameter", "http-error")}
+_BY_STATUS = {t.status: t for t in PROBLEM_TYPES.values() if t.slug not in (
+    "invalid-parameter", "http-error", "storage-quota-exceeded", "quota-exceeded", "idempotency-key-reuse",
+    "idempotency-key-in-progress")}
 
 
 def problem(status: int, title: str | None = None, detail: str | None = None, *, kind: str | None = None,
@@ -144,6 +160,11 @@ def register(app: Flask) -> None:
     @app.errorhandler(InvalidTransition)
     def _conflict(exc: Exception):
         return problem(409, "Conflict", str(exc), kind="conflict")
+
+    @app.errorhandler(QuotaExceeded)
+    def _quota(exc: QuotaExceeded):
+        kind = "storage-quota-exceeded" if exc.status == 413 else "quota-exceeded"
+        return problem(exc.status, None, exc.message, kind=kind, quota=exc.quota, limit=exc.limit, used=exc.used)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):

@@ -1,0 +1,132 @@
+"""Usage per user and per job: compute seconds, jobs and storage bytes (the API's ``/usage`` and the quotas).
+
+Attempts do not record the device they ran on (``resources.device`` may be ``auto``), so every
+attempt's run time counts as CPU seconds; ``gpu_seconds`` stays 0 until workers record it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from app.accounts import require_admin
+from app.jobs.states import QUEUED, RUNNING
+from app.models import Attempt, Checkpoint, Dataset, Job, User, utcnow
+
+DEVICE_NOTE = ("attempts do not record the device they ran on, so all run time is counted as cpu_seconds; "
+               "gpu_seconds is 0")
+
+
+def _overlap(started: datetime, ended: datetime | None, start: datetime | None, end: datetime) -> float:
+    """Seconds of ``started..ended`` (a running attempt: up to ``end``) inside ``start..end``."""
+    lo = max(started, start) if start is not None else started
+    hi = min(ended or end, end)
+    return max(0.0, (hi - lo).total_seconds())
+
+
+def compute_seconds(*, session: Session, user_ids: list[int] | None, start: datetime | None,
+                    end: datetime) -> dict[tuple[int, int], float]:
+    """Run time of attempts inside ``start..end``, keyed by ``(owner id, job id)``; None means every user."""
+    stmt = (select(Job.owner_id, Job.id, Attempt.started_at, Attempt.ended_at)
+            .join(Attempt, Attempt.job_id == Job.id).where(Attempt.started_at < end))
+    if start is not None:
+        stmt = stmt.where(or_(Attempt.ended_at.is_(None), Attempt.ended_at > start))
+    if user_ids is not None:
+        stmt = stmt.where(Job.owner_id.in_(user_ids))
+    seconds: dict[tuple[int, int], float] = defaultdict(float)
+    for owner_id, job_id, started, ended in session.execute(stmt):
+        seconds[(owner_id, job_id)] += _overlap(started, ended, start, end)
+    return seconds
+
+
+def user_compute_seconds(*, session: Session, user_id: int, start: datetime, end: datetime | None = None) -> float:
+    """One user's run time inside ``start..end`` (now by default), running attempts included."""
+    per_job = compute_seconds(session=session, user_ids=[user_id], start=start, end=end or utcnow())
+    return sum(per_job.values())
+
+
+def storage_bytes(*, session: Session, user_id: int) -> int:
+    """Bytes a user's checkpoints and uploaded datasets take in storage now."""
+    checkpoints = session.execute(
+        select(func.coalesce(func.sum(Checkpoint.size_bytes), 0)).join(Job, Job.id == Checkpoint.job_id)
+        .where(Job.owner_id == user_id)).scalar_one()
+    datasets = session.execute(
+        select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.owner_id == user_id)).scalar_one()
+    return int(checkpoints) + int(datasets)
+
+
+def active_jobs(*, session: Session, user_id: int) -> int:
+    """A user's queued and running jobs."""
+    return session.execute(select(func.count()).select_from(Job).where(
+        Job.owner_id == user_id, Job.state.in_((QUEUED, RUNNING)))).scalar_one()
+
+
+def report(*, session: Session, actor: User, start: datetime | None, end: datetime | None,
+           user_id: int | None = None) -> dict[str, Any]:
+    """Usage over ``start..end`` (end defaults to now) per user and per job.
+
+    Others see only themselves; an admin sees every user, or one with ``user_id``. ``jobs`` counts
+    jobs created in the range; ``cpu_seconds`` the part of each attempt's run inside it;
+    storage is the bytes held now (checkpoints per job, plus datasets).
+    """
+    end = end or utcnow()
+    if user_id is not None and user_id != actor.id:
+        require_admin(actor)
+    ids = [user_id] if user_id is not None else (None if actor.is_admin else [actor.id])
+    users_stmt = select(User.id, User.email).order_by(User.id)
+    if ids is not None:
+        users_stmt = users_stmt.where(User.id.in_(ids))
+    users = {uid: {"user_id": uid, "email": email, "cpu_seconds": 0.0, "gpu_seconds": 0.0, "jobs": 0,
+                   "storage_bytes": {"checkpoints": 0, "datasets": 0, "total": 0}, "per_job": {}}
+             for uid, email in session.execute(users_stmt)}
+
+    def job_entry(owner_id: int, job_id: int, name: str) -> dict[str, Any]:
+        return users[owner_id]["per_job"].setdefault(job_id, {
+            "job_id": job_id, "name": name, "cpu_seconds": 0.0, "gpu_seconds": 0.0, "checkpoint_bytes": 0})
+
+    for (owner_id, job_id), seconds in compute_seconds(session=session, user_ids=ids, start=start, end=end).items():
+        if owner_id in users:
+            users[owner_id]["cpu_seconds"] += seconds
+            job_entry(owner_id, job_id, "")["cpu_seconds"] += seconds
+    created = select(Job.owner_id, func.count()).where(Job.created_at < end).group_by(Job.owner_id)
+    if start is not None:
+        created = created.where(Job.created_at >= start)
+    for owner_id, n in session.execute(created):
+        if owner_id in users:
+            users[owner_id]["jobs"] = n
+    ckpt = (select(Job.owner_id, Job.id, func.sum(Checkpoint.size_bytes))
+            .join(Checkpoint, Checkpoint.job_id == Job.id).group_by(Job.owner_id, Job.id))
+    for owner_id, job_id, size in session.execute(ckpt):
+        if owner_id in users:
+            users[owner_id]["storage_bytes"]["checkpoints"] += int(size or 0)
+            job_entry(owner_id, job_id, "")["checkpoint_bytes"] = int(size or 0)
+    for owner_id, size in session.execute(select(Dataset.owner_id, func.sum(Dataset.size_bytes)).group_by(Dataset.owner_id)):
+        if owner_id in users:
+            users[owner_id]["storage_bytes"]["datasets"] = int(size or 0)
+    job_ids = [j for u in users.values() for j in u["per_job"]]
+    for job_id, name in session.execute(select(Job.id, Job.name).where(Job.id.in_(job_ids))) if job_ids else ():
+        for u in users.values():
+            if job_id in u["per_job"]:
+                u["per_job"][job_id]["name"] = name
+    items = []
+    for u in users.values():
+        u["storage_bytes"]["total"] = u["storage_bytes"]["checkpoints"] + u["storage_bytes"]["datasets"]
+        u["cpu_seconds"] = round(u["cpu_seconds"], 3)
+        per_job = sorted(u.pop("per_job").values(), key=lambda j: j["job_id"])
+        for j in per_job:
+            j["cpu_seconds"] = round(j["cpu_seconds"], 3)
+        items.append(u | {"per_job": per_job})
+    return {"from": start.isoformat() if start else None, "to": end.isoformat(), "note": DEVICE_NOTE,
+            "users": items}
+
+
+def day_start(now: datetime | None = None) -> datetime:
+    """Midnight UTC of today (the compute quota's day)."""
+    now = now or utcnow()
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+

@@ -1,0 +1,64 @@
+"""Per-token API rate limits (Flask-Limiter, counted in Redis) with separate read and write budgets.
+
+Every ``/api/v1`` request counts against its caller's read budget (GET, HEAD, OPTIONS) or write
+budget (the rest), keyed by its bearer token (a signed-in browser: its user; otherwise the
+address). Answers carry ``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset``
+(seconds until the window resets); a spent budget answers 429 problem+json with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from flask import Flask, Response, request
+from flask_limiter import Limiter
+
+from app.settings import Settings
+from app.web.auth import SAFE_METHODS
+from app.web.context import settings
+
+RESET_HEADER = "RateLimit-Reset"
+
+
+def caller_key() -> str:
+    """Who a request's budget belongs to: its token (hashed), else its signed-in user, else its address."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:32]
+    from flask_login import current_user
+
+    if current_user and current_user.is_authenticated:
+        return f"user:{current_user.get_id()}"
+    return f"addr:{request.remote_addr}"
+
+
+def _reset_as_seconds(response: Response) -> Response:
+    # Flask-Limiter sends the reset as a Unix time; the IETF header means seconds from now.
+    value = response.headers.get(RESET_HEADER)
+    if value and value.isdigit() and int(value) > 1_000_000_000:
+        response.headers[RESET_HEADER] = str(max(0, int(value) - int(time.time())))
+    return response
+
+
+def register(app: Flask, config: Settings) -> None:
+    """Count ``/api/v1`` requests per caller in Redis at ``redis_url``; call before the API blueprint registers."""
+    from app.web.api import api
+
+    # Runs after Flask-Limiter's header injection (after_request functions run in reverse order).
+    app.after_request(_reset_as_seconds)
+    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    app.config.setdefault("RATELIMIT_HEADER_LIMIT", "RateLimit-Limit")
+    app.config.setdefault("RATELIMIT_HEADER_REMAINING", "RateLimit-Remaining")
+    app.config.setdefault("RATELIMIT_HEADER_RESET", RESET_HEADER)
+    app.config.setdefault("RATELIMIT_HEADER_RETRY_AFTER", "Retry-After")
+    app.config.setdefault("RATELIMIT_HEADER_RETRY_AFTER_VALUE", "delta-seconds")
+    # A Redis outage must not take the API down with it: requests pass uncounted meanwhile.
+    app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
+    limiter = Limiter(caller_key, app=app, storage_uri=config.redis_url, strategy="fixed-window",
+                      key_prefix="kiln-rl")
+    limiter.shared_limit(lambda: settings().rate_limit_read, scope="api-read",
+                         exempt_when=lambda: request.method not in SAFE_METHODS or not settings().rate_limit_read)(api)
+    limiter.shared_limit(lambda: settings().rate_limit_write, scope="api-write",
+                         exempt_when=lambda: request.method in SAFE_METHODS or not settings().rate_limit_write)(api)
+    app.extensions["kiln_limiter"] = limiter

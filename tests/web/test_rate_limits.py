@@ -1,0 +1,41 @@
+"""Per-token rate limits, counted in the real test Redis: separate read and write budgets, 429 with Retry-After."""
+
+from __future__ import annotations
+
+import pytest
+
+MLP = {"kind": "train", "name": "digits-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
+       "hyperparameters": {"epochs": 1}}
+
+
+@pytest.fixture(scope="module")
+def limited(settings):
+    """An app with tiny budgets: 3 reads and 2 writes a minute per token."""
+    from app import create_app
+
+    app = create_app({
+        "TESTING": True, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
+        "STORAGE_ROOT": settings.storage_root, "RATE_LIMIT_READ": "3/minute", "RATE_LIMIT_WRITE": "2/minute",
+    })
+    return app.test_client()
+
+
+def test_reads_and_writes_have_separate_budgets_and_429_says_when_to_retry(limited, auth, make_user):
+    for remaining in (2, 1, 0):
+        r = limited.get("/api/v1/jobs", headers=auth)
+        assert r.status_code == 200
+        assert r.headers["RateLimit-Limit"] == "3" and r.headers["RateLimit-Remaining"] == str(remaining)
+        assert 0 <= int(r.headers["RateLimit-Reset"]) <= 61
+    r = limited.get("/api/v1/jobs", headers=auth)
+    assert r.status_code == 429 and r.mimetype == "application/problem+json"
+    assert r.get_json()["type"] == "/problems/rate-limited"
+    assert 0 < int(r.headers["Retry-After"]) <= 61 and r.headers["RateLimit-Remaining"] == "0"
+    # The write budget is untouched by the reads.
+    for _ in range(2):
+        r = limited.post("/api/v1/tokens", json={"name": "t"}, headers=auth)
+        assert r.status_code == 201 and r.headers["RateLimit-Limit"] == "2"
+    r = limited.post("/api/v1/tokens", json={"name": "t"}, headers=auth)
+    assert r.status_code == 429 and "Retry-After" in r.headers
+    # Another token has budgets of its own.
+    _, other = make_user()
+    assert limited.get("/api/v1/jobs", headers={"Authorization": f"Bearer {other}"}).status_code == 200
