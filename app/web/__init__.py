@@ -53,6 +53,7 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
     register_sign_in(app)
     register_errors(app)
     register_converters(app)
+    register_webhooks(settings)
     register_blueprints(app)
     return app
 
@@ -92,10 +93,18 @@ def register_converters(app: Flask) -> None:
     register(app)
 
 
+def register_webhooks(settings: settings_module.Settings) -> None:
+    """Publish the webhook deliveries a request commits (a cancel, say) right after the commit."""
+    from app import webhooks
+
+    webhooks.configure(settings)
+
+
 def register_blueprints(app: Flask) -> None:
     """The JSON API, its OpenAPI document, health, Prometheus metrics and the pages."""
     from app.web.api import api
     from app.web import api_accounts  # noqa: F401 - adds its routes to `api` before it is registered
+    from app.web import api_webhooks  # noqa: F401 - likewise
     from app.web.health import health
     from app.web.metrics import metrics
     from app.web.openapi import openapi
