@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 STATE_EVENTS = ("running", "succeeded", "failed", "cancelled")
 _PENDING = "kiln_webhook_deliveries"
+# ``session.info`` key: the settings whose broker a session's committed deliveries are published to.
+PUBLISHER = "kiln_webhook_publisher"
 RESPONSE_PREFIX = 256
 # How long a claimed ("sending") row is held before another task may take it over.
 CLAIM_MARGIN_SECONDS = 30.0
@@ -153,8 +155,9 @@ def _publish_after_commit(session: Session) -> None:
     ids = session.info.pop(_PENDING, None)
     if not ids:
         return
-    bind = session.get_bind()
-    settings = _publishers.get(_key(str(bind.url.render_as_string(hide_password=False))))
+    settings = session.info.get(PUBLISHER)
+    if settings is None:
+        settings = _publishers.get(_key(session.get_bind().url.render_as_string(hide_password=False)))
     if settings is None:
         return  # no publisher in this process: the reaper's sweep publishes them
     from app.queue import publish_webhook

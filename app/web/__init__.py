@@ -53,7 +53,6 @@ def build_app(config: dict[str, Any] | None = None) -> Flask:
     register_sign_in(app)
     register_errors(app)
     register_converters(app)
-    register_webhooks(settings)
     register_blueprints(app)
     return app
 
@@ -91,13 +90,6 @@ def register_converters(app: Flask) -> None:
     from app.web.problems import register_converters as register
 
     register(app)
-
-
-def register_webhooks(settings: settings_module.Settings) -> None:
-    """Publish the webhook deliveries a request commits (a cancel, say) right after the commit."""
-    from app import webhooks
-
-    webhooks.configure(settings)
 
 
 def register_blueprints(app: Flask) -> None:

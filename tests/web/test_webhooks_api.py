@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app import webhook_security
 from app.db import session_scope
-from app.models import Job, User
+from app.models import Job, User, WebhookDelivery
 
 TRAIN = {"kind": "train", "name": "hooked", "model": {"arch": "mlp", "hidden_sizes": [8]},
          "dataset": {"id": "builtin:digits"}, "hyperparameters": {"epochs": 1}}
@@ -98,7 +98,7 @@ def test_a_webhook_needs_a_secret_first_and_defaults_to_terminal_events(client, 
     monkeypatch.setattr(webhook_security, "system_resolver", lambda host, port: ["93.184.215.14"])
     user_id, token = make_user()
     auth = {"Authorization": f"Bearer {token}"}
-    spec = {**TRAIN, "webhook": {"url": "https://hooks.example.com/kiln"}}
+    spec = {**TRAIN, "webhook": {"url": "https://hooks.example.invalid/kiln"}}
     r = client.post("/api/v1/jobs", json=spec, headers=auth)
     assert r.status_code == 422
     assert r.get_json()["errors"][0]["field"] == "webhook"
@@ -108,7 +108,7 @@ def test_a_webhook_needs_a_secret_first_and_defaults_to_terminal_events(client, 
     r = client.post("/api/v1/jobs", json=spec, headers=auth)
     assert r.status_code == 201, r.get_json()
     job = r.get_json()
-    assert job["spec"]["webhook"] == {"url": "https://hooks.example.com/kiln",
+    assert job["spec"]["webhook"] == {"url": "https://hooks.example.invalid/kiln",
                                       "events": ["succeeded", "failed", "cancelled"]}
     # Cancelling the queued job writes its outbox row in the cancel's transaction; the log shows it.
     assert client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=auth).status_code == 202
@@ -116,6 +116,8 @@ def test_a_webhook_needs_a_secret_first_and_defaults_to_terminal_events(client, 
     assert [(i["event"], i["payload"]["type"], i["payload"]["data"]["job_id"]) for i in items] == [
         ("cancelled", "job.cancelled", job["id"])]
     # Another user's job's log answers 404 like a missing job.
+    with session_scope(settings.database_url) as s:  # never handed to a worker by a later sweep
+        s.execute(update(WebhookDelivery).where(WebhookDelivery.job_id == job["id"]).values(status="failed"))
     _, other = make_user()
     r = client.get(f"/api/v1/jobs/{job['id']}/webhook-deliveries", headers={"Authorization": f"Bearer {other}"})
     assert r.status_code == 404
