@@ -7,9 +7,9 @@ from sqlalchemy import select, update
 
 from app import webhook_security, webhooks
 from app.db import session_scope
-from app.jobs import attempts, service
+from app.jobs import attempts, service, states
 from app.jobs.schemas import parse_spec
-from app.models import User, WebhookAttempt, WebhookDelivery
+from app.models import Job, User, WebhookAttempt, WebhookDelivery
 from tests.webhook_receiver import Receiver
 
 TRAIN = {"kind": "train", "name": "hooked", "model": {"arch": "mlp", "hidden_sizes": [8]},
@@ -38,8 +38,13 @@ def _settle_outbox(settings):
     """Leave no pending delivery behind: a later sweep in the same run must not hand one to a worker."""
     yield
     with session_scope(settings.database_url) as s:
+        # These jobs were never published; ended here, no later reconciler pass hands them to a worker.
+        live = (states.QUEUED, states.RUNNING, states.PAUSED)
+        for job_id in s.execute(select(Job.id).where(Job.webhook.is_not(None), Job.state.in_(live))).scalars():
+            states.transition(s, job_id, to=states.CANCELLED, expect=live, message="test cleanup")
         s.execute(update(WebhookDelivery).where(WebhookDelivery.status.in_(("pending", "sending")))
                   .values(status="failed", next_attempt_at=None))
+        s.info.clear()
 
 
 def test_a_name_resolving_to_a_private_address_is_refused_at_delivery(settings, make_user, monkeypatch):
