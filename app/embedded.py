@@ -181,9 +181,10 @@ def run_all(settings: Settings, *, host: str, port: int, workers: int, ready_tim
         for i in range(workers):
             children.start("train worker", kiln + ["worker", "--queues", "train,default",
                                                    "--name", f"kiln-train-{i}@{host_name}"])
-        # Predictions get a worker of their own, so they never wait behind a long training job.
+        # Predictions get a worker of their own, so they never wait behind a long training job; it
+        # also takes the default queue, so webhook deliveries do not wait for a training job to end.
         children.start("predict worker",
-                       kiln + ["worker", "--queues", "predict", "--name", f"kiln-predict@{host_name}"])
+                       kiln + ["worker", "--queues", "predict,default", "--name", f"kiln-predict@{host_name}"])
         children.start("reaper", kiln + ["reaper"])
         children.start("web", kiln + ["web", "--host", host, "--port", str(port), "--workers", "2"])
         shown = f"[{host}]" if ":" in host else host

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 TRAIN_TASK = "kiln.train"
 PREDICT_TASK = "kiln.predict"
+WEBHOOK_TASK = "kiln.webhook"
 TASK_FOR_KIND = {"train": TRAIN_TASK, "predict": PREDICT_TASK}
 # Redis priorities run the other way from AMQP: 0 is served first. Kombu keeps one list per step
 # (0, 3, 6, 9) and pops them in that order.
@@ -49,4 +50,17 @@ def publish(settings: "Settings", *, job_id: int, kind: str, token: int, priorit
         log.warning("event=publish_failed job_id=%s error=%r", job_id, exc)
         return False
     log.info("event=published job_id=%s kind=%s token=%s", job_id, kind, token)
+    return True
+
+
+def publish_webhook(settings: "Settings", *, delivery_id: int, countdown: float | None = None) -> bool:
+    """Send the wake-up for one webhook delivery (after its row is committed); False (logged) on failure."""
+    try:
+        client(settings).send_task(
+            WEBHOOK_TASK, args=[delivery_id], countdown=countdown or None,
+            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+        )
+    except Exception as exc:  # noqa: BLE001 - the row stays pending; the reaper's sweep republishes it
+        log.warning("event=webhook_publish_failed delivery_id=%s error=%r", delivery_id, exc)
+        return False
     return True

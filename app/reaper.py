@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from app import queue
+from app import queue, webhooks
 from app.db import session_scope
 from app.jobs import recovery, service, storage_gc
 from app.settings import Settings
@@ -36,6 +36,7 @@ def tick(settings: Settings, *, owner: str, sweep: bool = False) -> dict[str, in
             published += 1
             with session_scope(settings.database_url) as session:
                 service.mark_published(session=session, job_id=w.job_id)
+    hooks = sweep_webhooks(settings)
     swept = 0
     if sweep:
         with session_scope(settings.database_url) as session:
@@ -44,13 +45,28 @@ def tick(settings: Settings, *, owner: str, sweep: bool = False) -> dict[str, in
         swept = len(removed)
         if removed:
             log.info("event=orphans_removed count=%s", swept)
-    return {"acting": 1, "reaped": len(reaped), "republished": published, "swept": swept}
+    return {"acting": 1, "reaped": len(reaped), "republished": published, "swept": swept, **hooks}
+
+
+def sweep_webhooks(settings: Settings) -> dict[str, int]:
+    """Write due ``progress`` events to the outbox and publish deliveries whose message is overdue or lost."""
+    with session_scope(settings.database_url) as session:
+        progress = webhooks.record_progress(session=session, settings=settings)
+        # Committed with published_at stamped; the progress rows just written are published by the
+        # after-commit hook (``webhooks.configure``), the overdue ones below.
+        overdue = webhooks.due(session=session, settings=settings)
+    for delivery_id in overdue:
+        queue.publish_webhook(settings, delivery_id=delivery_id)
+    if overdue:
+        log.info("event=webhooks_republished count=%s", len(overdue))
+    return {"webhook_progress": progress, "webhooks_republished": len(overdue)}
 
 
 def run_forever(settings: Settings, stop: threading.Event | None = None) -> None:
     """Tick every ``reaper_interval_seconds`` until ``stop`` is set."""
     stop = stop or threading.Event()
     owner = f"{socket.gethostname()}:{os.getpid()}"
+    webhooks.configure(settings)
     log.info("event=reaper_started owner=%s interval=%s", owner, settings.reaper_interval_seconds)
     next_sweep = 0.0
     while not stop.is_set():

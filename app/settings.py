@@ -115,6 +115,15 @@ class Settings(BaseSettings):
     # /metrics: a bearer token it requires, and/or a port of its own (then never on the web port).
     metrics_token: str = Field("", repr=False)
     metrics_port: int | None = None
+    # Webhooks: private, loopback and link-local destinations are refused unless this is set
+    # (a receiver on the same host or network, as in tests); see docs/api.md "Webhooks".
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    # Tries per event; retry n waits base * 3**(n-1): 30 s, 90 s, 4.5 min, 13.5 min, 40.5 min (~1 h in all).
+    webhook_max_attempts: int = Field(6, ge=1, le=20)
+    webhook_retry_base_seconds: float = Field(30.0, gt=0)
+    # At most one ``progress`` event per job this often.
+    webhook_progress_interval_seconds: float = Field(30.0, gt=0)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -211,7 +220,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """The one Celery mapping: JSON only, late acks, prefetch 1, train/predict/default queues."""
     import socket
 
-    from app.queue import PREDICT_TASK, TRAIN_TASK  # task names only; no Celery import there
+    from app.queue import PREDICT_TASK, TRAIN_TASK, WEBHOOK_TASK  # task names only; no Celery import there
 
     return {
         "broker_url": settings.redis_url,
@@ -228,7 +237,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "task_default_queue": DEFAULT_QUEUE,
         "task_create_missing_queues": True,
-        "task_routes": {TRAIN_TASK: {"queue": TRAIN_QUEUE}, PREDICT_TASK: {"queue": PREDICT_QUEUE}},
+        "task_routes": {TRAIN_TASK: {"queue": TRAIN_QUEUE}, PREDICT_TASK: {"queue": PREDICT_QUEUE},
+                        WEBHOOK_TASK: {"queue": DEFAULT_QUEUE}},
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_transport_options": {

@@ -95,6 +95,7 @@ def settings(database_url, redis_url, tmp_path_factory) -> settings_module.Setti
     return settings_module.SETTINGS.with_overrides(
         database_url=database_url, redis_url=redis_url, storage_root=tmp_path_factory.mktemp("storage"),
         lease_seconds=6.0, heartbeat_seconds=1.0, requeue_after_seconds=5.0, reaper_interval_seconds=1.0,
+        webhook_retry_base_seconds=0.2, webhook_timeout_seconds=10.0,
     )
 
 
@@ -109,6 +110,11 @@ def settings_env(settings: settings_module.Settings) -> dict[str, str]:
         KILN_REAPER_INTERVAL_SECONDS=str(settings.reaper_interval_seconds),
         KILN_VISIBILITY_TIMEOUT_SECONDS=str(settings.visibility_timeout_seconds),
         KILN_UNACKED_RESTORE_SECONDS=str(settings.unacked_restore_seconds),
+        KILN_WEBHOOK_RETRY_BASE_SECONDS=str(settings.webhook_retry_base_seconds),
+        KILN_WEBHOOK_TIMEOUT_SECONDS=str(settings.webhook_timeout_seconds),
+        # Test receivers listen on 127.0.0.1, which production refuses (tests/test_webhooks.py
+        # checks the refusal with this off).
+        KILN_WEBHOOK_ALLOW_PRIVATE="1",
         KILN_TORCH_THREADS="1", PYTHONUNBUFFERED="1",
     )
     return env

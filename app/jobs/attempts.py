@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from app import webhooks
 from app.jobs import states
 from app.jobs.errors import StaleAttempt
 from app.models import Attempt, Checkpoint, Job, JobEvent, Metric, ModelVersion, utcnow
@@ -164,6 +165,8 @@ def add_checkpoint(
     )
     session.add(row)
     session.flush()
+    webhooks.record_checkpoint(session=session, job_id=job_id, attempt=token, checkpoint_id=row.id, epoch=epoch,
+                               step=step, reason=reason, is_best=is_best)
     return row
 
 

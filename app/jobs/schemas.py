@@ -7,6 +7,7 @@ hyperparameters are chosen from registered options; no spec can carry code.
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -219,6 +220,47 @@ class CheckpointPolicy(Strict):
     keep_last: int = Field(default=3, ge=1, le=100)
 
 
+WEBHOOK_EVENTS = ("running", "progress", "checkpoint", "succeeded", "failed", "cancelled")
+WebhookEvent = Literal["running", "progress", "checkpoint", "succeeded", "failed", "cancelled"]
+MAX_WEBHOOK_URL = 2000
+
+
+class WebhookSpec(Strict):
+    """Where to POST a job's events, and which ones (default: how it ended)."""
+
+    url: str = Field(min_length=1, max_length=MAX_WEBHOOK_URL, description="an http or https URL")
+    events: list[WebhookEvent] = Field(default=["succeeded", "failed", "cancelled"], min_length=1, max_length=6)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        # Destination checks that need settings or DNS (private addresses) happen at submit, in
+        # app.webhooks.check_destination; this is the shape alone.
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL: {exc}") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        if not parts.hostname:
+            raise ValueError("must name a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials (user:password@); authenticate with the signature")
+        if parts.fragment:
+            raise ValueError("must not have a #fragment")
+        if any(c.isspace() or ord(c) < 32 for c in value):
+            raise ValueError("must not contain spaces or control characters")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists an event twice")
+        return value
+
+
 Metadata = dict[Annotated[str, Field(max_length=64)], Union[str, int, float, bool, None]]
 
 
@@ -255,6 +297,7 @@ class TrainSpec(AttemptRuntime):
     )
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     metadata: Metadata = Field(default_factory=dict, max_length=50)
+    webhook: WebhookSpec | None = None
 
 
 Number = Union[float, int]
@@ -281,6 +324,7 @@ class PredictSpec(AttemptRuntime):
     )
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     metadata: Metadata = Field(default_factory=dict, max_length=50)
+    webhook: WebhookSpec | None = None
 
     @model_validator(mode="after")
     def _embedding_options(self) -> "PredictSpec":

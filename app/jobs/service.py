@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import Row, String, cast, func, select, update
 from sqlalchemy.orm import Session
 
-from app import catalog, images, pretrained, sizing, task_rules
+from app import catalog, images, pretrained, sizing, task_rules, webhook_security
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import DatasetRef, PredictSpec, TrainSpec
@@ -410,6 +410,17 @@ def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVers
     return model
 
 
+def _check_webhook(owner: User, spec: TrainSpec | PredictSpec, settings: Settings) -> None:
+    """A webhook needs its owner's signing secret and a destination that may be called."""
+    try:
+        webhook_security.check_destination(spec.webhook.url, allow_private=settings.webhook_allow_private)
+    except webhook_security.DestinationRefused as exc:
+        raise SpecError.at("webhook.url", str(exc)) from None
+    if owner.webhook_secret is None:
+        raise SpecError.at("webhook", "you have no webhook secret yet: create one with POST /api/v1/webhook-secret "
+                                      "(it signs every delivery)")
+
+
 def submit(
     *, session: Session, owner: User, spec: TrainSpec | PredictSpec, settings: Settings,
     published_at: datetime | None = None,
@@ -432,12 +443,15 @@ def submit(
         model = _check_predict(session, owner, spec)
         model_version_id = model.id if model is not None else None
         queue, name = PREDICT_QUEUE, spec.name or f"predict-{model.name if model is not None else spec.model.split(':', 1)[1]}"
+    if spec.webhook is not None:
+        _check_webhook(owner, spec, settings)
     job = Job(
         owner_id=owner.id, kind=spec.kind, name=name, state=states.QUEUED, queue=queue,
         priority=spec.priority, spec=spec.model_dump(mode="json"),
         max_attempts=spec.max_attempts or settings.max_attempts, model_version_id=model_version_id,
         published_at=published_at,
         init_model_version_id=init_model_version_id,
+        webhook=spec.webhook.model_dump(mode="json") if spec.webhook is not None else None,
     )
     session.add(job)
     session.flush()

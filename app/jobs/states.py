@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app import webhooks
 from app.models import Job, JobEvent, utcnow
 
 QUEUED = "queued"
@@ -84,12 +85,15 @@ def transition(
         if current in expected and not allowed(current, to):
             raise InvalidTransition(f"{current} -> {to} is not a job transition")
         return False
-    attempt = session.execute(select(Job.attempts).where(Job.id == job_id)).scalar_one()
+    attempt, webhook = session.execute(select(Job.attempts, Job.webhook).where(Job.id == job_id)).one()
     session.add(
         JobEvent(
             job_id=job_id, at=now, kind=event, from_state=current, to_state=to,
             attempt=attempt or None, message=message, data=data,
         )
     )
+    # The outbox row, in this transaction: committed with the event or not at all.
+    webhooks.record_transition(session=session, job_id=job_id, webhook=webhook, to=to, from_state=current,
+                               attempt=attempt or None, message=message)
     session.flush()
     return True

@@ -10,6 +10,7 @@ from app.models.leases import ServiceLease
 from app.models.metrics import Metric
 from app.models.model_versions import ModelVersion
 from app.models.users import ApiToken, User
+from app.models.webhooks import WebhookAttempt, WebhookDelivery
 
 __all__ = [
     "IdempotencyKey",
@@ -25,5 +26,7 @@ __all__ = [
     "ModelVersion",
     "ServiceLease",
     "User",
+    "WebhookAttempt",
+    "WebhookDelivery",
     "utcnow",
 ]

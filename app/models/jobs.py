@@ -54,6 +54,9 @@ class Job(Base):
     init_model_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id", ondelete="SET NULL", use_alter=True)
     )
+    # ``spec.webhook`` ({"url", "events"}) copied out of the spec, so a state change reads a small
+    # column to learn whether to write an outbox row. NULL (SQL NULL): no webhook.
+    webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, ForeignKey, String
+from sqlalchemy import Boolean, ForeignKey, String, Text
 from sqlalchemy import true as sa_true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -24,6 +24,11 @@ class User(Base):
     password_hash: Mapped[str | None] = mapped_column(String(255))
     active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=sa_true())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The key that signs this user's webhooks, encrypted under a key derived from KILN_SECRET_KEY
+    # (the worker must read it back to sign; see app/webhooks.py). NULL: none created yet.
+    webhook_secret: Mapped[str | None] = mapped_column(Text)
+    webhook_secret_prefix: Mapped[str | None] = mapped_column(String(16))
+    webhook_secret_created_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user")
 

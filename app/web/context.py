@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_factory
 from app.settings import Settings
+from app.webhooks import PUBLISHER
 
 
 def settings() -> Settings:
@@ -20,6 +21,7 @@ def db() -> Session:
     if "db_session" not in g:
         write = request.method not in ("GET", "HEAD", "OPTIONS")
         g.db_session = session_factory(settings().database_url, write=write)()
+        g.db_session.info[PUBLISHER] = settings()  # webhook deliveries it commits go to this app's broker
     return g.db_session
 
 

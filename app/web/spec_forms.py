@@ -24,6 +24,9 @@ from app.jobs.schemas import (
     ARCHITECTURES, CNN1DConfig, CNN2DConfig, MLPConfig, PredictSpec, RecurrentConfig, TrainSpec, TransformerConfig,
 )
 
+# ``webhook`` stays API-only: it needs a signing secret, which the API hands out (docs/api.md).
+API_ONLY = ("kind", "webhook")
+
 ARCH_CONFIGS: dict[str, type[BaseModel]] = {
     "mlp": MLPConfig, "rnn": RecurrentConfig, "lstm": RecurrentConfig, "gru": RecurrentConfig,
     "transformer": TransformerConfig, "cnn1d": CNN1DConfig, "cnn2d": CNN2DConfig,
@@ -234,7 +237,7 @@ def train_fields(arch: str) -> list[FormField]:
     config = ARCH_CONFIGS.get(arch, MLPConfig)
     arch_field = FormField("model.arch", "select", choices=ARCHITECTURES, default="mlp")
     out: list[FormField] = []
-    for f in fields_of(TrainSpec, skip=("kind",)):
+    for f in fields_of(TrainSpec, skip=API_ONLY):
         if f.path == "model":
             out.append(arch_field)
             out.extend(fields_of(config, "model", skip=("arch",)))
@@ -245,7 +248,7 @@ def train_fields(arch: str) -> list[FormField]:
 
 def predict_fields() -> list[FormField]:
     """The prediction form's fields."""
-    return fields_of(PredictSpec, skip=("kind",))
+    return fields_of(PredictSpec, skip=API_ONLY)
 
 
 # --- values: what the inputs show ------------------------------------------------------------
