@@ -248,7 +248,8 @@ def train_fields(arch: str) -> list[FormField]:
 
 def predict_fields() -> list[FormField]:
     """The prediction form's fields."""
-    return fields_of(PredictSpec, skip=API_ONLY)
+    # Embeddings (``output``, ``compare_with``) are API-only for now: the results table shows classes and values.
+    return fields_of(PredictSpec, skip=API_ONLY + ("output", "compare_with"))
 
 
 # --- values: what the inputs show ------------------------------------------------------------
