@@ -214,12 +214,16 @@ InputRow = Union[list[Number], list[list[Number]], str]
 
 
 class PredictSpec(AttemptRuntime):
-    """A prediction job: a trained model and inline inputs."""
+    """A prediction job: a trained model and inline inputs, or an uploaded dataset to predict row by row."""
 
     kind: Literal["predict"]
     name: Name | None = None
     model: str = Field(min_length=1, max_length=200, description="training job id, or name@version|latest")
-    inputs: list[InputRow] = Field(min_length=1, max_length=10000)
+    inputs: list[InputRow] | None = Field(default=None, min_length=1, max_length=10000)
+    dataset: str | None = Field(
+        default=None, pattern=r"^dataset:[0-9]{1,18}$",
+        description="an uploaded dataset (dataset:<id>) predicted in chunks into a JSONL output file, in place of inputs",
+    )
     explain: bool = False
     priority: Literal["low", "normal", "high"] = "normal"
     max_attempt_runtime_s: int = Field(
@@ -228,6 +232,12 @@ class PredictSpec(AttemptRuntime):
     )
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     metadata: Metadata = Field(default_factory=dict, max_length=50)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PredictSpec":
+        if (self.inputs is None) == (self.dataset is None):
+            raise ValueError("give exactly one of inputs (rows) or dataset (dataset:<id>)")
+        return self
 
 
 JobSpec = Annotated[Union[TrainSpec, PredictSpec], Field(discriminator="kind")]

@@ -233,8 +233,19 @@ def _check_train(session: Session, user: User, spec: TrainSpec) -> ModelVersion 
     return None
 
 
+def _check_predict_dataset(session: Session, user: User, spec: PredictSpec, model: ModelVersion) -> None:
+    """A batch-file prediction names one of the user's own uploads (columns are checked per row by the worker)."""
+    found = session.execute(select(Dataset.id).where(
+        Dataset.id == int(spec.dataset.split(":", 1)[1]), Dataset.owner_id == user.id)).scalar_one_or_none()
+    if found is None:
+        raise SpecError.at("dataset", f"{spec.dataset} not found among your uploads")
+
+
 def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVersion:
     model = resolve_model(session=session, user=user, ref=spec.model)
+    if spec.dataset is not None:
+        _check_predict_dataset(session, user, spec, model)
+        return model
     shape = model.signature.get("input_shape") or []
     if model.task == catalog.TEXT_CLASSIFICATION:
         for i, row in enumerate(spec.inputs):
