@@ -110,6 +110,16 @@ class Settings(BaseSettings):
     quota_active_jobs: int = Field(0, ge=0)
     quota_compute_seconds_per_day: int = Field(0, ge=0)
     quota_storage_bytes: int = Field(0, ge=0)
+    # Inline predictions: how long a request waits for the result by default, and at most
+    # (``?wait=`` is capped there); past it the answer is 202 and the job carries on.
+    inline_wait_seconds: float = Field(5.0, ge=0, le=300)
+    max_inline_wait_seconds: float = Field(30.0, ge=0, le=300)
+    # Micro-batching: a prediction worker runs up to this many queued predictions of one model
+    # version in one forward pass, waiting at most this long for more to arrive (1 turns it off).
+    predict_max_batch_size: int = Field(32, ge=1, le=1024)
+    predict_max_delay_ms: int = Field(5, ge=0, le=1000)
+    # Batch-file predictions commit their output every this many rows.
+    predict_chunk_rows: int = Field(1000, ge=1, le=100_000)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     # /metrics: a bearer token it requires, and/or a port of its own (then never on the web port).

@@ -141,6 +141,14 @@ class Recorder:
                 self._write_queued(session)
             yield session
 
+    @contextmanager
+    def transaction(self, what: str) -> Iterator[Session]:
+        """A fenced transaction of the running attempt: queued reports and a lease renewal first."""
+        self._check_live()
+        with self._write_lock, self._fenced(what) as session:
+            self._write_queued(session)  # renews the lease: the fence of the caller's writes too
+            yield session
+
     # -- the heartbeat thread's side -----------------------------------------------------------
 
     def interval(self) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from app import storage
+from app import finish_signal, storage
 from app.db import session_scope
 from app.jobs import attempts, recovery, states
 from app.jobs.errors import JobFailure, JobTimeout, SpecError, StaleAttempt, UserError
@@ -21,7 +20,7 @@ from app.jobs.schemas import PredictSpec, TrainSpec, parse_spec
 from app.logs import bind_job
 from app.models import Checkpoint, Dataset, Job, ModelVersion, utcnow
 from app.settings import Settings
-from worker import failpoints
+from worker import batch_files, failpoints, micro_batch
 from worker.recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -54,6 +53,9 @@ class _Prepared:
     dataset_file: Path | None = None
     dataset_format: str | None = None
     model: tuple[str, str, str] | None = None  # prediction: model ref, checkpoint path, its sha256
+    model_version_id: int | None = None  # prediction: the version other queued predictions batch with
+    worker: str = "worker"
+    batch_file: object | None = None  # batch-file prediction: a worker.batch_files.Plan
 
 
 def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
@@ -80,12 +82,17 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
     if attempt is None:
         log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
         return "dropped"
+    prepared.worker = worker
     with bind_job(job_id, number):
         log.info("event=claimed job_id=%s attempt=%s worker=%s", job_id, number, worker)
-        if prepared.spec is None:
-            return _fail(job_id, number, settings, None, prepared.problem.failure_class, prepared.problem.message,
-                         retryable=prepared.problem.retryable)
-        return _run_claimed(job_id, number, owner, prepared, settings=settings)
+        try:
+            if prepared.spec is None:
+                return _fail(job_id, number, settings, None, prepared.problem.failure_class,
+                             prepared.problem.message, retryable=prepared.problem.retryable)
+            return _run_claimed(job_id, number, owner, prepared, settings=settings)
+        finally:
+            # After the attempt's last transaction committed: an inline request waiting on it wakes.
+            finish_signal.notify_finished(settings, job_id)
 
 
 def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
@@ -109,6 +116,9 @@ def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
                     raise UserError(f"the model {prepared.spec.model!r} no longer exists")
                 ckpt = session.get(Checkpoint, model.checkpoint_id)
                 prepared.model = (f"{model.name}@{model.version}", ckpt.path, ckpt.sha256)
+                prepared.model_version_id = model.id
+                if prepared.spec.dataset is not None:
+                    batch_files.locate(session, job, prepared, settings)
                 return prepared
             candidates = [(c.id, c.path, c.sha256, c.epoch, c.step)
                           for c in attempts.checkpoints_newest_first(session=session, job_id=job_id)]
@@ -306,20 +316,42 @@ def _pinned_base(session, job: Job, ref: str) -> ModelVersion:
 
 
 def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, settings: Settings) -> str:
+    def load() -> bytes:
+        return _model_checkpoint(prepared.model, settings)
+
+    if spec.dataset is not None:
+        return batch_files.run(spec, prepared, recorder, settings, load=load)
+    if spec.output == "embedding":
+        return _embed(spec, prepared, recorder, settings, load=load)
+    # Other queued predictions of the same model version join this one's forward pass, each
+    # claimed and finished with its own token. A model served recently is in the process's cache
+    # under its checkpoint's sha256: no file read, hash or parse.
+    others = micro_batch.claim_more(lead_id=recorder.job_id, model_version_id=prepared.model_version_id,
+                                    worker=prepared.worker, settings=settings)
+    lead = micro_batch.Member(recorder.job_id, spec, recorder)
+    return micro_batch.run(lead, others, model=prepared.model, load=load, settings=settings, fail=fail_attempt)
+
+
+def _embed(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, settings: Settings, *, load) -> str:
+    """Sentence embeddings of a pretrained model, fine-tuned or (``pretrained:<name>``) as it ships."""
     from worker.ml import prediction
 
-    if prepared.model is None:
-        # A catalog model as it ships: embeddings only (the spec refuses anything else).
+    if prepared.model is None:  # a catalog model as it ships
         model_ref, checkpoint, digest = spec.model, None, None
     else:
         model_ref, _, digest = prepared.model
-        # A model served recently is in the process's cache under its checkpoint's sha256: no file
-        # read, hash or parse; otherwise the file is read (and verified) here, with no transaction open.
-        checkpoint = functools.partial(_model_checkpoint, prepared.model, settings)
-    output = prediction.predict(checkpoint, list(spec.inputs), device="cpu", digest=digest, output=spec.output,
+        checkpoint = load
+    output = prediction.predict(checkpoint, list(spec.inputs), device="cpu", digest=digest, output="embedding",
                                 compare_with=spec.compare_with, base=spec.model.partition(":")[2] or None)
     with recorder.final("finish") as session:
         attempts.finish(session=session, job_id=recorder.job_id, token=recorder.token, to=states.SUCCEEDED,
                         result=_finite({"model": model_ref, **output}),
-                        message=f"predicted {len(spec.inputs)} inputs with {model_ref}")
+                        message=f"embedded {len(spec.inputs)} texts with {model_ref}")
     return states.SUCCEEDED
+
+
+def fail_attempt(job_id: int, token: int, recorder: Recorder | None, error_class: str, message: str, *,
+                 retryable: bool, detail: str | None = None) -> str:
+    """End one claimed attempt with a classified failure (requeued or failed); returns its new state."""
+    return _fail(job_id, token, recorder.settings, recorder, error_class, message, retryable=retryable,
+                 detail=detail)

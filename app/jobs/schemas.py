@@ -305,12 +305,16 @@ InputRow = Union[list[Number], list[list[Number]], str]
 
 
 class PredictSpec(AttemptRuntime):
-    """A prediction job: a trained model and inline inputs."""
+    """A prediction job: a trained model and inline inputs, or an uploaded dataset to predict row by row."""
 
     kind: Literal["predict"]
     name: Name | None = None
     model: str = Field(min_length=1, max_length=200, description="training job id, name@version|latest, or pretrained:<catalog name> (embeddings)")
-    inputs: list[InputRow] = Field(min_length=1, max_length=10000)
+    inputs: list[InputRow] | None = Field(default=None, min_length=1, max_length=10000)
+    dataset: str | None = Field(
+        default=None, pattern=r"^dataset:[0-9]{1,10}$",
+        description="an uploaded dataset (dataset:<id>) predicted in chunks into a JSONL output file, in place of inputs",
+    )
     explain: bool = False
     output: Literal["prediction", "embedding"] = Field(
         default="prediction", description="embedding: normalised sentence embeddings (pretrained models only)")
@@ -332,6 +336,19 @@ class PredictSpec(AttemptRuntime):
             raise ValueError("compare_with needs output: embedding")
         if self.model.startswith("pretrained:") and self.output != "embedding":
             raise ValueError("a catalog model without fine-tuning only gives embeddings; set output: embedding")
+        return self
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_id_in_range(cls, value: str | None) -> str | None:
+        if value is not None and int(value.split(":", 1)[1]) > MAX_ID:
+            raise ValueError(f"no dataset {value!r} (dataset ids are at most {MAX_ID})")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PredictSpec":
+        if (self.inputs is None) == (self.dataset is None):
+            raise ValueError("give exactly one of inputs (rows) or dataset (dataset:<id>)")
         return self
 
 

@@ -365,14 +365,29 @@ def _check_size(session: Session, user: User, spec: TrainSpec, task: str, settin
             "(workers do not report their device memory yet)"))
 
 
+def _check_predict_dataset(session: Session, user: User, spec: PredictSpec, model: ModelVersion) -> None:
+    """A batch-file prediction names one of the user's own uploads (columns are checked per row by the worker)."""
+    found = session.execute(select(Dataset.id).where(
+        Dataset.id == int(spec.dataset.split(":", 1)[1]), Dataset.owner_id == user.id)).scalar_one_or_none()
+    if found is None:
+        raise SpecError.at("dataset", f"{spec.dataset} not found among your uploads")
+
+
 def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVersion | None:
     if spec.model.startswith("pretrained:"):
         catalog_model(spec.model.split(":", 1)[1], "model")
+        if spec.dataset is not None:
+            raise SpecError.at("dataset", "a catalog model embeds the texts in inputs; it does not predict over a dataset")
         for i, row in enumerate(spec.inputs):
             if not isinstance(row, str):
                 raise SpecError.at(f"inputs[{i}]", "a pretrained model embeds text: give a string per input")
         return None
     model = resolve_model(session=session, user=user, ref=spec.model)
+    if spec.dataset is not None:
+        if spec.output == "embedding":
+            raise SpecError.at("output", "a prediction over a dataset gives predictions, not embeddings")
+        _check_predict_dataset(session, user, spec, model)
+        return model
     if spec.output == "embedding" and model.arch != "pretrained":
         raise SpecError.at("output", f"model {model.name}@{model.version} is a {model.arch}; "
                                      "embeddings come from pretrained models only")

@@ -107,6 +107,7 @@ def register_blueprints(app: Flask) -> None:
     from app.web import api_pretrained  # noqa: F401 - adds its route to `api` before it is registered
     from app.web import api_jobs_extra  # noqa: F401 - likewise
     from app.web import api_webhooks  # noqa: F401 - likewise
+    from app.web import api_predict  # noqa: F401 - likewise: inline predictions and prediction files
     from app.web.health import health
     from app.web.metrics import metrics
     from app.web.openapi import openapi

@@ -19,7 +19,7 @@ from app.jobs.errors import InvalidParameter, SpecError
 from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES
 from app.models import MAX_ID, JobEvent, Metric, ModelVersion, utcnow
-from app.web import serializers
+from app.web import inline, serializers
 from app.web.auth import current_user
 from app.web.context import db, settings
 from app.web import idempotency
@@ -111,8 +111,13 @@ def _tagged(payload: dict, etag: str):
 def submit_job():
     """Validate a spec and record the job as queued (one write transaction), then publish its wake-up message."""
     spec = parse_spec(_json_body())
+    wait = inline.wait_arg(default=None)
     session = db()
     job = service.submit(session=session, owner=current_user(), spec=spec, settings=settings(), published_at=utcnow())
+    if wait is not None:  # ?wait=N: 200 with the finished job, or 202 to poll
+        session.commit()
+        publish(job, recorded=True)
+        return inline.answer(job.id, wait)
     body = serializers.job_detail(session, job)  # read inside the transaction: no second one after the commit
     session.commit()
     publish(job, recorded=True)

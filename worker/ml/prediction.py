@@ -245,3 +245,75 @@ def _embed(loaded: LoadedModel, inputs: list, compare_with: list[str] | None) ->
         # Unit vectors: the dot product is the cosine similarity.
         result["similarities"] = (vectors @ _embeddings(loaded, compare_with).T).double().tolist()
     return result
+
+
+@dataclass
+class BatchOutcome:
+    """Per-request results of one batched forward pass: a prediction dict, or the request's UserError."""
+
+    results: list[dict | UserError]
+    forward_passes: int
+
+
+def predict_many(checkpoint: bytes | Callable[[], bytes], requests: list[list], *, device: str = "cpu",
+                 digest: str | None = None) -> BatchOutcome:
+    """Predictions for several requests' ``inputs`` in one forward pass, split back per request.
+
+    Each request's rows are encoded on their own, so a request with a bad row gets its UserError
+    and the others still run; the valid rows go through the network together (in slices of
+    ``BATCH_SIZE``, as :func:`predict` does), so each result equals what :func:`predict` gives alone.
+    """
+    target = resolve_device(device)
+    try:
+        return _predict_many(checkpoint, requests, target, digest)
+    except torch.cuda.OutOfMemoryError:
+        pass
+    raise out_of_memory(None, target)
+
+
+def _predict_many(checkpoint, requests: list[list], device: torch.device, digest: str | None) -> BatchOutcome:
+    loaded = load_model(checkpoint, device, digest=digest)
+    results: list[dict | UserError] = [{"predictions": []} for _ in requests]
+    encoded: list[tuple[int, torch.Tensor]] = []
+    for index, inputs in enumerate(requests):
+        if not inputs:
+            continue
+        try:
+            encoded.append((index, encode_inputs(loaded, inputs)))
+        except UserError as exc:
+            results[index] = exc
+    if not encoded:
+        return BatchOutcome(results, 0)
+    batch = torch.cat([tensor for _, tensor in encoded])
+    outputs, passes = [], 0
+    with torch.no_grad():
+        for start in range(0, len(batch), BATCH_SIZE):
+            outputs.append(loaded.network(batch[start:start + BATCH_SIZE].to(device)).float().cpu())
+            passes += 1
+    merged = torch.cat(outputs).numpy().astype(np.float64)
+    offset = 0
+    for index, tensor in encoded:
+        results[index] = {"predictions": decode_outputs(loaded, merged[offset:offset + len(tensor)])}
+        offset += len(tensor)
+    return BatchOutcome(results, passes)
+
+
+def predict_rows(checkpoint: bytes | Callable[[], bytes], rows: list, *, device: str = "cpu",
+                 digest: str | None = None) -> list[dict]:
+    """One chunk of a batch file: per row ``{"prediction": ...}`` or ``{"error": ...}``, in order.
+
+    The chunk runs as one forward pass; only when a row is refused are rows encoded one by one,
+    so a bad row costs its own error and not the chunk's.
+    """
+    target = resolve_device(device)
+    try:
+        outcome = _predict_many(checkpoint, [rows], target, digest)
+        if not isinstance(outcome.results[0], UserError):
+            return [{"prediction": p} for p in outcome.results[0]["predictions"]]
+        outcome = _predict_many(checkpoint, [[row] for row in rows], target, digest)
+    except torch.cuda.OutOfMemoryError:
+        pass
+    else:
+        return [{"error": str(r).replace("inputs[0]", "row")} if isinstance(r, UserError)
+                else {"prediction": r["predictions"][0]} for r in outcome.results]
+    raise out_of_memory(None, target)

@@ -1,0 +1,54 @@
+"""Inline answers: after a job's submit committed, wait a bounded time on its finish signal.
+
+The wait holds no database connection: the request's session is closed first, the web process
+blocks on Redis (``app.finish_signal``), and the job is read once, in a fresh read session, when
+the signal comes or the time is up.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import g, jsonify, request, url_for
+
+from app.db import session_factory
+from app.finish_signal import wait_finished
+from app.jobs import service
+from app.jobs.errors import InvalidParameter
+from app.jobs.states import TERMINAL
+from app.web import serializers
+from app.web.auth import current_user
+from app.web.context import close_session, db, settings
+
+
+def wait_arg(default: float | None) -> float | None:
+    """The ``wait`` query parameter in seconds (capped by ``max_inline_wait_seconds``), else ``default``."""
+    raw = request.args.get("wait")
+    cap = settings().max_inline_wait_seconds
+    if raw is None or raw == "":
+        return None if default is None else min(default, cap)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600 or value != value:
+        raise InvalidParameter.at("wait", f"must be a number of seconds between 0 and {cap:g}, not {raw!r}")
+    return min(value, cap)
+
+
+def answer(job_id: int, wait: float):
+    """200 with the finished job if it ends within ``wait`` seconds, else 202 with it (and ``Location``)."""
+    user = current_user()
+    deadline = time.monotonic() + wait
+    while True:
+        close_session()  # committed already: the connection goes back to the pool for the wait
+        signalled = wait_finished(settings(), job_id, deadline - time.monotonic())
+        g.db_session = session_factory(settings().database_url)()  # a read session, closed at teardown
+        row = service.read_job(session=db(), user=user, job_id=job_id)
+        # A signal for an attempt that was requeued (a retryable failure) means: wait for the next one.
+        if row.state in TERMINAL or not signalled or time.monotonic() >= deadline:
+            break
+    response = jsonify(serializers.job_detail(db(), row))
+    response.headers["Location"] = url_for("api.get_job", job_id=job_id)
+    response.status_code = 200 if row.state in TERMINAL else 202
+    return response
