@@ -105,6 +105,11 @@ def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
                 if model is None:
                     raise UserError(f"the model {prepared.spec.model!r} no longer exists")
                 ckpt = session.get(Checkpoint, model.checkpoint_id)
+                if model.deleted_at is not None:
+                    from worker.ml import prediction
+
+                    prediction.evict(ckpt.sha256)  # a deleted version never serves from this process again
+                    raise UserError(f"the model {prepared.spec.model!r} was deleted")
                 prepared.model = (f"{model.name}@{model.version}", ckpt.path, ckpt.sha256)
                 return prepared
             candidates = [(c.id, c.path, c.sha256, c.epoch, c.step)
@@ -306,8 +311,10 @@ def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, setting
     model_ref, _, digest = prepared.model
     # A model served recently is in the process's cache under its checkpoint's sha256: no file
     # read, hash or parse; otherwise the file is read (and verified) here, with no transaction open.
+    explanation = spec.explanation
     output = prediction.predict(lambda: _model_checkpoint(prepared.model, settings), list(spec.inputs),
-                                device="cpu", digest=digest)
+                                device="auto", digest=digest,
+                                explain=explanation.model_dump() if explanation is not None else None)
     with recorder.final("finish") as session:
         attempts.finish(session=session, job_id=recorder.job_id, token=recorder.token, to=states.SUCCEEDED,
                         result=_finite({"model": model_ref, **output}),

@@ -209,8 +209,17 @@ class TrainSpec(AttemptRuntime):
     metadata: Metadata = Field(default_factory=dict, max_length=50)
 
 
-Number = Union[float, int]
-InputRow = Union[list[Number], list[list[Number]], str]
+# A row is a string (text models) or a list; its values are checked against the model version's
+# input schema at submit (app.jobs.service), which names the row and field of a bad value.
+InputRow = Union[str, list[Any]]
+MAX_EXPLAINED_INPUTS = 100
+
+
+class ExplainConfig(Strict):
+    """How predictions are explained: integrated gradients (any model) or attention maps (transformers)."""
+
+    method: Literal["integrated_gradients", "attention"] = "integrated_gradients"
+    steps: int = Field(default=64, ge=1, le=1024, description="integration steps (integrated_gradients)")
 
 
 class PredictSpec(AttemptRuntime):
@@ -220,7 +229,8 @@ class PredictSpec(AttemptRuntime):
     name: Name | None = None
     model: str = Field(min_length=1, max_length=200, description="training job id, or name@version|latest")
     inputs: list[InputRow] = Field(min_length=1, max_length=10000)
-    explain: bool = False
+    explain: Union[bool, ExplainConfig] = Field(
+        default=False, description="true: integrated gradients with the default steps; or {method, steps}")
     priority: Literal["low", "normal", "high"] = "normal"
     max_attempt_runtime_s: int = Field(
         default=600, ge=1, le=86400,
@@ -228,6 +238,20 @@ class PredictSpec(AttemptRuntime):
     )
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     metadata: Metadata = Field(default_factory=dict, max_length=50)
+
+    @model_validator(mode="after")
+    def _explained_inputs_bounded(self) -> "PredictSpec":
+        if self.explanation is not None and len(self.inputs) > MAX_EXPLAINED_INPUTS:
+            raise ValueError(f"explain takes at most {MAX_EXPLAINED_INPUTS} inputs per job "
+                             f"(integrated gradients cost steps x inputs forward passes); got {len(self.inputs)}")
+        return self
+
+    @property
+    def explanation(self) -> ExplainConfig | None:
+        """The explanation asked for, if any (``true`` means integrated gradients with default steps)."""
+        if self.explain is True:
+            return ExplainConfig()
+        return self.explain or None
 
 
 JobSpec = Annotated[Union[TrainSpec, PredictSpec], Field(discriminator="kind")]

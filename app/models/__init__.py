@@ -7,7 +7,7 @@ from app.models.events import JobEvent
 from app.models.jobs import Attempt, Job
 from app.models.leases import ServiceLease
 from app.models.metrics import Metric
-from app.models.model_versions import ModelVersion
+from app.models.model_versions import ModelAlias, ModelVersion
 from app.models.users import ApiToken, User
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "Job",
     "JobEvent",
     "Metric",
+    "ModelAlias",
     "ModelVersion",
     "ServiceLease",
     "User",

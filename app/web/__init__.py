@@ -96,6 +96,7 @@ def register_blueprints(app: Flask) -> None:
     """The JSON API, its OpenAPI document, health, Prometheus metrics and the pages."""
     from app.web.api import api
     from app.web import api_accounts  # noqa: F401 - adds its routes to `api` before it is registered
+    from app.web import api_models  # noqa: F401 - the model registry's routes, on `api` too
     from app.web.health import health
     from app.web.metrics import metrics
     from app.web.openapi import openapi
