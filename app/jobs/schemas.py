@@ -6,6 +6,7 @@ hyperparameters are chosen from registered options; no spec can carry code.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -238,6 +239,21 @@ class PredictSpec(AttemptRuntime):
     )
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     metadata: Metadata = Field(default_factory=dict, max_length=50)
+
+    @field_validator("inputs")
+    @classmethod
+    def _finite_values(cls, inputs: list) -> list:
+        # JSON has no NaN or infinity, but Python's json writes them; refused here, naming the
+        # value (a SpecError passes through pydantic unchanged, so its field path is kept).
+        for i, row in enumerate(inputs):
+            if isinstance(row, str):
+                continue
+            for j, value in enumerate(row):
+                for k, part in enumerate(value if isinstance(value, list) else [value]):
+                    if isinstance(part, float) and not math.isfinite(part):
+                        where = f"inputs[{i}][{j}]" + (f"[{k}]" if isinstance(value, list) else "")
+                        raise SpecError.at(where, f"expected a finite number, got {part}")
+        return inputs
 
     @model_validator(mode="after")
     def _explained_inputs_bounded(self) -> "PredictSpec":
