@@ -8,6 +8,7 @@ import pytest
 
 from app.db import session_scope
 from app.models import Checkpoint, ModelVersion
+from tests.web.test_pages import PASSWORD, csrf_token, person, sign_in  # noqa: F401 - person is a fixture
 from worker import runner
 
 IRIS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
@@ -157,3 +158,30 @@ def test_an_explanation_the_model_cannot_give_answers_422_and_one_it_can_is_retu
         e = p["explanation"]
         assert e["method"] == "integrated_gradients" and len(e["attributions"]) == 4
         assert e["completeness_error"] <= 1e-2 * max(1.0, abs(e["output_difference"]))
+
+
+def test_the_pages_move_aliases_delete_versions_and_draw_explanations_as_a_heat_map(client, settings, person):
+    email, headers = person()
+    name = f"page-{uuid.uuid4().hex[:8]}"
+    _train(client, headers, settings, name, seed=0)
+    _train(client, headers, settings, name, seed=1)
+    assert sign_in(client, email, PASSWORD).status_code in (302, 303)
+    page = client.get("/models").get_data(as_text=True)
+    token = csrf_token(page)
+    assert client.post(f"/models/{name}/aliases", data={"alias": "production", "version": "1"}).status_code == 400
+    moved = client.post(f"/models/{name}/aliases", data={"csrf_token": token, "alias": "production", "version": "1"},
+                        follow_redirects=True)
+    assert f"{name}@production now names {name}@1." in moved.get_data(as_text=True)
+    assert client.get(f"/api/v1/models/{name}", headers=headers).get_json()["aliases"]["production"] == 1
+    refused = client.post(f"/models/{name}/versions/1/delete", data={"csrf_token": token}, follow_redirects=True)
+    assert "alias production" in refused.get_data(as_text=True)
+    deleted = client.post(f"/models/{name}/versions/2/delete", data={"csrf_token": token}, follow_redirects=True)
+    assert f"{name}@2 deleted." in deleted.get_data(as_text=True)
+
+    r = client.post("/api/v1/jobs", json={"kind": "predict", "model": f"{name}@production", "inputs": IRIS[:1],
+                                          "explain": {"steps": 32}}, headers=headers)
+    _run(settings, r.get_json()["id"])
+    html = client.get(f"/jobs/{r.get_json()['id']}").get_data(as_text=True)
+    assert 'class="heatmap"' in html and "completeness error" in html
+    assert html.count("background-color: rgba(") == 4  # one cell per iris feature
+
