@@ -7,6 +7,7 @@ Torch-free; pandas is imported only by :func:`describe_column`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,3 +87,11 @@ def infer_task(*, text_column: str | None, window: int | None, target: Mapping[s
 def forecast_window(window: int | None, dataset_default: int | None = None) -> int:
     """The window a forecasting job uses: the spec's, else the dataset's default, else ``DEFAULT_WINDOW``."""
     return window or dataset_default or DEFAULT_WINDOW
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words of a text, in order: the tokens a text model reads (and the submit check counts)."""
+    return _WORD.findall(text.lower())

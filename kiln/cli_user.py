@@ -259,11 +259,11 @@ def datasets_upload(client: KilnClient, file: Path, name: str | None, fmt: str |
     click.echo(f"{dataset.get('name')}: {dataset.get('rows')} rows; columns: {columns}", err=True)
 
 
-@click.command("models")
+@click.command("list")
 @click.option("--limit", type=click.IntRange(1, 200), default=None)
 @json_option
 @api_command
-def models(client: KilnClient, limit: int | None, as_json: bool) -> None:
+def models_list(client: KilnClient, as_json: bool, limit: int | None = None) -> None:
     """List your registered model versions, newest first."""
     items = client.models(limit=limit)
     if as_json:
@@ -272,6 +272,21 @@ def models(client: KilnClient, limit: int | None, as_json: bool) -> None:
     output.table(("REF", "ID", "JOB", "ARCH", "TASK", "CREATED"), [
         (m["ref"], m["id"], m.get("job_id"), m.get("arch"), m.get("task"), m.get("created_at")) for m in items
     ])
+
+
+@click.command("alias")
+@click.argument("name")
+@click.argument("alias")
+@click.argument("version", type=click.IntRange(1))
+@json_option
+@api_command
+def models_alias(client: KilnClient, name: str, alias: str, version: int, as_json: bool) -> None:
+    """Point NAME@ALIAS (production, staging, ...) at VERSION, creating or moving the alias."""
+    model = client.set_alias(name, alias, version)
+    if as_json:
+        output.print_json(model)
+        return
+    click.echo(f"{name}@{alias} -> {name}@{model['aliases'][alias]}")
 
 
 @click.command("list")
@@ -332,6 +347,8 @@ def _group_of(name: str, list_command: click.Command, doc: str) -> click.Group:
 
 datasets = _group_of("datasets", datasets_list, "List datasets (built-in, then yours); `upload FILE` adds one.")
 datasets.add_command(datasets_upload)
+models = _group_of("models", models_list, "List your model versions; `alias NAME ALIAS VERSION` moves an alias.")
+models.add_command(models_alias)
 tokens = _group_of("tokens", tokens_list, "List your API tokens; `create NAME` and `revoke ID` manage them.")
 tokens.add_command(tokens_create)
 tokens.add_command(tokens_revoke)

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -228,6 +229,23 @@ class KilnClient:
     def models(self, *, limit: int | None = None) -> list[dict[str, Any]]:
         """The caller's registered model versions, newest first."""
         return self._request("GET", "/models", params={"limit": limit})["items"]
+
+    def model(self, name: str) -> dict[str, Any]:
+        """One model name: its live versions (lineage, input schema) and its aliases (``GET /models/<name>``)."""
+        return self._request("GET", f"/models/{quote(name, safe='')}")
+
+    def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
+        """Point ``name@alias`` at ``version`` (``PUT /models/<name>/aliases/<alias>``); returns the model."""
+        return self._request("PUT", f"/models/{quote(name, safe='')}/aliases/{quote(alias, safe='')}",
+                             json={"version": version})
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        """Remove an alias (``DELETE /models/<name>/aliases/<alias>``)."""
+        self._request("DELETE", f"/models/{quote(name, safe='')}/aliases/{quote(alias, safe='')}")
+
+    def delete_version(self, name: str, version: int) -> None:
+        """Delete ``name@version`` (409 while an alias or a queued or running job uses it)."""
+        self._request("DELETE", f"/models/{quote(name, safe='')}/versions/{int(version)}")
 
     def tokens(self) -> list[dict[str, Any]]:
         """The caller's API tokens (``GET /tokens``; not every server has it yet)."""

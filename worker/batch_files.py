@@ -109,7 +109,7 @@ def run(spec: PredictSpec, prepared, recorder, settings: Settings, *, load) -> s
         if (reason := recorder.stop_reason()) is not None:
             return _stopped(recorder.job_id, recorder, reason)
         chunk = rows[done:done + step]
-        results = prediction.predict_rows(load, chunk, device="cpu", digest=digest)
+        results = prediction.predict_rows(load, chunk, device="auto", digest=digest)
         lines = "".join(json.dumps(_finite({"row": done + i, **r}), separators=(",", ":")) + "\n"
                         for i, r in enumerate(results)).encode()
         with open(out, "ab") as f:

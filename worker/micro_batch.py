@@ -73,9 +73,9 @@ def _claim_queued(lead_id: int, model_version_id: int, limit: int, worker: str, 
                    or_(Job.not_before.is_(None), Job.not_before <= now))
             .order_by(Job.id).limit(limit * 2)
         ).all()
-    # Batch-file predictions run on their own, in chunks; embedding requests give vectors, not predictions.
+    # Batch-file predictions run on their own, in chunks; embeddings and explained predictions alone.
     rows = [r for r in rows if isinstance(r.spec, dict) and not r.spec.get("dataset")
-            and r.spec.get("output", "prediction") == "prediction"][:limit]
+            and r.spec.get("output", "prediction") == "prediction" and not r.spec.get("explain")][:limit]
     if not rows:
         return []
     claimed: list[tuple[int, int, str, dict]] = []
@@ -115,7 +115,7 @@ def run(lead: Member, others: list[Member], *, model: tuple[str, str, str], load
     batch_id = secrets.token_hex(6)
     outcomes: dict[int, str] = {}
     try:
-        outcome = prediction.predict_many(load, [list(m.spec.inputs) for m in ready], device="cpu", digest=digest)
+        outcome = prediction.predict_many(load, [list(m.spec.inputs) for m in ready], device="auto", digest=digest)
     except JobFailure as exc:
         for m in ready:
             m.problem = exc

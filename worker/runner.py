@@ -115,6 +115,11 @@ def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
                 if model is None:
                     raise UserError(f"the model {prepared.spec.model!r} no longer exists")
                 ckpt = session.get(Checkpoint, model.checkpoint_id)
+                if model.deleted_at is not None:
+                    from worker.ml import prediction
+
+                    prediction.evict(ckpt.sha256)  # a deleted version never serves from this process again
+                    raise UserError(f"the model {prepared.spec.model!r} was deleted")
                 prepared.model = (f"{model.name}@{model.version}", ckpt.path, ckpt.sha256)
                 prepared.model_version_id = model.id
                 if prepared.spec.dataset is not None:
@@ -321,8 +326,8 @@ def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, setting
 
     if spec.dataset is not None:
         return batch_files.run(spec, prepared, recorder, settings, load=load)
-    if spec.output == "embedding":
-        return _embed(spec, prepared, recorder, settings, load=load)
+    if spec.output == "embedding" or spec.explanation is not None:
+        return _alone(spec, prepared, recorder, settings, load=load)
     # Other queued predictions of the same model version join this one's forward pass, each
     # claimed and finished with its own token. A model served recently is in the process's cache
     # under its checkpoint's sha256: no file read, hash or parse.
@@ -332,8 +337,9 @@ def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, setting
     return micro_batch.run(lead, others, model=prepared.model, load=load, settings=settings, fail=fail_attempt)
 
 
-def _embed(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, settings: Settings, *, load) -> str:
-    """Sentence embeddings of a pretrained model, fine-tuned or (``pretrained:<name>``) as it ships."""
+def _alone(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, settings: Settings, *, load) -> str:
+    """A prediction that is not batched with others: sentence embeddings (of a pretrained model,
+    fine-tuned or, ``pretrained:<name>``, as it ships), or predictions with explanations."""
     from worker.ml import prediction
 
     if prepared.model is None:  # a catalog model as it ships
@@ -341,12 +347,15 @@ def _embed(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, settings:
     else:
         model_ref, _, digest = prepared.model
         checkpoint = load
-    output = prediction.predict(checkpoint, list(spec.inputs), device="cpu", digest=digest, output="embedding",
-                                compare_with=spec.compare_with, base=spec.model.partition(":")[2] or None)
+    explanation = spec.explanation
+    output = prediction.predict(checkpoint, list(spec.inputs), device="auto", digest=digest, output=spec.output,
+                                compare_with=spec.compare_with, base=spec.model.partition(":")[2] or None,
+                                explain=explanation.model_dump() if explanation is not None else None)
     with recorder.final("finish") as session:
         attempts.finish(session=session, job_id=recorder.job_id, token=recorder.token, to=states.SUCCEEDED,
                         result=_finite({"model": model_ref, **output}),
-                        message=f"embedded {len(spec.inputs)} texts with {model_ref}")
+                        message=f"{'embedded' if spec.output == 'embedding' else 'predicted'} "
+                                f"{len(spec.inputs)} inputs with {model_ref}")
     return states.SUCCEEDED
 
 

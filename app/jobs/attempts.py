@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from app import webhooks
+from app import model_registry, webhooks
 from app.jobs import states
 from app.jobs.errors import StaleAttempt
 from app.models import Attempt, Checkpoint, Job, JobEvent, Metric, ModelVersion, utcnow
@@ -230,7 +230,8 @@ def register_model_version(
     version = ModelVersion(
         owner_id=job.owner_id, name=job.name, version=(latest or 0) + 1, job_id=job.id,
         checkpoint_id=checkpoint.id, arch=job.spec["model"]["arch"], task=signature.get("task", ""),
-        signature=signature, metrics=metrics,
+        signature=signature, metrics=metrics, input_schema=model_registry.input_schema(signature),
+        lineage=model_registry.lineage(session=session, job=job),
     )
     session.add(version)
     session.flush()

@@ -6,6 +6,7 @@ hyperparameters are chosen from registered options; no spec can carry code.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
 
@@ -300,8 +301,17 @@ class TrainSpec(AttemptRuntime):
     webhook: WebhookSpec | None = None
 
 
-Number = Union[float, int]
-InputRow = Union[list[Number], list[list[Number]], str]
+# A row is a string (text models) or a list; its values are checked against the model version's
+# input schema at submit (app.jobs.service), which names the row and field of a bad value.
+InputRow = Union[str, list[Any]]
+MAX_EXPLAINED_INPUTS = 100
+
+
+class ExplainConfig(Strict):
+    """How predictions are explained: integrated gradients (any model) or attention maps (transformers)."""
+
+    method: Literal["integrated_gradients", "attention"] = "integrated_gradients"
+    steps: int = Field(default=64, ge=1, le=1024, description="integration steps (integrated_gradients)")
 
 
 class PredictSpec(AttemptRuntime):
@@ -315,7 +325,8 @@ class PredictSpec(AttemptRuntime):
         default=None, pattern=r"^dataset:[0-9]{1,10}$",
         description="an uploaded dataset (dataset:<id>) predicted in chunks into a JSONL output file, in place of inputs",
     )
-    explain: bool = False
+    explain: Union[bool, ExplainConfig] = Field(
+        default=False, description="true: integrated gradients with the default steps; or {method, steps}")
     output: Literal["prediction", "embedding"] = Field(
         default="prediction", description="embedding: normalised sentence embeddings (pretrained models only)")
     compare_with: list[Annotated[str, Field(max_length=100_000)]] | None = Field(
@@ -350,6 +361,35 @@ class PredictSpec(AttemptRuntime):
         if (self.inputs is None) == (self.dataset is None):
             raise ValueError("give exactly one of inputs (rows) or dataset (dataset:<id>)")
         return self
+
+    @field_validator("inputs")
+    @classmethod
+    def _finite_values(cls, inputs: list) -> list:
+        # JSON has no NaN or infinity, but Python's json writes them; refused here, naming the
+        # value (a SpecError passes through pydantic unchanged, so its field path is kept).
+        for i, row in enumerate(inputs):
+            if isinstance(row, str):
+                continue
+            for j, value in enumerate(row):
+                for k, part in enumerate(value if isinstance(value, list) else [value]):
+                    if isinstance(part, float) and not math.isfinite(part):
+                        where = f"inputs[{i}][{j}]" + (f"[{k}]" if isinstance(value, list) else "")
+                        raise SpecError.at(where, f"expected a finite number, got {part}")
+        return inputs
+
+    @model_validator(mode="after")
+    def _explained_inputs_bounded(self) -> "PredictSpec":
+        if self.explanation is not None and len(self.inputs) > MAX_EXPLAINED_INPUTS:
+            raise ValueError(f"explain takes at most {MAX_EXPLAINED_INPUTS} inputs per job "
+                             f"(integrated gradients cost steps x inputs forward passes); got {len(self.inputs)}")
+        return self
+
+    @property
+    def explanation(self) -> ExplainConfig | None:
+        """The explanation asked for, if any (``true`` means integrated gradients with default steps)."""
+        if self.explain is True:
+            return ExplainConfig()
+        return self.explain or None
 
 
 JobSpec = Annotated[Union[TrainSpec, PredictSpec], Field(discriminator="kind")]

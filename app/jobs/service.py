@@ -7,10 +7,10 @@ from datetime import datetime
 from sqlalchemy import Row, String, cast, func, select, update
 from sqlalchemy.orm import Session
 
-from app import catalog, images, pretrained, sizing, task_rules, webhook_security
+from app import catalog, images, model_registry, pretrained, sizing, task_rules, webhook_security
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
-from app.jobs.schemas import DatasetRef, PredictSpec, TrainSpec
+from app.jobs.schemas import ARCHITECTURES, DatasetRef, PredictSpec, TrainSpec
 from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
 
@@ -138,12 +138,14 @@ def _model_owner(session: Session, user: User, qualifier: str, field: str) -> Us
 
 
 def resolve_model(*, session: Session, user: User, ref: str, field: str = "model") -> ModelVersion:
-    """Find a model version by training job id, or by ``[owner/]name[@latest|@<version>]``.
+    """Find a model version by training job id, or by ``[owner/]name[@latest|@<version>|@<alias>]``.
 
     A name belongs to its owner: without a prefix it is looked up among ``user``'s own models,
     admins included; an admin names another user's model as ``owner/name`` (owner: id or email).
+    A deleted version resolves to nothing (``@latest`` skips it); naming it is a SpecError.
     """
     job_id = _small_int(ref)
+    deleted = None
     if job_id is not None:
         stmt = select(ModelVersion).where(ModelVersion.job_id == job_id)
         if not user.is_admin:
@@ -160,12 +162,21 @@ def resolve_model(*, session: Session, user: User, ref: str, field: str = "model
         if at and version != "latest":
             number = _small_int(version)
             if number is None:
-                raise SpecError.at(field, f"version must be a number or 'latest', not {version!r}")
+                if version.isdecimal() or not model_registry.ALIAS_PATTERN.match(version):
+                    raise SpecError.at(field, f"version must be a number, 'latest' or an alias, not {version!r}")
+                model = model_registry.resolve_alias(session=session, owner=owner, name=name, alias=version)
+                if model is None:
+                    raise SpecError.at(field, f"model {name!r} has no alias {version!r}")
+                return model
             stmt = stmt.where(ModelVersion.version == number)
-    model = session.execute(stmt.order_by(ModelVersion.version.desc()).limit(1)).scalar_one_or_none()
+            deleted = stmt.where(ModelVersion.deleted_at.is_not(None))
+    model = session.execute(stmt.where(ModelVersion.deleted_at.is_(None))
+                            .order_by(ModelVersion.version.desc()).limit(1)).scalar_one_or_none()
     if model is None:
+        if deleted is not None and session.execute(deleted).first() is not None:
+            raise SpecError.at(field, f"model {ref!r} was deleted; name another version")
         raise SpecError.at(
-            field, f"no trained model {ref!r} (a succeeded training job id, or name@latest, name@<version>)"
+            field, f"no trained model {ref!r} (a succeeded training job id, or name@latest, name@<version>, name@<alias>)"
         )
     return model
 
@@ -373,55 +384,42 @@ def _check_predict_dataset(session: Session, user: User, spec: PredictSpec, mode
         raise SpecError.at("dataset", f"{spec.dataset} not found among your uploads")
 
 
+# Which explanation methods each architecture supports (decided from the version's row: no torch here).
+# Explanations of images (cnn2d) and of fine-tuned catalog models are not built yet: a 422 says so.
+EXPLAIN_METHODS = {arch: ("integrated_gradients",) for arch in ARCHITECTURES if arch not in ("cnn2d", "pretrained")} | {
+    "transformer": ("integrated_gradients", "attention"),
+}
+
+
 def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVersion | None:
     if spec.model.startswith("pretrained:"):
         catalog_model(spec.model.split(":", 1)[1], "model")
         if spec.dataset is not None:
             raise SpecError.at("dataset", "a catalog model embeds the texts in inputs; it does not predict over a dataset")
+        if spec.explanation is not None:
+            raise SpecError.at("explain", "a catalog model gives embeddings, which have no explanation")
         for i, row in enumerate(spec.inputs):
             if not isinstance(row, str):
                 raise SpecError.at(f"inputs[{i}]", "a pretrained model embeds text: give a string per input")
         return None
     model = resolve_model(session=session, user=user, ref=spec.model)
+    ref = f"{model.name}@{model.version}"
+    explanation = spec.explanation
+    if explanation is not None and explanation.method not in EXPLAIN_METHODS.get(model.arch, ()):
+        supported = ", ".join(EXPLAIN_METHODS.get(model.arch, ())) or "none"
+        raise SpecError.at("explain.method", f"model {ref} is a {model.arch}, which cannot explain with "
+                                             f"{explanation.method!r} (supported: {supported}); attention maps "
+                                             "exist only for transformers")
     if spec.dataset is not None:
         if spec.output == "embedding":
             raise SpecError.at("output", "a prediction over a dataset gives predictions, not embeddings")
+        if explanation is not None:
+            raise SpecError.at("explain", "a prediction over a dataset is not explained; explain inline inputs")
         _check_predict_dataset(session, user, spec, model)
         return model
     if spec.output == "embedding" and model.arch != "pretrained":
-        raise SpecError.at("output", f"model {model.name}@{model.version} is a {model.arch}; "
-                                     "embeddings come from pretrained models only")
-    if model.arch == "pretrained":
-        for i, row in enumerate(spec.inputs):
-            if not isinstance(row, str):
-                raise SpecError.at(f"inputs[{i}]", "this text model takes a string per input")
-        return model
-    shape = model.signature.get("input_shape") or []
-    if model.task == catalog.IMAGE_CLASSIFICATION:
-        for i, row in enumerate(spec.inputs):
-            if not isinstance(row, str):
-                raise SpecError.at(f"inputs[{i}]", "this image model takes a base64 PNG or JPEG string per input")
-            try:
-                images.decode_input(row, f"inputs[{i}]")
-            except images.ImageError as exc:
-                raise SpecError.at(f"inputs[{i}]", str(exc)) from None
-        return model
-    if model.task == catalog.TEXT_CLASSIFICATION:
-        for i, row in enumerate(spec.inputs):
-            if not isinstance(row, str):
-                raise SpecError.at(f"inputs[{i}]", "this text model takes a string per input")
-        return model
-    width = 1
-    for dim in shape:
-        width *= int(dim)
-    for i, row in enumerate(spec.inputs):
-        if isinstance(row, str):
-            raise SpecError.at(f"inputs[{i}]", f"expected {width} numbers, got a string")
-        flat = [v for part in row for v in (part if isinstance(part, list) else [part])]
-        if len(flat) != width:
-            raise SpecError.at(
-                f"inputs[{i}]", f"has {len(flat)} values; model {model.name}@{model.version} expects {width} (shape {shape})"
-            )
+        raise SpecError.at("output", f"model {ref} is a {model.arch}; embeddings come from pretrained models only")
+    model_registry.check_inputs(schema=model_registry.schema_of(model), inputs=list(spec.inputs), ref=ref)
     return model
 
 
@@ -553,7 +551,7 @@ def retry(*, session: Session, user: User, job_id: int, settings: Settings) -> J
 
 def list_model_versions(*, session: Session, user: User, limit: int = 500) -> list[ModelVersion]:
     """The user's own registered model versions (what a prediction may name as ``name@N``), newest first."""
-    stmt = select(ModelVersion).where(ModelVersion.owner_id == user.id)
+    stmt = select(ModelVersion).where(ModelVersion.owner_id == user.id, ModelVersion.deleted_at.is_(None))
     return list(session.execute(stmt.order_by(ModelVersion.id.desc()).limit(limit)).scalars())
 
 

@@ -1,4 +1,4 @@
-"""Model versions: trained models registered for prediction."""
+"""Model versions (trained models registered for prediction) and the aliases that name them."""
 
 from __future__ import annotations
 
@@ -31,3 +31,25 @@ class ModelVersion(Base):
     signature: Mapped[dict[str, Any]] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # What a prediction must send, checked at submit (app.model_registry.input_schema); NULL on
+    # versions registered before it was stored, whose schema is derived from the signature.
+    input_schema: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Where the version came from: base model (fine-tunes), dataset and its sha256, training spec.
+    lineage: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Deleted versions keep their row (and number, which is never reused) so a job's history still
+    # names them; nothing resolves to them any more.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ModelAlias(Base):
+    """A movable name (``production``, ``staging``, ...) for one version of one owner's model."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (UniqueConstraint("owner_id", "name", "alias", name="uq_model_aliases_owner_name_alias"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    alias: Mapped[str] = mapped_column(String(100))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -255,7 +255,8 @@ def job_events(job_id: int):
 @api.get("/models")
 def list_models():
     """The caller's registered model versions, newest first."""
-    stmt = select(ModelVersion).order_by(ModelVersion.id.desc()).limit(_int_arg("limit", 100, hi=MAX_PAGE))
+    stmt = (select(ModelVersion).where(ModelVersion.deleted_at.is_(None)).order_by(ModelVersion.id.desc())
+            .limit(_int_arg("limit", 100, hi=MAX_PAGE)))
     if not current_user().is_admin:
         stmt = stmt.where(ModelVersion.owner_id == current_user().id)
     return jsonify(items=[serializers.model_version(m) for m in db().execute(stmt).scalars()])

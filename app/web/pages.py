@@ -33,7 +33,41 @@ def _globals():
 
     user = current_user.user if current_user.is_authenticated else None
     return {"me": user, "may_write": user is not None and can_write(user), "TERMINAL": TERMINAL,
-            "action_form": ActionForm()}
+            "action_form": ActionForm(), "heatmap": heatmap}
+
+
+def _flat(values) -> list[float]:
+    return [x for v in values for x in _flat(v)] if isinstance(values, list) else [float(values or 0.0)]
+
+
+def heatmap(explanation: dict) -> dict:
+    """An explanation as table cells with background colours scaled to the attribution (red +, blue -).
+
+    Returns ``{"columns": [...], "rows": [(label, [(value, css colour), ...]), ...]}``: one row of
+    tokens for text, steps x features for sequences, one row of features otherwise; an attention
+    map is averaged over layers and heads (positions x positions, each row a distribution).
+    """
+    if explanation.get("method") == "attention":
+        maps, positions = explanation.get("attention") or [], explanation.get("positions") or []
+        n = len(positions)
+        count = sum(len(layer) for layer in maps) or 1
+        grid = [[sum(head[i][j] for layer in maps for head in layer) / count for j in range(n)] for i in range(n)]
+        labels, columns = positions, positions
+    else:
+        values = explanation.get("attributions") or []
+        if explanation.get("tokens") is not None:
+            labels, columns, grid = [""], explanation["tokens"], [values]
+        elif values and isinstance(values[0], list):
+            labels, columns, grid = [f"step {i}" for i in range(len(values))], [f"f{j}" for j in range(len(values[0]))], values
+        else:
+            labels, columns, grid = [""], [f"f{j}" for j in range(len(values))], [values]
+    scale = max((abs(x) for x in _flat(grid)), default=0.0) or 1.0
+
+    def cell(x: float) -> tuple[float, str]:
+        alpha = min(abs(x) / scale, 1.0) * 0.85
+        return x, f"rgba(200,30,30,{alpha:.2f})" if x >= 0 else f"rgba(30,60,200,{alpha:.2f})"
+
+    return {"columns": columns, "rows": [(label, [cell(float(x)) for x in row]) for label, row in zip(labels, grid)]}
 
 
 @pages.errorhandler(NotFound)

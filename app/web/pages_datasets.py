@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, flash, redirect, render_template, url_for
+from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import login_required
 
 from app import catalog, datasets, model_registry
-from app.jobs.errors import Conflict, SpecError
+from app.jobs.errors import Conflict, NotFound, SpecError
 from app.web.context import db, settings
 from app.web.forms_accounts import DatasetUploadForm
 from app.web.login import web_user, writer_required
@@ -88,3 +88,38 @@ def models():
     groups = model_registry.versions_by_name(session=db(), user=user)
     return render_template("models/list.html", groups=groups,
                            reference=lambda v: model_registry.reference(v, user))
+
+
+@datasets_pages.post("/models/<name>/aliases")
+@writer_required
+def set_model_alias(name: str):
+    """Set or move an alias of one of the user's models (form fields ``alias`` and ``version``)."""
+    session = db()
+    alias, version = request.form.get("alias", "").strip(), request.form.get("version", "")
+    try:
+        if not version.isascii() or not version.isdecimal():
+            raise SpecError.at("version", "choose a version number")
+        model_registry.set_alias(session=session, owner=web_user(), name=name, alias=alias, number=int(version))
+    except (SpecError, NotFound) as exc:
+        session.rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("datasets_pages.models"), 303)
+    session.commit()
+    flash(f"{name}@{alias} now names {name}@{version}.")
+    return redirect(url_for("datasets_pages.models"), 303)
+
+
+@datasets_pages.post("/models/<name>/versions/<int:number>/delete")
+@writer_required
+def delete_model_version(name: str, number: int):
+    """Delete one of the user's model versions (refused while an alias or an unfinished job uses it)."""
+    session = db()
+    try:
+        model_registry.delete_version(session=session, owner=web_user(), name=name, number=number)
+    except (Conflict, NotFound) as exc:
+        session.rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("datasets_pages.models"), 303)
+    session.commit()
+    flash(f"{name}@{number} deleted.")
+    return redirect(url_for("datasets_pages.models"), 303)

@@ -10,6 +10,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import model_registry
 from app.models import Attempt, Checkpoint, Dataset, JobEvent, Metric, ModelVersion
 
 
@@ -93,6 +94,7 @@ def model_version(m: ModelVersion) -> dict[str, Any]:
     return {
         "id": m.id, "name": m.name, "version": m.version, "ref": f"{m.name}@{m.version}", "job_id": m.job_id,
         "arch": m.arch, "task": m.task, "signature": m.signature, "metrics": m.metrics, "created_at": iso(m.created_at),
+        "input_schema": model_registry.schema_of(m), "lineage": m.lineage, "deleted_at": iso(m.deleted_at),
     }
 
 

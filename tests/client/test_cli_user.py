@@ -97,7 +97,12 @@ def test_a_person_trains_watches_and_predicts_from_the_shell(kiln, server, worke
     for p in result["predictions"]:  # iris's own class names, one probability per class
         assert p["class"] == ["setosa", "versicolor", "virginica"][p["index"]] and len(p["probabilities"]) == 3
 
-    table = kiln("predict", "shell-iris@1", "--input", str(rows), "--wait", timeout=300, **auth)
+    aliased = kiln("models", "alias", "shell-iris", "production", "1", **auth)
+    assert aliased.returncode == 0 and aliased.stdout.strip() == "shell-iris@production -> shell-iris@1", aliased
+    refused_alias = kiln("models", "alias", "shell-iris", "latest", "1", **auth)
+    assert refused_alias.returncode != 0 and "latest" in refused_alias.stderr
+    # The alias answers with the version it names.
+    table = kiln("predict", "shell-iris@production", "--input", str(rows), "--wait", timeout=300, **auth)
     assert table.returncode == 0, table
     lines = [line.split() for line in table.stdout.splitlines()]
     assert lines[:2] == [["model", "shell-iris@1"], ["ROW", "CLASS", "CONFIDENCE"]]

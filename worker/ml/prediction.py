@@ -110,6 +110,15 @@ def load_catalog_model(name: str, device: torch.device) -> LoadedModel:
     return loaded
 
 
+def evict(digest: str) -> int:
+    """Forget the cached models of the checkpoint with sha256 ``digest`` (every device); returns how many."""
+    with _cache_lock:
+        keys = [key for key in _cache if key[0] == digest]
+        for key in keys:
+            del _cache[key]
+    return len(keys)
+
+
 def clear_cache() -> None:
     """Forget every cached model (tests, or a worker freeing memory)."""
     with _cache_lock:
@@ -195,13 +204,15 @@ def cached(digest: str, device: str = "cpu") -> bool:
 
 def predict(checkpoint: bytes | Callable[[], bytes] | None, inputs: list, *, device: str = "cpu",
             digest: str | None = None, output: str = "prediction", compare_with: list[str] | None = None,
-            base: str | None = None) -> dict:
+            base: str | None = None, explain: dict | None = None) -> dict:
     """Predictions for raw ``inputs`` from the model in ``checkpoint``: ``{"predictions": [...]}``.
 
     ``checkpoint`` may be a function returning the bytes, called only when ``digest`` (the
-    checkpoint's sha256) is not in the cache. ``output="embedding"`` gives unit-norm sentence
-    embeddings instead (pretrained models; with ``checkpoint=None``, the catalog model ``base`` as
-    it ships), and with ``compare_with`` the cosine similarity of each input to each of those texts.
+    checkpoint's sha256) is not in the cache. With ``explain`` (``{"method", "steps"}``) each
+    prediction also carries an ``explanation`` (see :mod:`worker.ml.explain`). ``output="embedding"``
+    gives unit-norm sentence embeddings instead (pretrained models; with ``checkpoint=None``, the
+    catalog model ``base`` as it ships), and with ``compare_with`` the cosine similarity of each
+    input to each of those texts.
     """
     target = resolve_device(device)
     try:
@@ -209,13 +220,13 @@ def predict(checkpoint: bytes | Callable[[], bytes] | None, inputs: list, *, dev
             loaded = (load_model(checkpoint, target, digest=digest) if checkpoint is not None
                       else load_catalog_model(base, target))
             return _embed(loaded, inputs, compare_with)
-        return _predict(checkpoint, inputs, target, digest)
+        return _predict(checkpoint, inputs, target, digest, explain)
     except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first, so the traceback's frames can free their tensors
     raise out_of_memory(None, target)
 
 
-def _predict(checkpoint, inputs: list, device: torch.device, digest: str | None) -> dict:
+def _predict(checkpoint, inputs: list, device: torch.device, digest: str | None, explain: dict | None) -> dict:
     if not inputs:
         return {"predictions": []}
     loaded = load_model(checkpoint, device, digest=digest)
@@ -224,7 +235,14 @@ def _predict(checkpoint, inputs: list, device: torch.device, digest: str | None)
     with torch.no_grad():
         for start in range(0, len(batch), BATCH_SIZE):
             outputs.append(loaded.network(batch[start:start + BATCH_SIZE].to(device)).float().cpu())
-    return {"predictions": decode_outputs(loaded, torch.cat(outputs).numpy().astype(np.float64))}
+    raw = torch.cat(outputs).numpy().astype(np.float64)
+    predictions = decode_outputs(loaded, raw)
+    if explain:
+        from worker.ml import explain as explaining  # Captum loads only when someone asks
+
+        for prediction, explanation in zip(predictions, explaining.explain(loaded, batch, raw, **explain)):
+            prediction["explanation"] = explanation
+    return {"predictions": predictions}
 
 
 def _embeddings(loaded: LoadedModel, texts: list) -> torch.Tensor:
