@@ -28,6 +28,7 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
     with session_scope(settings.database_url) as s:
         _, token = create_user(session=s, email=email, role="user", password=PASSWORD)
 
+    worker = None
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
@@ -56,7 +57,7 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
             page.screenshot(path=str(tmp_path / "jobs-queued.png"), full_page=True)
 
             # A worker starts; the row's badge moves to succeeded by htmx polling alone.
-            start_worker()
+            worker = start_worker()
             expect(badge).to_have_text("succeeded", timeout=240_000)
             assert page.evaluate("window.__noReload === true"), "the page was reloaded"
             assert page.locator(f"#job-{job_id}").get_attribute("hx-trigger") is None  # polling stopped
@@ -72,6 +73,8 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
             page.screenshot(path=str(tmp_path / "job.png"), full_page=True)
         finally:
             browser.close()
+            if worker is not None:  # the next test's jobs go to its own worker only
+                worker.stop()
 
 
 def test_a_person_trains_and_predicts_through_the_forms(web, settings, start_worker, tmp_path):
@@ -80,7 +83,7 @@ def test_a_person_trains_and_predicts_through_the_forms(web, settings, start_wor
     email = f"forms-{uuid.uuid4().hex[:8]}@example.com"
     with session_scope(settings.database_url) as s:
         _, token = create_user(session=s, email=email, role="user", password=PASSWORD)
-    start_worker()
+    worker = start_worker()
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -126,3 +129,4 @@ def test_a_person_trains_and_predicts_through_the_forms(web, settings, start_wor
             page.screenshot(path=str(tmp_path / "prediction.png"), full_page=True)
         finally:
             browser.close()
+            worker.stop()
