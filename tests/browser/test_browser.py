@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-import time
 import urllib.request
 import uuid
 
@@ -14,46 +11,14 @@ import pytest
 
 from app.accounts import create_user
 from app.db import session_scope
-from app.embedded import free_port
-from tests.conftest import ROOT, settings_env
+from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
 PASSWORD = "browser test password"
 EPOCHS = 3
 SPEC = {"kind": "train", "name": "browser-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
         "hyperparameters": {"epochs": EPOCHS}}
-
-
-@pytest.fixture
-def web(settings, tmp_path):
-    """A real ``kiln web`` (gunicorn) subprocess; yields its base URL."""
-    port = free_port()
-    log = open(tmp_path / "web.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "web", "--port", str(port), "--workers", "1"],
-                            cwd=ROOT, env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=5)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp_path / "web.log").read_text(errors="replace")) from None
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
 
 
 def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, start_worker, tmp_path):
@@ -63,6 +28,7 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
     with session_scope(settings.database_url) as s:
         _, token = create_user(session=s, email=email, role="user", password=PASSWORD)
 
+    worker = None
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
@@ -91,7 +57,7 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
             page.screenshot(path=str(tmp_path / "jobs-queued.png"), full_page=True)
 
             # A worker starts; the row's badge moves to succeeded by htmx polling alone.
-            start_worker()
+            worker = start_worker()
             expect(badge).to_have_text("succeeded", timeout=240_000)
             assert page.evaluate("window.__noReload === true"), "the page was reloaded"
             assert page.locator(f"#job-{job_id}").get_attribute("hx-trigger") is None  # polling stopped
@@ -107,6 +73,8 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
             page.screenshot(path=str(tmp_path / "job.png"), full_page=True)
         finally:
             browser.close()
+            if worker is not None:  # the next test's jobs go to its own worker only
+                worker.stop()
 
 
 def test_a_person_trains_and_predicts_through_the_forms(web, settings, start_worker, tmp_path):
@@ -115,7 +83,7 @@ def test_a_person_trains_and_predicts_through_the_forms(web, settings, start_wor
     email = f"forms-{uuid.uuid4().hex[:8]}@example.com"
     with session_scope(settings.database_url) as s:
         _, token = create_user(session=s, email=email, role="user", password=PASSWORD)
-    start_worker()
+    worker = start_worker()
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -161,3 +129,4 @@ def test_a_person_trains_and_predicts_through_the_forms(web, settings, start_wor
             page.screenshot(path=str(tmp_path / "prediction.png"), full_page=True)
         finally:
             browser.close()
+            worker.stop()

@@ -138,7 +138,7 @@ def test_the_models_page_lists_versions_with_metrics_source_job_and_predict_link
     assert "<h2" in page and "iris-mlp" in page
     assert page.index(f"job #{job2}") < page.index(f"job #{job1}")  # newest version first
     assert "val_accuracy = 0.9667" in page and f'href="/jobs/{job1}"' in page
-    assert 'href="/predict?model=iris-mlp%402"' in page and "Predict with this model" in page
+    assert 'href="/jobs/predict?model=iris-mlp@2"' in page and "Predict with this model" in page
     stranger, _ = person()
     other = client.application.test_client()
     sign_in(other, stranger, PASSWORD)
