@@ -107,6 +107,11 @@ def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
         except SpecError as exc:  # a spec stored by an older release that this one no longer accepts
             prepared.problem = UserError(f"the stored spec is no longer valid: {exc}")
             return prepared
+        except Exception as exc:  # noqa: BLE001 - a bug in parsing must end the job, not loop on redelivery
+            log.error("event=spec_unreadable job_id=%s\n%s", job_id, traceback.format_exc())
+            prepared.problem = JobFailure(f"internal error reading the stored spec ({type(exc).__name__})")
+            prepared.problem.retryable = False
+            return prepared
         try:
             if isinstance(prepared.spec, PredictSpec):
                 if prepared.spec.model.startswith("pretrained:"):

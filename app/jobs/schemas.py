@@ -364,10 +364,10 @@ class PredictSpec(AttemptRuntime):
 
     @field_validator("inputs")
     @classmethod
-    def _finite_values(cls, inputs: list) -> list:
+    def _finite_values(cls, inputs: list | None) -> list | None:
         # JSON has no NaN or infinity, but Python's json writes them; refused here, naming the
         # value (a SpecError passes through pydantic unchanged, so its field path is kept).
-        for i, row in enumerate(inputs):
+        for i, row in enumerate(inputs or ()):
             if isinstance(row, str):
                 continue
             for j, value in enumerate(row):

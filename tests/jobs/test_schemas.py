@@ -80,3 +80,15 @@ def test_giving_both_runtime_names_is_an_error_naming_the_old_one():
     with pytest.raises(SpecError) as caught:
         parse_spec(payload)
     assert caught.value.errors[0]["field"] == "max_runtime_s" and "max_attempt_runtime_s" in str(caught.value)
+
+
+@pytest.mark.parametrize("spec", [
+    {"kind": "predict", "model": "m@1", "dataset": "dataset:3"},
+    {"kind": "predict", "model": "m@1", "inputs": [[1, 2], "text"], "explain": {"method": "attention", "steps": 8}},
+    {"kind": "predict", "model": "pretrained:minilm-l6", "inputs": ["a"], "output": "embedding",
+     "compare_with": ["b"]},
+])
+def test_a_stored_prediction_spec_parses_again_as_the_worker_reads_it(spec):
+    # The worker parses the stored JSON (every field written out, nulls included) before it claims.
+    stored = parse_spec(spec).model_dump(mode="json")
+    assert parse_spec(stored).model_dump(mode="json") == stored

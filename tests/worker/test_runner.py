@@ -243,3 +243,17 @@ def test_a_stop_right_after_a_periodic_checkpoint_keeps_both_files_and_resumes_f
         job = s.get(Job, job_id)
         assert job.resumed_from_epoch == 2 and job.result["epochs_completed"] == 5
         assert s.query(JobEvent).filter_by(job_id=job_id, kind="checkpoint_skipped").count() == 0
+
+
+def test_a_spec_that_crashes_the_parser_fails_the_job_once_instead_of_looping(settings, submitted, monkeypatch):
+    job_id = submitted({**SPEC, "name": "parser-crash", "hyperparameters": {"epochs": 1}})
+
+    def broken(_raw):
+        raise TypeError("a bug in a validator")
+
+    monkeypatch.setattr(runner, "parse_spec", broken)
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "failed"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.state == "failed" and job.error_class == "internal" and job.attempts == 1
+        assert "TypeError" in job.error_message and "a bug in a validator" not in job.error_message
