@@ -1,4 +1,4 @@
-"""What open pages cost the server while nothing changes: 50 admin dashboards and 50 job pages polling a real `kiln web`.
+"""What open pages cost the server while nothing changes: 50 dashboards and 50 job pages polling `kiln web`.
 
     .venv/bin/python -m bench.dashboards [--backend sqlite|postgresql|both] [--quick]
                                          [--duration 60] [--admins 50] [--watchers 50]
@@ -283,7 +283,8 @@ def print_report(results: list[dict], duration: float) -> None:
                           sum(tt.resent for tt in r["tallies"]))
             n = len(t.latencies)
             lines.append([r["backend"], t.name, f"{n / r['wall']:.1f}", f"{t.not_modified / n:.0%}" if n else "-",
-                          f"{percentile(t.latencies, 0.5):.1f} ms", f"{percentile(t.latencies, 0.95):.1f} ms", str(t.resent),
+                          f"{percentile(t.latencies, 0.5):.1f} ms", f"{percentile(t.latencies, 0.95):.1f} ms",
+                          str(t.resent),
                           ", ".join(f"{k} x{v}" for k, v in t.errors.items()) or "0"])
         r["total"] = total
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
