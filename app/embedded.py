@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import secrets
 import socket
 import subprocess
 import sys
@@ -57,6 +58,9 @@ def start_redis(var_dir: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the embedded redis-server did not start")
 
 
+ADMIN_EMAIL = "admin@localhost"
+
+
 def admin_token(settings: Settings, var_dir: Path) -> str:
     """The first admin's token: created on the first run, kept in ``var/admin_token`` (mode 600 from birth)."""
     from app.accounts import create_user
@@ -67,12 +71,43 @@ def admin_token(settings: Settings, var_dir: Path) -> str:
         path.chmod(0o600)  # a file left by an older Kiln may be wider
         return path.read_text().strip()
     with session_scope(settings.database_url) as session:
-        _, token = create_user(session=session, email="admin@localhost", role="admin")
+        _, token = create_user(session=session, email=ADMIN_EMAIL, role="admin")
     # O_EXCL + 0o600: the token is never readable by others, not even between create and chmod.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+def admin_password(settings: Settings) -> str | None:
+    """A new random sign-in password for the first admin while it has none, else ``None``.
+
+    Only its scrypt hash is stored: the caller prints it once. An admin made by an older Kiln
+    (token only) gets one on its next run too.
+    """
+    from sqlalchemy import select
+
+    from app.accounts import set_password
+    from app.db import session_scope
+    from app.models import User
+
+    with session_scope(settings.database_url) as session:
+        user = session.execute(select(User).where(User.email == ADMIN_EMAIL)).scalar_one_or_none()
+        if user is None or user.password_hash:
+            return None
+        password = secrets.token_urlsafe(18)  # 144 random bits, 24 characters
+        set_password(user, password)
+    return password
+
+
+def sign_in_help(url: str, password: str | None, token_path: Path) -> str:
+    """What ``kiln up`` prints about signing in: the password on the run that made it, where to reset it after."""
+    reset = f"`kiln users set-password {ADMIN_EMAIL}` (same KILN_VAR_DIR)"
+    if password:
+        return (f"Sign in at {url}/login as {ADMIN_EMAIL} with password {password}\n"
+                f"(shown this once and stored only as a hash; set another with {reset})")
+    return (f"Sign in at {url}/login as {ADMIN_EMAIL} with the password printed on the first run "
+            f"(forgotten? set another with {reset})\nthe admin API token is kept in {token_path}")
 
 
 def _die_with_parent() -> None:
@@ -154,7 +189,7 @@ def _wait_ready(url: str, children: _Children, stopping, timeout: float) -> str 
 
 def run_all(settings: Settings, *, host: str, port: int, workers: int, ready_timeout: float = 180.0,
             stop_grace: float = 6.0) -> int:
-    """Start every part, print the URL and token once it answers, stop everything on Ctrl-C or SIGTERM."""
+    """Start every part, print the URL, sign-in and token once it answers, stop everything on Ctrl-C or SIGTERM."""
     from app.migrate import upgrade
 
     stopping = False
@@ -196,7 +231,11 @@ def run_all(settings: Settings, *, host: str, port: int, workers: int, ready_tim
         if problem:
             print(f"\nKiln did not start: {problem}", file=sys.stderr, flush=True)
             return 1
-        print(f"\nKiln is running at {url}  (Ctrl-C stops it)\nadmin API token:\n{token}\n", flush=True)
+        # Made only now that the pages answer: a run that failed to start has printed no password
+        # and so has set none, and the next run makes one.
+        password = admin_password(settings)
+        print(f"\nKiln is running at {url}  (Ctrl-C stops it)\n{sign_in_help(url, password, var_dir / 'admin_token')}"
+              f"\nadmin API token:\n{token}\n", flush=True)
         while not stopping and children.dead() is None:
             time.sleep(0.3)
         if not stopping:

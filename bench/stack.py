@@ -28,16 +28,21 @@ GUNICORN_FLAGS = ["--workers", "2", "--threads", "4", "--access-logfile", "-", "
 
 
 class Stack:
-    """One database and one Redis, plus the processes started on them; a context manager that tears down."""
+    """One database and one Redis, plus the processes started on them; a context manager that tears down.
 
-    def __init__(self, tmp: Path, backend: str):
+    Without ``database_url`` it makes (and at the end drops) a fresh database of its own.
+    """
+
+    def __init__(self, tmp: Path, backend: str, database_url: str | None = None):
         self.tmp = tmp
         self.backend = backend
         self.procs: list[subprocess.Popen] = []
         self._pg_name: str | None = None
         self._redis: subprocess.Popen | None = None
         self.engine = None
-        if backend == "postgresql":
+        if database_url:  # a database someone else made (and drops): used as it is
+            self.database_url = database_url
+        elif backend == "postgresql":
             self._pg_name = f"kiln_bench_{uuid.uuid4().hex[:8]}"
             self.database_url = _admin_sql(f'CREATE DATABASE "{self._pg_name}"', self._pg_name)
         else:

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -128,11 +129,35 @@ def test_kiln_up_runs_a_job_end_to_end_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert alive == [] and rc == 0, up.text()[-3000:]
 
 
-def test_ctrl_c_stops_kiln_up_and_every_descendant_quickly_every_time(tmp_path):
+def sign_in(url: str, email: str, password: str) -> httpx.Response:
+    """Sign in as a browser does: the CSRF token from the form, then follow the redirect."""
+    with httpx.Client(base_url=url, timeout=30, follow_redirects=True) as browser:
+        form = browser.get("/login")
+        csrf = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', form.text).group(1)
+        return browser.post("/login", data={"csrf_token": csrf, "email": email, "password": password})
+
+
+def test_kiln_up_prints_the_admin_password_once_and_ctrl_c_stops_everything_every_time(tmp_path):
+    # Three runs on one var dir: the first prints a sign-in password, the later ones only how to reset it.
     for cycle in range(3):
         up = KilnUp(tmp_path)
         try:
             token = up.wait_for_token()
+            if cycle == 0:
+                found = re.search(rf"Sign in at {re.escape(up.url)}/login as admin@localhost with password (\S+)\n",
+                                  up.text())
+                assert found, up.text()[-3000:]
+                assert "kiln users set-password admin@localhost" in up.text()
+                landed = sign_in(up.url, "admin@localhost", found.group(1))
+                assert landed.status_code == 200 and landed.url.path == "/jobs", (landed.url, landed.text[:500])
+                assert "admin@localhost" in landed.text
+                refused = sign_in(up.url, "admin@localhost", found.group(1) + "x")
+                assert refused.url.path == "/login"
+                assert found.group(1) not in (tmp_path / "var" / "admin_token").read_text()
+            else:
+                assert "with password" not in up.text(), up.text()[-3000:]
+                assert "password printed on the first run" in up.text()
+                assert f"kept in {tmp_path / 'var' / 'admin_token'}" in up.text()
             # Busy web workers: the deadlock this guards against came after a few requests.
             for _ in range(6):
                 http("GET", up.url + "/api/v1/jobs", token)
