@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     # (``?wait=`` is capped there); past it the answer is 202 and the job carries on.
     inline_wait_seconds: float = Field(5.0, ge=0, le=300)
     max_inline_wait_seconds: float = Field(30.0, ge=0, le=300)
+    # A log follow (GET /jobs/<id>/logs?follow=true) ends after this long; the client reconnects
+    # with Last-Event-ID (proxies and load balancers drop longer requests anyway).
+    log_follow_max_seconds: float = Field(600.0, ge=1, le=86400)
     # Micro-batching: a prediction worker runs up to this many queued predictions of one model
     # version in one forward pass, waiting at most this long for more to arrive (1 turns it off).
     predict_max_batch_size: int = Field(32, ge=1, le=1024)

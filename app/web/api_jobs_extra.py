@@ -20,11 +20,10 @@ from app.web.auth import current_user
 from app.web.context import db, settings
 
 MAX_TAIL = 10_000
-# A follow polls the events table this often, sends a comment line when idle this long (proxies
-# drop silent connections) and stops after this long (the client reconnects with Last-Event-ID).
+# A follow polls the events table this often and sends a comment line when idle this long (proxies
+# drop silent connections); it stops after settings().log_follow_max_seconds.
 FOLLOW_POLL_SECONDS = 1.0
 FOLLOW_HEARTBEAT_SECONDS = 15.0
-FOLLOW_MAX_SECONDS = 600.0
 
 
 @api.get("/jobs/<int:job_id>/checkpoints")
@@ -77,13 +76,14 @@ def job_logs(job_id: int):
         lines = [x for x in lines if x.id > int(last_id)]
     session = db()
     session.close()  # no transaction (or pooled connection) is held between polls
+    follow_max = settings().log_follow_max_seconds
 
     def stream():
         cursor = lines[-1].id if lines else int(last_id or 0)
         for line in lines:
             yield f"id: {line.id}\nevent: log\ndata: {line.text()}\n\n"
         started = last_sent = time.monotonic()
-        while time.monotonic() - started < FOLLOW_MAX_SECONDS:
+        while time.monotonic() - started < follow_max:
             try:
                 new, ended = job_log.since(session=session, user=user, job_id=job_id, after_id=cursor)
             finally:
