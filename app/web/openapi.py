@@ -160,6 +160,17 @@ ROUTES: dict[tuple[str, str], Op] = {
     ("GET", "/models"): Op("Model versions, newest first", {200: Answer("model versions", r.ModelList)},
                            query=(q("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "at most"),),
                            cookie=True),
+    ("GET", "/models/<name>"): Op("A model: its live versions and aliases", {200: Answer("the model", r.Model)},
+                                  errors=(404,), cookie=True),
+    ("GET", "/models/<name>/versions/<int:number>"): Op(
+        "One live version of a model", {200: Answer("the version", r.ModelVersion)}, cookie=True),
+    ("PUT", "/models/<name>/aliases/<alias>"): Op(
+        "Set or move an alias to a version", {200: Answer("the model", r.Model)}, body="AliasRequest",
+        errors=(404, 409)),
+    ("DELETE", "/models/<name>/aliases/<alias>"): Op("Remove an alias", {204: Answer("removed")}, errors=(404,)),
+    ("DELETE", "/models/<name>/versions/<int:number>"): Op(
+        "Delete a version (409 while an alias or a queued or running job uses it)", {204: Answer("deleted")},
+        errors=(409,)),
     ("GET", "/pretrained"): Op("The pretrained-model catalog", {200: Answer("catalog entries", r.PretrainedList)},
                                cookie=True),
     ("GET", "/datasets"): Op("Built-in datasets, then the caller's uploads",
@@ -243,6 +254,9 @@ def _path_parameters(rule: str) -> list[dict[str, Any]]:
         if converter == "path":
             schema = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[A-Za-z0-9:@_.\-]+$"}
             about = "a model: a training job id, name@version, name@latest or pretrained:<name>"
+        elif converter in ("", "string"):
+            schema = {"type": "string", "minLength": 1, "maxLength": 100, "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"}
+            about = "a name (a model's, or an alias)"
         else:
             schema = ids(0)
             about = "an id"
@@ -322,6 +336,7 @@ ANSWER_MODELS: tuple[type[BaseModel], ...] = (
     r.ModelList, r.Dataset, r.DatasetList, r.DatasetRows, r.Token, r.CreatedToken, r.TokenList, r.User,
     r.CreatedUser, r.UserList, r.WebhookSecret, r.CreatedWebhookSecret, r.WebhookDeliveryList, r.PretrainedList,
     r.Overview, r.Usage, r.Problem, r.TokenRequest, r.UserRequest, r.UserUpdate, r.DatasetUpload,
+    r.Model, r.AliasRequest,
 )
 
 

@@ -94,6 +94,23 @@ class ModelVersion(Resource):
     signature: Object | None
     metrics: Object | None
     created_at: Time | None
+    input_schema: Object | None = Field(description="what a prediction must send (kind numbers, text, image...)")
+    lineage: Object | None = Field(description="base version, dataset and its sha256, spec of the training job")
+    deleted_at: Time | None
+
+
+class RegistryVersion(ModelVersion):
+    """A live version as its model lists it, with the aliases that point at it."""
+
+    aliases: list[str]
+
+
+class Model(Resource):
+    """A model name: its live versions (newest first) and its aliases."""
+
+    name: str
+    aliases: dict[str, int] = Field(description="alias -> version number (latest is implicit)")
+    versions: list[RegistryVersion]
 
 
 class Job(JobSummary):
@@ -514,6 +531,12 @@ class TokenRequest(BaseModel):
 
     name: str = Field(min_length=1, max_length=100)
     expires_at: str | None = Field(default=None, description="YYYY-MM-DD (through that day, UTC) or an ISO datetime")
+
+
+class AliasRequest(BaseModel):
+    """Which version an alias points at."""
+
+    version: int = Field(ge=1, le=2**31 - 1)
 
 
 class UserRequest(BaseModel):

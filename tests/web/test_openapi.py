@@ -125,6 +125,18 @@ def test_real_answers_validate_against_the_documented_models(client, admin_auth,
     conforms(client.get(f"/api/v1/jobs/{job_id}/output", headers=auth), "GET", jid + "/output")  # 404: not a batch
     models = conforms(client.get("/api/v1/models", headers=auth), "GET", "/models")
     assert models["items"][0]["job_id"] == job_id
+    name, version = models["items"][0]["name"], models["items"][0]["version"]
+    moved = conforms(client.put(f"/api/v1/models/{name}/aliases/production", json={"version": version}, headers=auth),
+                     "PUT", "/models/<name>/aliases/<alias>")
+    assert moved["aliases"]["production"] == version
+    assert conforms(client.get(f"/api/v1/models/{name}", headers=auth), "GET", "/models/<name>")["versions"]
+    conforms(client.get(f"/api/v1/models/{name}/versions/{version}", headers=auth),
+             "GET", "/models/<name>/versions/<int:number>")
+    refused = client.delete(f"/api/v1/models/{name}/versions/{version}", headers=auth)
+    assert refused.status_code == 409  # the alias points at it
+    conforms(refused, "DELETE", "/models/<name>/versions/<int:number>")
+    conforms(client.delete(f"/api/v1/models/{name}/aliases/production", headers=auth),
+             "DELETE", "/models/<name>/aliases/<alias>")
     conforms(client.get("/api/v1/pretrained", headers=auth), "GET", "/pretrained")
     for action in ("pause", "resume", "cancel", "retry"):
         conforms(client.post(f"/api/v1/jobs/{job_id}/{action}", headers=auth), "POST", jid + "/" + action)
