@@ -170,6 +170,55 @@ def auth(make_user) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+class WebProcess:
+    """A real ``kiln web`` (gunicorn) subprocess on a free port, with its log.
+
+    :meth:`wait_ready` blocks until ``/healthz`` answers; :meth:`stop` ends it (SIGTERM, then SIGKILL).
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, workers: int = 1, port: int | None = None):
+        from app.embedded import free_port
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "web", "--port", str(self.port), "--workers", str(workers)],
+            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> "WebProcess":
+        """Block until ``/healthz`` answers (a loaded 2-core machine can take a while to start gunicorn)."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=5)
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"kiln web did not start:\n{self.log()}") from None
+                time.sleep(0.3)
+
+    def log(self) -> str:
+        """The server's output so far."""
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM, then SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
 class WorkerProcess:
     """A real ``kiln worker`` subprocess (a Celery worker) with its log."""
 

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
-from app.embedded import free_port
-from tests.conftest import ROOT, settings_env
+from tests.conftest import WebProcess, settings_env
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -20,27 +15,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 @pytest.fixture(scope="module")
 def web(settings, tmp_path_factory):
     """A real ``kiln web`` (gunicorn) subprocess shared by a module's tests; yields its base URL."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("web") / "web.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "web", "--port", str(port), "--workers", "1"],
-                            cwd=ROOT, env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=5)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(log_path.read_text(errors="replace")) from None
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    server = WebProcess(settings_env(settings), tmp_path_factory.mktemp("web") / "web.log").wait_ready()
+    yield server.url
+    server.stop()

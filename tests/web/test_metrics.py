@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
 from app.embedded import free_port
-from tests.conftest import ROOT, settings_env
+from tests.conftest import WebProcess, settings_env
 
 
 @pytest.fixture
@@ -72,21 +69,10 @@ def test_kiln_web_serves_metrics_on_the_metrics_port_only(settings, tmp_path):
     web_port, metrics_port = free_port(), free_port()
     env = settings_env(settings)
     env.update(KILN_METRICS_PORT=str(metrics_port), KILN_ENV="production", KILN_ALLOW_INSECURE="1")
-    log = open(tmp_path / "web.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "web", "--port", str(web_port), "--workers", "1"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = WebProcess(env, tmp_path / "web.log", port=web_port).wait_ready()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if _status(f"http://127.0.0.1:{web_port}/healthz") == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-        assert _status(f"http://127.0.0.1:{metrics_port}/metrics") == 200, (tmp_path / "web.log").read_text()
+        assert _status(f"http://127.0.0.1:{metrics_port}/metrics") == 200, server.log()
         assert _status(f"http://127.0.0.1:{web_port}/metrics") == 404
         assert _status(f"http://127.0.0.1:{metrics_port}/healthz") == 404
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        server.stop()

@@ -9,10 +9,6 @@ not the caller (valid but harmless data; no operation is skipped).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 
 import pytest
@@ -27,9 +23,8 @@ from schemathesis.specs.openapi.checks import (
 
 from app.accounts import create_user
 from app.db import session_scope
-from app.embedded import free_port
 from app.migrate import upgrade
-from tests.conftest import ROOT, settings_env
+from tests.conftest import WebProcess, settings_env
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 EXAMPLES_PER_ROLE = 5  # per operation; derandomized, so every run sends the same requests
@@ -54,29 +49,9 @@ def contract_server(settings, tmp_path_factory):
     env.update(KILN_DATABASE_URL=database_url, KILN_STORAGE_ROOT=str(home / "storage"),
                KILN_REDIS_URL=settings.redis_url.rsplit("/", 1)[0] + "/11",  # no worker consumes it
                KILN_MAX_INLINE_WAIT_SECONDS="1", KILN_INLINE_WAIT_SECONDS="0.5", KILN_LOG_FOLLOW_MAX_SECONDS="2")
-    port = free_port()
-    log_path = home / "web.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "web", "--port", str(port), "--workers", "2"],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=5)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    raise RuntimeError(log_path.read_text(errors="replace")) from None
-                time.sleep(0.3)
-        yield url, tokens, log_path
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    server = WebProcess(env, home / "web.log", workers=2).wait_ready()
+    yield server.url, tokens, server.log_path
+    server.stop()
 
 
 def test_every_operation_conforms_for_every_role(contract_server):

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
 
 import psutil
@@ -16,8 +13,7 @@ import pytest
 
 from app.accounts import create_user
 from app.db import session_scope
-from app.embedded import free_port
-from tests.conftest import ROOT, settings_env
+from tests.conftest import WebProcess, settings_env
 
 UPLOAD_BYTES = 300 * 1024 * 1024
 # The web process may grow by this much at most while it takes the upload (it would grow by the
@@ -28,28 +24,10 @@ RSS_GROWTH_BOUND = 100 * 1024 * 1024
 @pytest.fixture
 def web(settings, tmp_path):
     """A real ``kiln web`` subprocess whose upload limit admits the test file; yields (port, process)."""
-    port = free_port()
     env = settings_env(settings) | {"KILN_MAX_UPLOAD_BYTES": str(UPLOAD_BYTES + 1024 * 1024)}
-    log = open(tmp_path / "web.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "web", "--port", str(port), "--workers", "1"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp_path / "web.log").read_text(errors="replace")) from None
-            time.sleep(0.3)
-    yield port, proc
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    server = WebProcess(env, tmp_path / "web.log").wait_ready()
+    yield server.port, server.proc
+    server.stop()
 
 
 def tree_rss(pid: int) -> int:
