@@ -74,7 +74,8 @@ def _claim_queued(lead_id: int, model_version_id: int, limit: int, worker: str, 
             .order_by(Job.id).limit(limit * 2)
         ).all()
     # Batch-file predictions run on their own, in chunks; embedding requests give vectors, not predictions.
-    rows = [r for r in rows if isinstance(r.spec, dict) and not r.spec.get("dataset")
+    # Text generation (a prompt) runs alone too, token by token.
+    rows = [r for r in rows if isinstance(r.spec, dict) and not r.spec.get("dataset") and r.spec.get("prompt") is None
             and r.spec.get("output", "prediction") == "prediction"][:limit]
     if not rows:
         return []
