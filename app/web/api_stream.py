@@ -19,6 +19,7 @@ from app import generation_stream
 from app.db import session_scope
 from app.jobs import service
 from app.jobs.states import TERMINAL
+from app.models import User
 from app.web.api import api
 from app.web.auth import current_user
 from app.web.context import close_session, db, settings
@@ -34,9 +35,9 @@ def _event(name: str, data: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _state(cfg, user, job_id: int) -> str:
+def _state(cfg, user_id: int, job_id: int) -> str:
     with session_scope(cfg.database_url) as session:
-        return service.read_job(session=session, user=user, job_id=job_id).state
+        return service.read_job(session=session, user=session.get(User, user_id), job_id=job_id).state
 
 
 @api.get("/jobs/<int:job_id>/stream")
@@ -44,6 +45,7 @@ def stream_job(job_id: int):
     """The job's generated text as Server-Sent Events (``start``, ``token``, ``end``); 404 for another's job."""
     user = current_user()
     state = service.read_job(session=db(), user=user, job_id=job_id).state
+    user_id = user.id
     close_session()  # nothing below holds a connection while it waits on Redis
     cfg = settings()
 
@@ -76,7 +78,7 @@ def stream_job(job_id: int):
                 yield ": keep-alive\n\n"
             if done or now_state in TERMINAL or time.monotonic() - checked >= STATE_CHECK_SECONDS:
                 checked = time.monotonic()
-                now_state = _state(cfg, user, job_id)
+                now_state = _state(cfg, user_id, job_id)
                 if now_state in TERMINAL:
                     # A last read: pieces written just before the finish are relayed before the end.
                     for entry_id, fields in generation_stream.read(cfg, job_id, last_id, 1) if not done else []:
