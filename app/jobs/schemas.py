@@ -151,7 +151,7 @@ ModelConfig = Annotated[
           CausalLMConfig, Seq2SeqConfig],
     Field(discriminator="arch"),
 ]
-ARCHITECTURES = ("mlp", "rnn", "lstm", "gru", "transformer", "cnn1d", "cnn2d", "pretrained", "causal_lm", "seq2seq")
+ARCHITECTURES = ("mlp", "rnn", "lstm", "gru", "transformer", "cnn1d", "cnn2d", "causal_lm", "seq2seq", "pretrained")
 GENERATIVE_ARCHITECTURES = ("causal_lm", "seq2seq")
 SEQUENCE_ARCHITECTURES = ("rnn", "lstm", "gru", "transformer", "cnn1d")
 
