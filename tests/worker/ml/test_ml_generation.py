@@ -29,8 +29,8 @@ SYMBOLS = "abcdefgh"
 
 @pytest.fixture(scope="module")
 def lm(fake_hooks, spec_for):
-    """A small character-level LM trained for 4 epochs on builtin:fortunes: (spec, hooks, result)."""
-    spec = spec_for("causal_lm", "builtin:fortunes", model=LM, epochs=4, batch_size=32, learning_rate=3e-3,
+    """A small character-level LM trained for 10 epochs on builtin:fortunes: (spec, hooks, result)."""
+    spec = spec_for("causal_lm", "builtin:fortunes", model=LM, epochs=10, batch_size=32, learning_rate=3e-3,
                      log_every_steps=5)
     hooks = fake_hooks()
     result = train(spec, hooks=hooks)
@@ -161,9 +161,9 @@ def test_seq2seq_learns_to_reverse_sequences(tmp_path, spec_for, fake_hooks):
     pd.DataFrame(pairs, columns=["source", "target"]).to_csv(path, index=False)
     spec = spec_for("seq2seq", "dataset:1",
                     model={"d_model": 64, "nhead": 4, "num_encoder_layers": 2, "num_decoder_layers": 2,
-                           "dim_feedforward": 128, "dropout": 0.0, "max_source_tokens": 8, "max_target_tokens": 8},
+                           "dim_feedforward": 128, "dropout": 0.0, "max_source_tokens": 6, "max_target_tokens": 6},
                     data={"task": "sequence_to_sequence", "text_column": "source", "target": "target"},
-                    epochs=8, batch_size=64, learning_rate=2e-3)
+                    epochs=8, batch_size=64, learning_rate=2e-3, scheduler="cosine")
     hooks = fake_hooks()
     result = train(spec, hooks=hooks, dataset_file=path, dataset_format="csv")
     assert {"val_loss", "val_perplexity", "val_exact_match"} <= set(hooks.scope("epoch")[-1][2])
