@@ -81,8 +81,11 @@ def stream_job(job_id: int):
                 now_state = _state(cfg, user_id, job_id)
                 if now_state in TERMINAL:
                     # A last read: pieces written just before the finish are relayed before the end.
-                    for entry_id, fields in generation_stream.read(cfg, job_id, last_id, 1) if not done else []:
-                        last_id = entry_id
+                    try:
+                        rest = [] if done else generation_stream.read(cfg, job_id, last_id, 1)
+                    except redis.RedisError:
+                        rest = []
+                    for _, fields in rest:
                         if fields.pop("type", "") == "text":
                             yield _event("token", {k: int(v) if k in ("attempt", "index") else v
                                                    for k, v in fields.items()})
