@@ -7,13 +7,18 @@ worker's loaders (``worker.ml.datasets``) must agree with it (a test checks both
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 FORECASTING = "forecasting"
 TEXT_CLASSIFICATION = "text_classification"
 IMAGE_CLASSIFICATION = "image_classification"
-TASKS = (CLASSIFICATION, REGRESSION, FORECASTING, TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION)
+LANGUAGE_MODELING = "language_modeling"
+SEQUENCE_TO_SEQUENCE = "sequence_to_sequence"
+# Tasks whose model writes text (generation); every other task reads rows into one output each.
+GENERATIVE_TASKS = (LANGUAGE_MODELING, SEQUENCE_TO_SEQUENCE)
+TASKS = (CLASSIFICATION, REGRESSION, FORECASTING, TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION, *GENERATIVE_TASKS)
 # Tasks whose model outputs class scores (cross-entropy, accuracy and F1).
 CLASSIFYING_TASKS = (CLASSIFICATION, TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION)
 
@@ -37,6 +42,13 @@ class BuiltinDataset:
     # Image datasets: (channels, height, width) as stored.
     image_shape: tuple[int, int, int] | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    # A corpus read from a system package's files (never imported): the file, and the Debian package.
+    corpus_file: str | None = None
+    package: str | None = None
+
+    def available(self) -> bool:
+        """Whether the data is present where Kiln runs (a packaged corpus may not be installed)."""
+        return self.corpus_file is None or Path(self.corpus_file).is_file()
 
 
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
@@ -78,6 +90,11 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         BuiltinDataset(
             "sine", FORECASTING, "synthetic", "A noisy sine wave (seeded, 2000 points)",
             num_rows=2000, columns=("value",), target="value", num_features=1, default_window=16,
+        ),
+        BuiltinDataset(
+            "fortunes", LANGUAGE_MODELING, "Debian package fortunes",
+            "The 'fortunes' file of fortune-mod: 431 short quotations as one text column (for causal_lm)",
+            num_rows=431, columns=("text",), corpus_file="/usr/share/games/fortunes/fortunes", package="fortunes",
         ),
     )
 }

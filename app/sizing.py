@@ -82,6 +82,8 @@ def estimate(spec: TrainSpec, *, num_features: int, num_outputs: int, sequence_s
              ) -> SizeEstimate:
     """The size of ``spec``'s model for data of ``num_features`` inputs and ``num_outputs`` outputs."""
     model, ds, batch = spec.model, spec.dataset, spec.hyperparameters.batch_size
+    if model.arch in ("causal_lm", "seq2seq"):
+        return _generator(model, batch)
     if model.arch == "pretrained":
         entry = pretrained.get(model.base)
         parameters = entry.parameters + _linear(entry.hidden_size, num_outputs)
@@ -100,4 +102,23 @@ def estimate(spec: TrainSpec, *, num_features: int, num_outputs: int, sequence_s
     parameters, width, layers = _own_model(model, steps=steps, per_step=per_step, outputs=num_outputs,
                                            vocab=ds.vocab_size if text else 0)
     activations = batch * steps * width * layers * 4 * ACTIVATION_FACTOR
+    return SizeEstimate(parameters, BYTES_PER_PARAMETER * parameters, activations)
+
+
+def _generator(model, batch: int) -> SizeEstimate:
+    """A text generator's size: embedding, transformer blocks, vocabulary head and per-token logits."""
+    d, ff = model.d_model, model.dim_feedforward
+    # Character and word vocabularies are known only once the text is read; 256 and 4096 bound the usual ones.
+    vocab = (model.vocab_size if model.tokenizer == "bpe" else 256) if model.arch == "causal_lm" else 4096
+    block = 4 * d * d + 4 * d + _linear(d, ff) + _linear(ff, d) + 4 * d
+    if model.arch == "causal_lm":
+        layers, tokens = model.num_layers, model.block_size
+        parameters = vocab * d + model.block_size * d + layers * block + 2 * d
+        parameters += 0 if model.tie_weights else vocab * d
+    else:
+        layers, tokens = model.num_encoder_layers + model.num_decoder_layers, model.max_source_tokens + model.max_target_tokens
+        # A decoder layer adds cross-attention (one more attention block's worth).
+        parameters = vocab * d + tokens * d + layers * block + model.num_decoder_layers * (4 * d * d + 6 * d)
+        parameters += _linear(d, vocab) + 4 * d
+    activations = batch * tokens * (max(d, ff) * layers * ACTIVATION_FACTOR + vocab) * 4
     return SizeEstimate(parameters, BYTES_PER_PARAMETER * parameters, activations)

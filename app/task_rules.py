@@ -11,7 +11,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from app.catalog import CLASSIFICATION, FORECASTING, IMAGE_CLASSIFICATION, REGRESSION, TASKS, TEXT_CLASSIFICATION
+from app.catalog import (
+    CLASSIFICATION, FORECASTING, GENERATIVE_TASKS, IMAGE_CLASSIFICATION, LANGUAGE_MODELING, REGRESSION,
+    SEQUENCE_TO_SEQUENCE, TASKS, TEXT_CLASSIFICATION,
+)
 
 # An integer target with at most this many distinct values is read as class labels.
 MAX_INFERRED_CLASSES = 20
@@ -23,9 +26,10 @@ DEFAULT_IMAGE_SIZE = 32
 # Which architectures serve which tasks. Images go to the 2-D CNN, or to the MLP, which reads
 # the pixels flattened; sequence models have no reading of an image, and the 2-D CNN has none
 # of a table, a window or a text.
-_NON_IMAGE_TASKS = tuple(t for t in TASKS if t != IMAGE_CLASSIFICATION)
+_READING_TASKS = tuple(t for t in TASKS if t not in GENERATIVE_TASKS)
+_NON_IMAGE_TASKS = tuple(t for t in _READING_TASKS if t != IMAGE_CLASSIFICATION)
 ARCHITECTURE_TASKS: dict[str, tuple[str, ...]] = {
-    "mlp": TASKS,
+    "mlp": _READING_TASKS,
     "rnn": _NON_IMAGE_TASKS,
     "lstm": _NON_IMAGE_TASKS,
     "gru": _NON_IMAGE_TASKS,
@@ -35,6 +39,10 @@ ARCHITECTURE_TASKS: dict[str, tuple[str, ...]] = {
     # Fine-tuned catalog models read a text column: a class (or a number, with a regression head)
     # per text. Which head a catalog entry supports is checked against the catalog at submit.
     "pretrained": (TEXT_CLASSIFICATION, CLASSIFICATION, REGRESSION),
+    # Text generators: a decoder-only transformer continues a text column; an encoder-decoder
+    # writes a target text for a source text. Neither reads tables, windows or images.
+    "causal_lm": (LANGUAGE_MODELING,),
+    "seq2seq": (SEQUENCE_TO_SEQUENCE,),
 }
 
 

@@ -73,8 +73,9 @@ def _claim_queued(lead_id: int, model_version_id: int, limit: int, worker: str, 
                    or_(Job.not_before.is_(None), Job.not_before <= now))
             .order_by(Job.id).limit(limit * 2)
         ).all()
-    # Batch-file predictions run on their own, in chunks; embeddings and explained predictions alone.
-    rows = [r for r in rows if isinstance(r.spec, dict) and not r.spec.get("dataset")
+    # Batch-file predictions run on their own, in chunks; embeddings, explained predictions and text
+    # generation (a prompt, token by token) run alone.
+    rows = [r for r in rows if isinstance(r.spec, dict) and not r.spec.get("dataset") and r.spec.get("prompt") is None
             and r.spec.get("output", "prediction") == "prediction" and not r.spec.get("explain")][:limit]
     if not rows:
         return []

@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from app import finish_signal, storage
+from app.catalog import GENERATIVE_TASKS
 from app.db import session_scope
 from app.jobs import attempts, recovery, states
 from app.jobs.errors import JobFailure, JobTimeout, SpecError, StaleAttempt, UserError
@@ -20,7 +21,7 @@ from app.jobs.schemas import PredictSpec, TrainSpec, parse_spec
 from app.logs import bind_job
 from app.models import Checkpoint, Dataset, Job, ModelVersion, utcnow
 from app.settings import Settings
-from worker import batch_files, failpoints, micro_batch
+from worker import batch_files, failpoints, generation_job, micro_batch
 from worker.recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class _Prepared:
     dataset_format: str | None = None
     model: tuple[str, str, str] | None = None  # prediction: model ref, checkpoint path, its sha256
     model_version_id: int | None = None  # prediction: the version other queued predictions batch with
+    model_task: str | None = None  # prediction: the model's task (text generators run alone)
     worker: str = "worker"
     batch_file: object | None = None  # batch-file prediction: a worker.batch_files.Plan
 
@@ -127,6 +129,7 @@ def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
                     raise UserError(f"the model {prepared.spec.model!r} was deleted")
                 prepared.model = (f"{model.name}@{model.version}", ckpt.path, ckpt.sha256)
                 prepared.model_version_id = model.id
+                prepared.model_task = model.task
                 if prepared.spec.dataset is not None:
                     batch_files.locate(session, job, prepared, settings)
                 return prepared
@@ -333,6 +336,9 @@ def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, setting
         return batch_files.run(spec, prepared, recorder, settings, load=load)
     if spec.output == "embedding" or spec.explanation is not None:
         return _alone(spec, prepared, recorder, settings, load=load)
+    if prepared.model_task in GENERATIVE_TASKS:  # token by token, streamed: never in a micro-batch
+        return generation_job.run(spec, prepared, recorder, settings, load=load,
+                                  stopped=lambda reason: _stopped(recorder.job_id, recorder, reason))
     # Other queued predictions of the same model version join this one's forward pass, each
     # claimed and finished with its own token. A model served recently is in the process's cache
     # under its checkpoint's sha256: no file read, hash or parse.

@@ -109,11 +109,51 @@ class PretrainedConfig(Strict):
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="dropout before the head")
 
 
+class _TextTransformer(Strict):
+    """Widths shared by the text generators (pre-norm transformer blocks)."""
+
+    d_model: int = Field(default=128, ge=8, le=4096)
+    nhead: int = Field(default=4, ge=1, le=64)
+    dim_feedforward: int = Field(default=512, ge=8, le=16384)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.nhead:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by nhead ({self.nhead})")
+        return self
+
+
+class CausalLMConfig(_TextTransformer):
+    """A decoder-only transformer language model over a text column (task language_modeling)."""
+
+    arch: Literal["causal_lm"]
+    num_layers: int = Field(default=4, ge=1, le=48)
+    block_size: int = Field(default=128, ge=4, le=4096, description="context length in tokens; training windows are this long")
+    positional: Literal["learned", "rotary"] = Field(default="learned", description="learned position table, or rotary (RoPE)")
+    tokenizer: Literal["char", "bpe"] = Field(default="char", description="characters, or byte-level BPE trained on the training split")
+    vocab_size: int = Field(default=1024, ge=64, le=65536, description="BPE vocabulary size (bpe only)")
+    tie_weights: bool = Field(default=True, description="the output layer shares the token embedding")
+
+
+class Seq2SeqConfig(_TextTransformer):
+    """An encoder-decoder transformer that writes dataset.target's text for dataset.text_column's text."""
+
+    arch: Literal["seq2seq"]
+    num_encoder_layers: int = Field(default=2, ge=1, le=24)
+    num_decoder_layers: int = Field(default=2, ge=1, le=24)
+    tokenizer: Literal["word", "char"] = Field(default="word", description="whitespace-separated words, or characters")
+    max_source_tokens: int = Field(default=64, ge=1, le=2048)
+    max_target_tokens: int = Field(default=64, ge=1, le=2048)
+
+
 ModelConfig = Annotated[
-    Union[MLPConfig, RecurrentConfig, TransformerConfig, CNN1DConfig, CNN2DConfig, PretrainedConfig],
+    Union[MLPConfig, RecurrentConfig, TransformerConfig, CNN1DConfig, CNN2DConfig, PretrainedConfig,
+          CausalLMConfig, Seq2SeqConfig],
     Field(discriminator="arch"),
 ]
-ARCHITECTURES = ("mlp", "rnn", "lstm", "gru", "transformer", "cnn1d", "cnn2d", "pretrained")
+ARCHITECTURES = ("mlp", "rnn", "lstm", "gru", "transformer", "cnn1d", "cnn2d", "causal_lm", "seq2seq", "pretrained")
+GENERATIVE_ARCHITECTURES = ("causal_lm", "seq2seq")
 SEQUENCE_ARCHITECTURES = ("rnn", "lstm", "gru", "transformer", "cnn1d")
 
 
@@ -149,7 +189,8 @@ class DatasetRef(Strict):
     features: list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=4096)
     text_column: str | None = Field(default=None, max_length=200)
     image_column: str | None = Field(default=None, max_length=200, description="Parquet column of encoded images")
-    task: Literal["classification", "regression", "forecasting", "text_classification", "image_classification"] | None = None
+    task: Literal["classification", "regression", "forecasting", "text_classification", "image_classification",
+                  "language_modeling", "sequence_to_sequence"] | None = None
     window: int | None = Field(default=None, ge=1, le=4096)
     horizon: int = Field(default=1, ge=1, le=512)
     max_tokens: int = Field(default=64, ge=1, le=4096)
@@ -178,7 +219,8 @@ class EarlyStopping(Strict):
     """Stop when ``metric`` has not improved for ``patience`` epochs."""
 
     metric: Literal[
-        "train_loss", "val_loss", "val_accuracy", "val_f1", "val_rmse", "val_mae", "val_r2"
+        "train_loss", "val_loss", "val_accuracy", "val_f1", "val_rmse", "val_mae", "val_r2",
+        "val_perplexity", "val_exact_match",
     ] = "val_loss"
     mode: Literal["min", "max"] | None = None
     patience: int = Field(default=5, ge=1, le=10000)
@@ -332,6 +374,15 @@ class PredictSpec(AttemptRuntime):
     compare_with: list[Annotated[str, Field(max_length=100_000)]] | None = Field(
         default=None, min_length=1, max_length=10000,
         description="texts whose cosine similarity to each input is returned (output: embedding)")
+    prompt: str | None = Field(default=None, max_length=100_000, description="text generation: one prompt (or a list in inputs)")
+    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="text generation: tokens to write at most")
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0, description="text generation: 0 is greedy")
+    top_k: int | None = Field(default=None, ge=1, le=100_000, description="text generation: sample among the k likeliest")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="text generation: nucleus sampling mass")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="text generation: same seed, same text")
+    stop: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, max_length=16, description="text generation: strings that end the text (not included)")
+    beam_size: int = Field(default=1, ge=1, le=16, description="seq2seq: beams (1 is greedy)")
     priority: Literal["low", "normal", "high"] = "normal"
     max_attempt_runtime_s: int = Field(
         default=600, ge=1, le=86400,
@@ -358,8 +409,8 @@ class PredictSpec(AttemptRuntime):
 
     @model_validator(mode="after")
     def _one_source(self) -> "PredictSpec":
-        if (self.inputs is None) == (self.dataset is None):
-            raise ValueError("give exactly one of inputs (rows) or dataset (dataset:<id>)")
+        if sum(source is not None for source in (self.inputs, self.dataset, self.prompt)) != 1:
+            raise ValueError("give exactly one of inputs (rows), prompt (text generation) or dataset (dataset:<id>)")
         return self
 
     @field_validator("inputs")
@@ -379,7 +430,7 @@ class PredictSpec(AttemptRuntime):
 
     @model_validator(mode="after")
     def _explained_inputs_bounded(self) -> "PredictSpec":
-        if self.explanation is not None and len(self.inputs) > MAX_EXPLAINED_INPUTS:
+        if self.explanation is not None and len(self.inputs or ()) > MAX_EXPLAINED_INPUTS:
             raise ValueError(f"explain takes at most {MAX_EXPLAINED_INPUTS} inputs per job "
                              f"(integrated gradients cost steps x inputs forward passes); got {len(self.inputs)}")
         return self
@@ -391,6 +442,13 @@ class PredictSpec(AttemptRuntime):
             return ExplainConfig()
         return self.explain or None
 
+    def prompts(self) -> list[str]:
+        """The texts a generation job continues: ``prompt``, else ``inputs``."""
+        return [self.prompt] if self.prompt is not None else list(self.inputs or [])
+
+
+# Predict fields that only text generation reads (a classifier refuses them at submit).
+GENERATION_FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "beam_size")
 
 JobSpec = Annotated[Union[TrainSpec, PredictSpec], Field(discriminator="kind")]
 _adapter: TypeAdapter[TrainSpec | PredictSpec] = TypeAdapter(JobSpec)

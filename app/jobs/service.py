@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from app import catalog, images, model_registry, pretrained, sizing, task_rules, webhook_security
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
-from app.jobs.schemas import ARCHITECTURES, DatasetRef, PredictSpec, TrainSpec
+from app.jobs.schemas import ARCHITECTURES, GENERATION_FIELDS, DatasetRef, PredictSpec, TrainSpec
 from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
 
@@ -188,6 +188,11 @@ def _check_builtin(ds: DatasetRef) -> str:
         known = ", ".join(f"builtin:{n}" for n in catalog.BUILTIN_DATASETS)
         raise SpecError.at("dataset.id", f"unknown dataset {ds.id!r}; built-in datasets are {known}")
     task = ds.task or meta.task
+    if not meta.available():
+        raise SpecError.at("dataset.id", f"{ds.id} reads {meta.corpus_file}, which is not installed: it ships in the "
+                                         f"Debian package {meta.package!r} (apt-get install {meta.package})")
+    if task in catalog.GENERATIVE_TASKS or meta.task in catalog.GENERATIVE_TASKS:
+        return _check_text_generation(ds, task, set(meta.columns), meta.task)
     columns = set(meta.columns) | ({meta.target} if meta.target else set())
     if ds.target is not None and meta.target is not None and ds.target not in columns:
         raise SpecError.at("dataset.target", f"{ds.target!r} is not a column of {ds.id} (target is {meta.target!r})")
@@ -249,6 +254,27 @@ def _check_images_upload(dataset: Dataset, ds: DatasetRef, columns: dict) -> str
     return task
 
 
+def _check_text_generation(ds: DatasetRef, task: str, columns: set[str], own_task: str | None) -> str:
+    """A language-modeling (text column) or sequence-to-sequence (text_column -> target) dataset reference."""
+    if own_task is not None and task != own_task:
+        raise SpecError.at("dataset.task", f"{ds.id} is a {own_task} dataset, not {task}")
+    for field, value in (("window", ds.window), ("features", ds.features), ("image_column", ds.image_column)):
+        if value is not None:
+            raise SpecError.at(f"dataset.{field}", f"{task} reads text columns only; drop dataset.{field}")
+    text = ds.text_column or ("text" if task == catalog.LANGUAGE_MODELING else "source")
+    if text not in columns:
+        raise SpecError.at("dataset.text_column", f"{text!r} is not a column of {ds.id} (columns: {', '.join(sorted(columns))})")
+    if task == catalog.LANGUAGE_MODELING and ds.target is not None:
+        raise SpecError.at("dataset.target", "language modeling predicts the text itself; drop dataset.target")
+    if task == catalog.SEQUENCE_TO_SEQUENCE:
+        target = ds.target or "target"
+        if target not in columns:
+            raise SpecError.at("dataset.target", f"{target!r} is not a column of {ds.id} (the target text column)")
+        if target == text:
+            raise SpecError.at("dataset.target", "the target text column must differ from the source (text_column)")
+    return task
+
+
 def _check_upload(session: Session, user: User, ds: DatasetRef) -> str:
     """Check a spec's use of an uploaded dataset against its stored schema; returns the task."""
     dataset = session.execute(
@@ -257,6 +283,10 @@ def _check_upload(session: Session, user: User, ds: DatasetRef) -> str:
     if dataset is None:
         raise SpecError.at("dataset.id", f"no dataset {ds.id!r}")
     columns = {c["name"]: c for c in dataset.schema.get("columns", [])}
+    if ds.task in catalog.GENERATIVE_TASKS:
+        if dataset.format == "zip":
+            raise SpecError.at("dataset.id", f"{ds.id} holds images; {ds.task} reads text columns")
+        return _check_text_generation(ds, ds.task, set(columns), None)
     if dataset.format == "zip" or ds.image_column is not None or ds.task == catalog.IMAGE_CLASSIFICATION:
         return _check_images_upload(dataset, ds, columns)
     for field, name in (("dataset.target", ds.target), ("dataset.text_column", ds.text_column)):
@@ -385,10 +415,36 @@ def _check_predict_dataset(session: Session, user: User, spec: PredictSpec, mode
 
 
 # Which explanation methods each architecture supports (decided from the version's row: no torch here).
-# Explanations of images (cnn2d) and of fine-tuned catalog models are not built yet: a 422 says so.
-EXPLAIN_METHODS = {arch: ("integrated_gradients",) for arch in ARCHITECTURES if arch not in ("cnn2d", "pretrained")} | {
+# Explanations of images (cnn2d), of fine-tuned catalog models and of text generators are not built
+# yet: a 422 says so.
+_UNEXPLAINED = ("cnn2d", "pretrained", "causal_lm", "seq2seq")
+EXPLAIN_METHODS = {arch: ("integrated_gradients",) for arch in ARCHITECTURES if arch not in _UNEXPLAINED} | {
     "transformer": ("integrated_gradients", "attention"),
 }
+
+
+def _check_generation(spec: PredictSpec, model: ModelVersion) -> ModelVersion:
+    """A prediction of a text generator: prompts as strings, and only the settings its kind of model reads."""
+    ref = f"{model.name}@{model.version}"
+    if model.task not in catalog.GENERATIVE_TASKS:
+        given = sorted(spec.model_fields_set & set(GENERATION_FIELDS))
+        raise SpecError.at(given[0], f"{', '.join(given)} apply to text generators (causal_lm, seq2seq); "
+                                     f"model {ref} is a {model.arch}")
+    if spec.dataset is not None:
+        raise SpecError.at("dataset", f"model {ref} writes text: give prompt or inputs (a list of prompts), not a dataset")
+    if spec.output != "prediction":
+        raise SpecError.at("output", f"model {ref} writes text; it gives no embeddings")
+    for i, row in enumerate(spec.inputs or []):
+        if not isinstance(row, str):
+            raise SpecError.at(f"inputs[{i}]", "a text generator takes a string per input (a prompt)")
+    if model.arch == "seq2seq":
+        sampling = sorted(spec.model_fields_set & {"temperature", "top_k", "top_p", "seed", "stop"})
+        if sampling:
+            raise SpecError.at(sampling[0], "a seq2seq model decodes greedily or by beam search (beam_size); "
+                                            f"{', '.join(sampling)} apply to causal_lm models")
+    elif spec.beam_size != 1:
+        raise SpecError.at("beam_size", "beam_size applies to seq2seq models; a causal_lm samples (temperature 0 is greedy)")
+    return model
 
 
 def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVersion | None:
@@ -398,6 +454,8 @@ def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVers
             raise SpecError.at("dataset", "a catalog model embeds the texts in inputs; it does not predict over a dataset")
         if spec.explanation is not None:
             raise SpecError.at("explain", "a catalog model gives embeddings, which have no explanation")
+        if spec.prompt is not None:
+            raise SpecError.at("prompt", "a catalog model embeds the texts in inputs; it does not generate text")
         for i, row in enumerate(spec.inputs):
             if not isinstance(row, str):
                 raise SpecError.at(f"inputs[{i}]", "a pretrained model embeds text: give a string per input")
@@ -410,6 +468,8 @@ def _check_predict(session: Session, user: User, spec: PredictSpec) -> ModelVers
         raise SpecError.at("explain.method", f"model {ref} is a {model.arch}, which cannot explain with "
                                              f"{explanation.method!r} (supported: {supported}); attention maps "
                                              "exist only for transformers")
+    if model.task in catalog.GENERATIVE_TASKS or spec.model_fields_set & set(GENERATION_FIELDS):
+        return _check_generation(spec, model)
     if spec.dataset is not None:
         if spec.output == "embedding":
             raise SpecError.at("output", "a prediction over a dataset gives predictions, not embeddings")

@@ -109,6 +109,7 @@ def register_blueprints(app: Flask) -> None:
     from app.web import api_webhooks  # noqa: F401 - likewise
     from app.web import api_predict  # noqa: F401 - likewise: inline predictions and prediction files
     from app.web import api_models  # noqa: F401 - the model registry's routes, on `api` too
+    from app.web import api_stream  # noqa: F401 - likewise: Server-Sent Events of generated text
     from app.web.health import health
     from app.web.metrics import metrics
     from app.web.openapi import openapi

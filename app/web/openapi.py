@@ -144,6 +144,11 @@ ROUTES: dict[tuple[str, str], Op] = {
         query=(q("tail", {"type": "integer", "minimum": 1, "maximum": 10000}, "keep the last N lines"),
                q("follow", FLAG, "stream new lines as Server-Sent Events until the job ends")),
         cookie=True),
+    ("GET", "/jobs/<int:job_id>/stream"): Op(
+        "A text generation job's output as Server-Sent Events (start, token, end)",
+        {200: Answer("the event stream; ends with an end event when the job ends",
+                     {"type": "string"}, media="text/event-stream")},
+        cookie=True),
     ("GET", "/jobs/<int:job_id>/output"): Op(
         "A batch-file prediction's JSON Lines output",
         {200: Answer("one JSON line per input row", {"type": "string"}, media="application/x-ndjson",

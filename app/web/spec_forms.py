@@ -21,7 +21,8 @@ from werkzeug.datastructures import MultiDict
 
 from app.jobs.errors import SpecError
 from app.jobs.schemas import (
-    ARCHITECTURES, CNN1DConfig, CNN2DConfig, MLPConfig, PredictSpec, RecurrentConfig, TrainSpec, TransformerConfig,
+    ARCHITECTURES, GENERATION_FIELDS, CNN1DConfig, CNN2DConfig, CausalLMConfig, MLPConfig, PredictSpec, RecurrentConfig, Seq2SeqConfig,
+    TrainSpec, TransformerConfig,
 )
 
 # ``webhook`` stays API-only: it needs a signing secret, which the API hands out (docs/api.md).
@@ -30,6 +31,7 @@ API_ONLY = ("kind", "webhook")
 ARCH_CONFIGS: dict[str, type[BaseModel]] = {
     "mlp": MLPConfig, "rnn": RecurrentConfig, "lstm": RecurrentConfig, "gru": RecurrentConfig,
     "transformer": TransformerConfig, "cnn1d": CNN1DConfig, "cnn2d": CNN2DConfig,
+    "causal_lm": CausalLMConfig, "seq2seq": Seq2SeqConfig,
 }
 
 # One line of help where the schema's Field has no description (a description, when there is one, wins).
@@ -249,7 +251,8 @@ def train_fields(arch: str) -> list[FormField]:
 def predict_fields() -> list[FormField]:
     """The prediction form's fields."""
     # Embeddings (``output``, ``compare_with``) are API-only for now: the results table shows classes and values.
-    return fields_of(PredictSpec, skip=API_ONLY + ("output", "compare_with"))
+    # Text generation settings are API-only too; the job page streams a generation's text.
+    return fields_of(PredictSpec, skip=API_ONLY + ("output", "compare_with") + GENERATION_FIELDS)
 
 
 # --- values: what the inputs show ------------------------------------------------------------

@@ -6,7 +6,8 @@ Every architecture serves every task through the same three inputs:
 - ``sequence``: a forecasting window (steps, 1); the MLP flattens it;
 - ``tokens``: token ids, embedded; the MLP averages the embeddings of the real tokens;
 - ``image``: pixels (channels, height, width); the 2-D CNN reads them as they are, the MLP flat.
-Which architecture serves which task is ``app.task_rules.ARCHITECTURE_TASKS``.
+The text generators (``causal_lm``, ``seq2seq``) are whole networks of their own modules, registered
+with ``build_network``. Which architecture serves which task is ``app.task_rules.ARCHITECTURE_TASKS``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from app.jobs.schemas import CNN1DConfig, CNN2DConfig, MLPConfig, RecurrentConfig, TransformerConfig
+from app.jobs.schemas import (
+    CausalLMConfig, CNN1DConfig, CNN2DConfig, MLPConfig, RecurrentConfig, Seq2SeqConfig, TransformerConfig,
+)
 from app.task_rules import ARCHITECTURE_TASKS
+from worker.ml.causal_lm import CausalLM
+from worker.ml.seq2seq import Seq2Seq
 from worker.ml.text import PAD_ID
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -258,6 +263,8 @@ class Architecture:
     embedding_dim: Callable[[object], int]
     # (config, (channels, height, width)): the body over images, for architectures that read them.
     build_image_body: Callable[[object, tuple[int, int, int]], nn.Module] | None = None
+    # (config, shape): a whole network with its own input and output (the text generators).
+    build_network: Callable[[object, "ModelShape"], nn.Module] | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -273,6 +280,12 @@ def _no_sequence_body(config, per_step: int, steps: int) -> nn.Module:
     raise ValueError(f"{config.arch} reads images only")
 
 
+def _generator(name: str, config_type: type, network: Callable[[object, int], nn.Module]) -> Architecture:
+    # A text generator has no body-and-head split: it reads tokens and writes logits per token.
+    return Architecture(name, config_type, _no_sequence_body, lambda c: c.d_model,
+                        build_network=lambda c, shape: network(c, shape.vocab_size))
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
@@ -286,6 +299,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("cnn1d", CNN1DConfig, lambda c, f, s: CNN1DBody(c, f), lambda c: c.channels[0]),
         Architecture("cnn2d", CNN2DConfig, _no_sequence_body, lambda c: c.channels[0],
                      lambda c, shape: CNN2DBody(c, shape)),
+        _generator("causal_lm", CausalLMConfig, CausalLM),
+        _generator("seq2seq", Seq2SeqConfig, Seq2Seq),
     )
 }
 
@@ -298,6 +313,8 @@ def build_model(config, shape: ModelShape) -> nn.Module:
 
         return build_network(config, shape.num_outputs)
     architecture = ARCHITECTURES[config.arch]
+    if architecture.build_network is not None:
+        return architecture.build_network(config, shape)
     if shape.input_kind == "image":
         if architecture.build_image_body is None or shape.image_shape is None:
             raise ValueError(f"{config.arch} does not read images")

@@ -5,7 +5,9 @@ Nothing is pickled, so reading a checkpoint cannot run code. Tensor names:
 ``optimizer.<param>.<name>`` (optimizer state), ``rng.torch`` / ``rng.cuda.<i>`` (generator
 states) and ``normalizer.{features,targets}.{mean,std}``. Header metadata keys: ``format``,
 ``signature``, ``spec``, ``training`` (position, best metric, early stopping), ``optimizer``
-(param groups and non-tensor state), ``scheduler`` (its state_dict) and ``vocabulary``.
+(param groups and non-tensor state), ``scheduler`` (its state_dict), ``vocabulary`` and ``tokenizer``
+(a text generator's character, word or BPE tokenizer as JSON; its sha256 is the signature's
+``tokenizer_sha256``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from worker.ml.preparation import Standardizer
 FORMAT = "kiln-checkpoint/1"
 # Header metadata that holds JSON, and whether every checkpoint has it.
 _JSON_METADATA = {"signature": True, "spec": True, "training": False, "optimizer": False, "scheduler": False,
-                  "vocabulary": False}
+                  "vocabulary": False, "tokenizer": False}
 
 
 class UnreadableCheckpoint(UserError):
@@ -47,6 +49,8 @@ class Checkpoint:
     best_model: dict[str, torch.Tensor] | None = None
     normalizer: dict[str, torch.Tensor] = field(default_factory=dict)
     vocabulary: list[str] | None = None
+    # A text generator's tokenizer as its JSON document (its sha256 is in the signature).
+    tokenizer: str | None = None
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,6 +84,8 @@ def encode(checkpoint: Checkpoint) -> bytes:
         metadata["scheduler"] = json.dumps(checkpoint.scheduler)
     if checkpoint.vocabulary is not None:
         metadata["vocabulary"] = json.dumps(checkpoint.vocabulary)
+    if checkpoint.tokenizer is not None:
+        metadata["tokenizer"] = checkpoint.tokenizer
     return save_tensors(tensors, metadata=metadata)
 
 
@@ -155,6 +161,7 @@ def decode(data: bytes) -> Checkpoint:
         best_model=groups.get("best_model"),
         normalizer=groups.get("normalizer", {}),
         vocabulary=json.loads(metadata["vocabulary"]) if "vocabulary" in metadata else None,
+        tokenizer=metadata.get("tokenizer"),
     )
 
 

@@ -186,6 +186,18 @@ def _sine() -> Table:
     return Table(frame=pd.DataFrame({"value": value}))
 
 
+def _fortunes() -> Table:
+    # Read from the Debian package's data file (never imported); one row per fortune, "%" lines between.
+    entry = BUILTIN_DATASETS["fortunes"]
+    try:
+        raw = Path(entry.corpus_file).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        raise UserError(f"builtin:fortunes needs the Debian package {entry.package!r} on the worker "
+                        f"(apt-get install {entry.package})") from None
+    texts = [part.strip() for part in raw.split("\n%\n")]
+    return Table(frame=pd.DataFrame({"text": [t for t in texts if t and t != "%"]}))
+
+
 _BUILTIN_LOADERS = {
     "digits": _digits,
     "digits_images": _digits_images,
@@ -196,4 +208,5 @@ _BUILTIN_LOADERS = {
     "sunspots": _sunspots,
     "co2": _co2,
     "sine": _sine,
+    "fortunes": _fortunes,
 }

@@ -11,9 +11,10 @@ from sklearn.metrics import f1_score, mean_absolute_error, r2_score, root_mean_s
 from torch import nn
 from torch.nn import functional as F
 
-from app.catalog import CLASSIFYING_TASKS
+from app.catalog import CLASSIFYING_TASKS, GENERATIVE_TASKS, LANGUAGE_MODELING, SEQUENCE_TO_SEQUENCE
 from worker.ml.devices import autocast_for
 from worker.ml.preparation import FORECASTING, REGRESSION, Standardizer
+from worker.ml.text_codecs import PAD_ID
 
 CLASSIFYING = CLASSIFYING_TASKS
 
@@ -21,6 +22,12 @@ CLASSIFYING = CLASSIFYING_TASKS
 def loss_sum(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed loss of a batch (cross-entropy, or squared error on standardised targets)."""
     outputs = outputs.float()
+    if task in GENERATIVE_TASKS:
+        # Mean cross-entropy over a row's real tokens (padding targets are 0 and ignored), summed over rows.
+        per_token = F.cross_entropy(outputs.transpose(1, 2), targets, reduction="none",
+                                    ignore_index=-100 if task == LANGUAGE_MODELING else PAD_ID)
+        counted = (targets != PAD_ID) if task != LANGUAGE_MODELING else torch.ones_like(targets, dtype=torch.bool)
+        return (per_token.sum(dim=1) / counted.sum(dim=1).clamp(min=1)).sum()
     if task in CLASSIFYING:
         return F.cross_entropy(outputs, targets, reduction="sum")
     if task == REGRESSION:
@@ -33,6 +40,9 @@ def monitorable_metrics(task: str, *, has_validation: bool) -> list[str]:
     """Epoch metrics that can pick the best checkpoint or drive early stopping."""
     if not has_validation:
         return ["train_loss"]
+    if task in GENERATIVE_TASKS:
+        extra = ["val_exact_match"] if task == SEQUENCE_TO_SEQUENCE else []
+        return ["train_loss", "val_loss", "val_perplexity", *extra]
     task_metrics = ("accuracy", "f1") if task in CLASSIFYING else ("rmse", "mae", "r2")
     return ["train_loss", "val_loss", *(f"val_{name}" for name in task_metrics)]
 
@@ -78,6 +88,8 @@ def evaluate(
     bf16: bool = False,
 ) -> dict[str, float]:
     """Loss and task metrics of ``model`` on (x, y); keys without a split prefix."""
+    if task in GENERATIVE_TASKS:
+        return _evaluate_generator(model, x, y, task=task, device=device, batch_size=batch_size, bf16=bf16)
     was_training = model.training
     model.eval()
     total, outputs = 0.0, []
@@ -105,4 +117,28 @@ def evaluate(
         last = x[:, -1, 0].numpy().astype(np.float64)[:, None].repeat(truth.shape[1], axis=1)
         metrics["naive_rmse"] = float(root_mean_squared_error(
             np.ravel(original_units(truth, targets)), np.ravel(original_units(last, targets))))
+    return metrics
+
+
+@torch.no_grad()
+def _evaluate_generator(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, task: str, device: torch.device,
+                        batch_size: int, bf16: bool) -> dict[str, float]:
+    """Per-token loss and perplexity (exp of the loss); seq2seq adds the greedy exact-match rate."""
+    was_training = model.training
+    model.eval()
+    total, matches = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size].to(device, non_blocking=True)
+        yb = y[start:start + batch_size].to(device, non_blocking=True)
+        with autocast_for(device, bf16):
+            total += float(loss_sum(task, model(xb), yb))
+        if task == SEQUENCE_TO_SEQUENCE:
+            from worker.ml.generation import greedy_targets
+
+            matches += int(greedy_targets(model, xb[:, :model.source_tokens]).eq(yb).all(dim=1).sum())
+    model.train(was_training)
+    loss = total / max(len(x), 1)
+    metrics = {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0)))}
+    if task == SEQUENCE_TO_SEQUENCE:
+        metrics["exact_match"] = matches / max(len(x), 1)
     return metrics

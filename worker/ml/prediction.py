@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 
 from app.jobs.errors import UserError
 from app.jobs.schemas import ModelConfig, PretrainedConfig
-from worker.ml import checkpoints, pretrained
+from worker.ml import checkpoints, pretrained, text_codecs
 from worker.ml.architectures import ModelShape, build_model
 from worker.ml.devices import out_of_memory, resolve_device
 from worker.ml.preparation import FORECASTING, REGRESSION, Standardizer
@@ -38,7 +38,7 @@ class LoadedModel:
     signature: dict
     features: Standardizer | None
     targets: Standardizer | None
-    tokenizer: Tokenizer | None
+    tokenizer: Tokenizer | object | None  # a text generator's codec (worker.ml.text_codecs)
     device: torch.device
 
 
@@ -77,6 +77,10 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
     network = build_model(config, ModelShape.from_signature(sig))
     load_weights(network, saved.model, "prediction")
     tokenizer = Tokenizer(saved.vocabulary, int(sig["max_tokens"])) if saved.vocabulary is not None else None
+    if sig.get("tokenizer_sha256"):  # a text generator: its codec, checked against the signature
+        if saved.tokenizer is None:
+            raise UserError("the checkpoint of this text generator has no tokenizer")
+        tokenizer = text_codecs.from_json(saved.tokenizer, sig["tokenizer_sha256"])
     if sig["input_kind"] == pretrained.INPUT_KIND:
         network.merge_adapters()
         tokenizer = pretrained.PretrainedTokenizer(config.base, int(sig["max_length"]))
@@ -243,6 +247,22 @@ def _predict(checkpoint, inputs: list, device: torch.device, digest: str | None,
         for prediction, explanation in zip(predictions, explaining.explain(loaded, batch, raw, **explain)):
             prediction["explanation"] = explanation
     return {"predictions": predictions}
+
+
+def generate(checkpoint: bytes | Callable[[], bytes], prompts: list, sampling, *, device: str = "cpu",
+             digest: str | None = None, on_text: Callable[[int, str], None] | None = None) -> dict:
+    """Text from a causal_lm or seq2seq checkpoint for each prompt (``worker.ml.generation``)."""
+    from worker.ml import generation
+
+    target = resolve_device(device)
+    try:
+        loaded = load_model(checkpoint, target, digest=digest)
+        if not loaded.signature.get("tokenizer_sha256"):
+            raise UserError("prompt and text generation need a causal_lm or seq2seq model")
+        return generation.generate(loaded, prompts, sampling, on_text=on_text)
+    except torch.cuda.OutOfMemoryError:
+        pass
+    raise out_of_memory(None, target)
 
 
 def _embeddings(loaded: LoadedModel, texts: list) -> torch.Tensor:

@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 
 from app.catalog import (
-    CLASSIFICATION, CLASSIFYING_TASKS, FORECASTING, IMAGE_CLASSIFICATION, REGRESSION, TEXT_CLASSIFICATION,
+    CLASSIFICATION, CLASSIFYING_TASKS, FORECASTING, GENERATIVE_TASKS, IMAGE_CLASSIFICATION, REGRESSION,
+    TEXT_CLASSIFICATION,
 )
 from app.jobs.errors import UserError
-from app.jobs.schemas import DatasetRef
+from app.jobs.schemas import GENERATIVE_ARCHITECTURES, DatasetRef
 from app.task_rules import describe_column, forecast_window, image_size, infer_task
 from worker.ml.datasets import Table, split_indices
 from worker.ml.text import Tokenizer
@@ -63,6 +64,8 @@ class PreparedData:
     tokenizer: Tokenizer | None = None
     # Images: (batch, indices, seed, epoch) -> the batch augmented (training batches only).
     augment: Callable | None = None
+    # Text generators: the character, word or BPE codec of ``worker.ml.text_codecs`` (saved in checkpoints).
+    codec: object | None = None
 
 
 def prepare(dataset: DatasetRef, table: Table, model=None) -> PreparedData:
@@ -73,6 +76,13 @@ def prepare(dataset: DatasetRef, table: Table, model=None) -> PreparedData:
         data.signature["rows"] = {name: int(len(y)) for name, (_, y) in data.splits.items()}
         return data
     task = _task_of(dataset, table)
+    if task in GENERATIVE_TASKS or getattr(model, "arch", None) in GENERATIVE_ARCHITECTURES:
+        from worker.ml.text_codecs import prepare_generative
+
+        data = prepare_generative(dataset, table, model, task)
+        data.signature.update(task=data.task, dataset=dataset.id, normalize=dataset.normalize)
+        data.signature["rows"] = {name: int(len(y)) for name, (_, y) in data.splits.items()}
+        return data
     # Settings that only one task reads are refused elsewhere, so a mistake is never ignored.
     if dataset.window is not None and task != FORECASTING:
         raise UserError(f"dataset.window applies to forecasting, and this is a {task} job")

@@ -250,6 +250,7 @@ def save_checkpoint(run: Run, signature: dict, *, reason: str, metric_name: str 
         best_model=best,
         normalizer=checkpoints.pack_standardizers(data.features, data.targets),
         vocabulary=data.tokenizer.vocabulary if data.tokenizer is not None else None,
+        tokenizer=data.codec.to_json() if data.codec is not None else None,
     ))
     run.hooks.on_checkpoint(progress.reported_epoch, progress.step, encoded, metric_name=metric_name,
                             metric_value=metric_value, is_best=is_best, reason=reason)

@@ -20,7 +20,12 @@ CONFIGS = {
     "cnn1d": {"arch": "cnn1d", "channels": [4, 8, 8], "kernel_size": 3, "dropout": 0.1},
     # Three pooled blocks take a 6-pixel image to 3, then 1: the last block must not pool further.
     "cnn2d": {"arch": "cnn2d", "channels": [4, 8, 8], "kernel_size": 3, "dropout": 0.1},
+    "causal_lm": {"arch": "causal_lm", "d_model": 8, "nhead": 2, "num_layers": 2, "dim_feedforward": 16, "block_size": 6},
+    "seq2seq": {"arch": "seq2seq", "d_model": 8, "nhead": 2, "dim_feedforward": 16, "max_source_tokens": 4,
+                "max_target_tokens": 4},
 }
+# Text generators give logits per token: (batch, tokens, vocabulary).
+GENERATIVE = ("language_modeling", "sequence_to_sequence")
 IMAGE_SHAPE = (3, 6, 6)
 # (task, input kind, sequence shape, outputs, a batch of inputs, targets)
 TASK_INPUTS = {
@@ -35,6 +40,11 @@ TASK_INPUTS = {
         lambda: torch.tensor([0, 1, 1, 0, 1]),
     ),
     "image_classification": ("image", (18, 6), 4, lambda: torch.randn(5, *IMAGE_SHAPE), lambda: torch.randint(0, 4, (5,))),
+    "language_modeling": ("tokens", (6, 1), 10, lambda: torch.randint(0, 10, (5, 6)), lambda: torch.randint(0, 10, (5, 6))),
+    # Source ids (end id 2, then padding), then decoder inputs (start id 1, then the target shifted right).
+    "sequence_to_sequence": ("tokens", (8, 1), 10,
+                             lambda: torch.tensor([[5, 6, 2, 0, 1, 6, 5, 0]] * 4 + [[7, 8, 9, 2, 1, 9, 8, 7]]),
+                             lambda: torch.tensor([[6, 5, 2, 0]] * 4 + [[9, 8, 7, 2]])),
 }
 _config = TypeAdapter(ModelConfig)
 
@@ -60,7 +70,11 @@ def test_forward_and_backward_for_every_task(arch, task):
     model = build_model(_config.validate_python(CONFIGS[arch]), shape)
     x, y = make_x(), make_y()
     out = model(x)
-    assert out.shape == (5, outputs)
+    if task in GENERATIVE:
+        assert out.shape == (*y.shape, outputs)
+        out = out.transpose(1, 2)
+    else:
+        assert out.shape == (5, outputs)
     loss = torch.nn.functional.cross_entropy(out, y) if y.dtype == torch.long else torch.nn.functional.mse_loss(out, y)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]

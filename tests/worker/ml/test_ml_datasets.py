@@ -12,6 +12,7 @@ import torch
 from app.catalog import BUILTIN_DATASETS, FORECASTING
 from app.jobs.errors import UserError
 from app.jobs.schemas import DatasetRef, SplitConfig
+from app.jobs.schemas import CausalLMConfig
 from worker.ml.datasets import load_builtin_raw, load_table, split_indices
 from worker.ml.preparation import prepare
 from worker.ml.text import Tokenizer
@@ -24,6 +25,11 @@ def test_every_catalog_entry_loads_with_the_stated_shape(name):
     ref = DatasetRef(id=f"builtin:{name}")
     table = load_table(ref, None, None)
     assert len(table.frame) == entry.num_rows
+    if entry.task == "language_modeling":  # a text corpus: one text column, cut into token windows
+        assert list(table.frame.columns) == list(entry.columns) and entry.target is None
+        data = prepare(ref, table, CausalLMConfig(arch="causal_lm", block_size=32))
+        assert data.task == entry.task and data.signature["tokens"]["train"] > 10_000
+        return
     assert entry.target in table.frame.columns
     data = prepare(ref, table)
     assert data.task == entry.task
