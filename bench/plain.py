@@ -12,6 +12,6 @@ def data_and_model(spec):
     from worker.ml.preparation import prepare
 
     torch.manual_seed(spec.hyperparameters.seed)
-    data = prepare(spec.dataset, load_table(spec.dataset, None, None))
+    data = prepare(spec.dataset, load_table(spec.dataset, None, None), spec.model)
     signature = {**data.signature, "arch": spec.model.arch, "model": spec.model.model_dump(mode="json"), "format": 1}
     return data, build_model(spec.model, ModelShape.from_signature(signature))
