@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     # version in one forward pass, waiting at most this long for more to arrive (1 turns it off).
     predict_max_batch_size: int = Field(32, ge=1, le=1024)
     predict_max_delay_ms: int = Field(5, ge=0, le=1000)
+    # Each prediction worker process keeps at most this many loaded models, and at most this many
+    # bytes of their parameters and buffers (least recently used go first; a bigger model is not kept).
+    predict_cache_models: int = Field(8, ge=0, le=1024)
+    predict_cache_bytes: int = Field(2 * 1024**3, ge=0, le=1024**4)
     # Batch-file predictions commit their output every this many rows.
     predict_chunk_rows: int = Field(1000, ge=1, le=100_000)
     log_level: str = "INFO"

@@ -329,6 +329,11 @@ def _pinned_base(session, job: Job, ref: str) -> ModelVersion:
 
 
 def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, settings: Settings) -> str:
+    from worker.ml import prediction
+
+    # The settings this job runs under bound the process's serving cache (cheap; evicts only on a change).
+    prediction.configure_cache(models=settings.predict_cache_models, max_bytes=settings.predict_cache_bytes)
+
     def load() -> bytes:
         return _model_checkpoint(prepared.model, settings)
 

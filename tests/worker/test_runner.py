@@ -257,3 +257,47 @@ def test_a_spec_that_crashes_the_parser_fails_the_job_once_instead_of_looping(se
         job = s.get(Job, job_id)
         assert job.state == "failed" and job.error_class == "internal" and job.attempts == 1
         assert "TypeError" in job.error_message and "a bug in a validator" not in job.error_message
+
+
+def _trained_iris(settings, submitted, name: str) -> tuple[int, str, Checkpoint]:
+    """A registered iris model: its owner's id, its ref, and its checkpoint row (detached)."""
+    job_id = submitted({**SPEC, "name": name, "dataset": {"id": "builtin:iris"}, "hyperparameters": {"epochs": 1}})
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        version = s.query(ModelVersion).filter_by(job_id=job_id).one()
+        ckpt = s.get(Checkpoint, version.checkpoint_id)
+        s.expunge(ckpt)
+        return s.get(Job, job_id).owner_id, f"{version.name}@{version.version}", ckpt
+
+
+def _predict_job(settings, owner_id: int, ref: str) -> tuple[str, Job]:
+    with session_scope(settings.database_url) as s:
+        spec = parse_spec({"kind": "predict", "model": ref, "inputs": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]})
+        job_id = service.submit(session=s, owner=s.get(User, owner_id), spec=spec, settings=settings).id
+    outcome = runner.run(job_id, 0, worker="inline", settings=settings)
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        s.expunge(job)
+    return outcome, job
+
+
+def test_a_cached_model_answers_without_reading_its_checkpoint_file(settings, submitted):
+    from worker.ml import prediction
+
+    prediction.clear_cache()
+    owner_id, ref, ckpt = _trained_iris(settings, submitted, "warm-model")
+    outcome, first = _predict_job(settings, owner_id, ref)
+    assert outcome == "succeeded" and len(first.result["predictions"]) == 2
+    # Garbage in place of the file: any read would fail its sha256 check.
+    storage.resolve(settings.storage_root, ckpt.path).write_bytes(b"not a checkpoint")
+    outcome, second = _predict_job(settings, owner_id, ref)
+    assert outcome == "succeeded" and second.result["predictions"] == first.result["predictions"]
+
+    # The same damage to a version never served from this process fails: the success above was the cache.
+    cold_owner, cold_ref, cold = _trained_iris(settings, submitted, "cold-model")
+    storage.resolve(settings.storage_root, cold.path).rename(
+        storage.resolve(settings.storage_root, cold.path + ".moved"))
+    outcome, failed = _predict_job(settings, cold_owner, cold_ref)
+    assert outcome == "failed" and failed.error_class == "user_error"
+    assert f"model {cold_ref} cannot be loaded" in failed.error_message
+    prediction.clear_cache()

@@ -1,7 +1,8 @@
 """Prediction from a checkpoint: raw rows in, class labels or values in original units out.
 
 Loaded models stay in a small LRU serving cache keyed by the checkpoint's sha256 (and device),
-so a prediction worker answering many requests for one model reads its checkpoint once.
+so a prediction worker answering many requests for one model reads its checkpoint once. The cache
+is bounded by count and by the bytes of the models' parameters and buffers (:func:`configure_cache`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from worker.ml.preparation import FORECASTING, REGRESSION, Standardizer
 from worker.ml.progress import load_weights
 from worker.ml.text import Tokenizer
 
-CACHE_SIZE = 8
+CACHE_SIZE = 8  # defaults; a worker sets its own from settings with configure_cache
+CACHE_BYTES = 2 * 1024**3
 BATCH_SIZE = 1024
 _model_config = TypeAdapter(ModelConfig)
 
@@ -41,9 +43,30 @@ class LoadedModel:
     tokenizer: Tokenizer | object | None  # a text generator's codec (worker.ml.text_codecs)
     device: torch.device
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the network's parameters and buffers (what the cache keeps in memory)."""
+        tensors = list(self.network.parameters()) + list(self.network.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 _cache: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+_cache_sizes: dict[tuple[str, str], int] = {}
 _cache_lock = threading.Lock()
+_limits = {"models": CACHE_SIZE, "bytes": CACHE_BYTES}
+
+
+def configure_cache(*, models: int, max_bytes: int) -> None:
+    """Bound the serving cache to ``models`` models and ``max_bytes`` bytes, evicting what no longer fits."""
+    with _cache_lock:
+        _limits["models"], _limits["bytes"] = models, max_bytes
+        _shrink()
+
+
+def cache_keys() -> list[tuple[str, str]]:
+    """The cached (sha256, device) keys, least recently used first."""
+    with _cache_lock:
+        return list(_cache)
 
 
 def signature(checkpoint: bytes) -> dict:
@@ -92,10 +115,20 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
 
 
 def _remember(key: tuple[str, str], loaded: LoadedModel) -> None:
+    size = loaded.size_bytes
     with _cache_lock:
-        _cache[key] = loaded
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
+        if size > _limits["bytes"]:
+            return  # served this once, but keeping it would push out everything else
+        _cache[key], _cache_sizes[key] = loaded, size
+        _cache.move_to_end(key)
+        _shrink()
+
+
+def _shrink() -> None:
+    # Caller holds _cache_lock.
+    while _cache and (len(_cache) > _limits["models"] or sum(_cache_sizes.values()) > _limits["bytes"]):
+        key, _ = _cache.popitem(last=False)
+        del _cache_sizes[key]
 
 
 def load_catalog_model(name: str, device: torch.device) -> LoadedModel:
@@ -119,7 +152,7 @@ def evict(digest: str) -> int:
     with _cache_lock:
         keys = [key for key in _cache if key[0] == digest]
         for key in keys:
-            del _cache[key]
+            del _cache[key], _cache_sizes[key]
     return len(keys)
 
 
@@ -127,6 +160,7 @@ def clear_cache() -> None:
     """Forget every cached model (tests, or a worker freeing memory)."""
     with _cache_lock:
         _cache.clear()
+        _cache_sizes.clear()
 
 
 def encode_inputs(loaded: LoadedModel, inputs: list) -> torch.Tensor:

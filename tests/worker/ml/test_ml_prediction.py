@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
+import torch
 
 from app.jobs.errors import UserError
 from worker.ml import prediction
@@ -100,3 +103,40 @@ def test_serving_cache_loads_each_checkpoint_once(digits_model, monkeypatch):
     for _ in range(3):
         predict(digits_model, [x[0].tolist()])
     assert len(decodes) == 1
+
+
+def test_the_byte_bound_evicts_the_least_recently_used_model(fake_hooks, spec_for, monkeypatch):
+    # Three iris MLPs of one architecture (equal sizes), different weights (1, 2, 3 epochs): three checkpoints.
+    models = [_checkpoint(fake_hooks, spec_for("mlp", "builtin:iris", model={"hidden_sizes": [16]}, epochs=n))
+              for n in (1, 2, 3)]
+    digests = [hashlib.sha256(m).hexdigest() for m in models]
+    assert len(set(digests)) == 3
+    prediction.clear_cache()
+    size = prediction.load_model(models[0], torch.device("cpu")).size_bytes
+    assert size > 0
+    decodes = []
+    original = prediction.checkpoints.decode
+    monkeypatch.setattr(prediction.checkpoints, "decode", lambda data: decodes.append(1) or original(data))
+    row = [[5.1, 3.5, 1.4, 0.2]]
+    try:
+        prediction.configure_cache(models=8, max_bytes=2 * size + size // 2)  # room for two, not three
+        predict(models[0], row)  # cached already: no decode
+        predict(models[1], row)
+        predict(models[0], row)  # 0 is now the most recently used; 1 the least
+        predict(models[2], row)  # three do not fit: 1 goes
+        assert len(decodes) == 2
+        assert [key[0] for key in prediction.cache_keys()] == [digests[0], digests[2]]
+        assert not prediction.cached(digests[1])
+        predict(models[1], row)  # a miss reads it again, and pushes out 0 (least recent now)
+        assert len(decodes) == 3
+        assert [key[0] for key in prediction.cache_keys()] == [digests[2], digests[1]]
+
+        # A model bigger than the whole bound is served but not kept, (the bound changed first: all evicted).
+        prediction.configure_cache(models=8, max_bytes=size - 1)
+        assert prediction.cache_keys() == []
+        first = predict(models[0], row)
+        assert predict(models[0], row) == first and len(decodes) == 5
+        assert prediction.cache_keys() == []
+    finally:
+        prediction.configure_cache(models=prediction.CACHE_SIZE, max_bytes=prediction.CACHE_BYTES)
+        prediction.clear_cache()
