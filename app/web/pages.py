@@ -13,6 +13,7 @@ from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES, TERMINAL, InvalidTransition
 from app.models import MAX_ID, utcnow
 from app.web import serializers, spec_forms
+from app.web.job_timing import timing_text
 from app.web.context import db, settings
 from app.web.publishing import publish
 from app.web.forms import ActionForm, LoginForm
@@ -33,7 +34,7 @@ def _globals():
 
     user = current_user.user if current_user.is_authenticated else None
     return {"me": user, "may_write": user is not None and can_write(user), "TERMINAL": TERMINAL,
-            "action_form": ActionForm(), "heatmap": heatmap}
+            "action_form": ActionForm(), "heatmap": heatmap, "job_timing": lambda job: timing_text(job, utcnow())}
 
 
 def _flat(values) -> list[float]:

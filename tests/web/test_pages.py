@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import timedelta
 
 import pytest
 
 from app.accounts import create_user
 from app.db import session_scope
+from app.jobs.states import transition
+from app.models import utcnow
 
 PASSWORD = "a long enough password"
 MLP = {"kind": "train", "name": "page-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
@@ -177,3 +180,15 @@ def test_the_api_reads_with_a_browser_session_but_never_writes_with_it(client, p
     sign_in(client, email, PASSWORD)
     assert client.get("/api/v1/jobs").status_code == 200
     assert client.post("/api/v1/jobs", json=MLP).status_code == 401
+
+
+def test_a_running_job_page_shows_elapsed_time_and_an_eta(client, person, database_url):
+    email, headers = person()
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=headers).get_json()["id"]
+    with session_scope(database_url, write=True) as s:
+        assert transition(s, job_id, to="running", expect="queued",
+                          values={"started_at": utcnow() - timedelta(seconds=130), "progress": 0.5})
+    sign_in(client, email, PASSWORD)
+    for url in (f"/jobs/{job_id}", f"/jobs/{job_id}/status"):
+        text = re.sub(r"\s+", " ", client.get(url).get_data(as_text=True))
+        assert re.search(r"2 min 1\d s elapsed, about 2 min( 1\d s)? left", text), url
