@@ -11,7 +11,7 @@ import pytest
 from app.accounts import create_user
 from app.db import session_scope
 from app.jobs.states import transition
-from app.models import utcnow
+from app.models import Metric, utcnow
 
 PASSWORD = "a long enough password"
 MLP = {"kind": "train", "name": "page-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
@@ -192,3 +192,18 @@ def test_a_running_job_page_shows_elapsed_time_and_an_eta(client, person, databa
     for url in (f"/jobs/{job_id}", f"/jobs/{job_id}/status"):
         text = re.sub(r"\s+", " ", client.get(url).get_data(as_text=True))
         assert re.search(r"2 min 1\d s elapsed, about 2 min( 1\d s)? left", text), url
+
+
+def test_the_step_loss_chart_reads_the_downsampled_curve_with_the_session(client, person, database_url):
+    email, headers = person()
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=headers).get_json()["id"]
+    with session_scope(database_url, write=True) as s:
+        for step in range(1, 1001):
+            s.add(Metric(job_id=job_id, attempt=1, scope="step", epoch=1, step=step, values={"train_loss": 1 / step}))
+    sign_in(client, email, PASSWORD)
+    page = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    url = re.search(r'id="step-loss-chart" data-metrics-url="([^"]+)"', page).group(1).replace("&amp;", "&")
+    assert "scope=step" in url and "points=300" in url
+    curves = client.get(url).get_json()["series"]
+    assert [(c["scope"], c["name"], c["count"]) for c in curves] == [("step", "train_loss", 1000)]
+    assert 4 <= len(curves[0]["points"]) <= 300 and curves[0]["points"][0][2] == 1
