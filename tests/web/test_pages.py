@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from datetime import timedelta
 
 import pytest
 
+from app import storage
 from app.accounts import create_user
 from app.db import session_scope
 from app.jobs.states import transition
-from app.models import Metric, utcnow
+from app.models import Checkpoint, Metric, utcnow
 
 PASSWORD = "a long enough password"
 MLP = {"kind": "train", "name": "page-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
@@ -207,3 +209,19 @@ def test_the_step_loss_chart_reads_the_downsampled_curve_with_the_session(client
     curves = client.get(url).get_json()["series"]
     assert [(c["scope"], c["name"], c["count"]) for c in curves] == [("step", "train_loss", 1000)]
     assert 4 <= len(curves[0]["points"]) <= 300 and curves[0]["points"][0][2] == 1
+
+
+def test_a_checkpoint_downloads_from_its_link_with_the_session(client, person, database_url, settings):
+    email, headers = person()
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=headers).get_json()["id"]
+    data = os.urandom(50_000)
+    relative = f"checkpoints/{job_id}/page-{uuid.uuid4().hex[:8]}.safetensors"
+    size, digest = storage.write_atomic(settings.storage_root, relative, data)
+    with session_scope(database_url, write=True) as s:
+        s.add(Checkpoint(job_id=job_id, attempt=1, epoch=3, step=30, path=relative, size_bytes=size, sha256=digest))
+    sign_in(client, email, PASSWORD)
+    page = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    link = re.search(r'<a href="([^"]+)" download\s+aria-label="Download checkpoint at epoch 3">', page)
+    assert link, "no download link for the checkpoint"
+    response = client.get(link.group(1))
+    assert response.status_code == 200 and response.data == data
