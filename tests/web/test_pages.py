@@ -225,3 +225,17 @@ def test_a_checkpoint_downloads_from_its_link_with_the_session(client, person, d
     assert link, "no download link for the checkpoint"
     response = client.get(link.group(1))
     assert response.status_code == 200 and response.data == data
+
+
+def test_the_log_section_lists_the_state_changes(client, person):
+    email, headers = person()
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=headers).get_json()["id"]
+    sign_in(client, email, PASSWORD)
+    token = csrf_token(client.get(f"/jobs/{job_id}").get_data(as_text=True))
+    assert client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token}).status_code == 302
+    page = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    log = re.search(r'<pre class="log" id="job-log"[^>]*>(.*?)</pre>', page, re.S)
+    assert log, "no log section"
+    lines = log.group(1).splitlines()
+    assert "submitted: train job submitted" in lines[0]
+    assert re.search(r" INFO attempt=- state: cancelled", lines[-1]), lines
