@@ -7,12 +7,13 @@ from flask_login import login_required, login_user, logout_user
 
 from app import catalog, datasets
 from app.accounts import authenticate_password, can_write
-from app.jobs import service
+from app.jobs import job_log, service
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES, TERMINAL, InvalidTransition
 from app.models import MAX_ID, utcnow
 from app.web import serializers, spec_forms
+from app.web.job_timing import timing_text
 from app.web.context import db, settings
 from app.web.publishing import publish
 from app.web.forms import ActionForm, LoginForm
@@ -23,6 +24,7 @@ from app.web.login import (
 pages = Blueprint("pages", __name__, template_folder="templates")
 
 PAGE_SIZE = 25
+LOG_LINES = 50  # the job's page shows this many of the newest log lines; the API has them all
 KINDS = ("train", "predict")
 ACTIONS = ("cancel", "retry", "pause", "resume")
 
@@ -33,7 +35,7 @@ def _globals():
 
     user = current_user.user if current_user.is_authenticated else None
     return {"me": user, "may_write": user is not None and can_write(user), "TERMINAL": TERMINAL,
-            "action_form": ActionForm(), "heatmap": heatmap}
+            "action_form": ActionForm(), "heatmap": heatmap, "job_timing": lambda job: timing_text(job, utcnow())}
 
 
 def _flat(values) -> list[float]:
@@ -149,11 +151,12 @@ def job_row(job_id: int):
 @pages.get("/jobs/<int:job_id>")
 @login_required
 def job(job_id: int):
-    """Everything about one job: spec, state, progress, events, attempts, checkpoints, result, loss curve."""
+    """Everything about one job: spec, state, progress, events, attempts, checkpoints, result, loss curves, log."""
     found = service.get_job(session=db(), user=web_user(), job_id=job_id)
     return render_template(
         "jobs/detail.html", job=found, detail=serializers.job_detail(db(), found),
         events=service.list_events(session=db(), user=web_user(), job_id=job_id),
+        log=job_log.tail(session=db(), user=web_user(), job_id=job_id, lines=LOG_LINES), log_lines=LOG_LINES,
     )
 
 

@@ -69,6 +69,8 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
             expect(page.locator("#job-status .badge")).to_have_text("succeeded")
             expect(page.locator("#loss-chart canvas")).to_have_count(1)
             expect(page.locator("#loss-chart")).to_have_attribute("data-points", str(EPOCHS))
+            expect(page.locator("#step-loss-chart canvas")).to_have_count(1)  # the per-step curve, downsampled
+            expect(page.get_by_role("heading", name="Loss per step")).to_be_visible()
             expect(page.get_by_role("heading", name="Checkpoints")).to_be_visible()
             page.screenshot(path=str(tmp_path / "job.png"), full_page=True)
         finally:
@@ -127,6 +129,50 @@ def test_a_person_trains_and_predicts_through_the_forms(web, settings, start_wor
             predicted = json.load(urllib.request.urlopen(request, timeout=30))["result"]["predictions"][0]["class"]
             expect(page.locator("table.predictions td.predicted-class").first).to_have_text(str(predicted))
             page.screenshot(path=str(tmp_path / "prediction.png"), full_page=True)
+        finally:
+            browser.close()
+            worker.stop()
+
+
+def test_a_person_cancels_a_running_job_from_its_page(web, settings, start_worker, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    email = f"cancel-{uuid.uuid4().hex[:8]}@example.com"
+    with session_scope(settings.database_url) as s:
+        _, token = create_user(session=s, email=email, role="user", password=PASSWORD)
+    # Long enough to be surely running when the button is clicked; the cancel ends it early.
+    long_spec = SPEC | {"name": "browser-long", "hyperparameters": {"epochs": 5000}}
+    request = urllib.request.Request(
+        web + "/api/v1/jobs", data=json.dumps(long_spec).encode(), method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    job_id = json.load(urllib.request.urlopen(request, timeout=30))["id"]
+    worker = start_worker()
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(f"{web}/login?next=/jobs/{job_id}")
+            page.get_by_label("Email").fill(email)
+            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+            expect(page).to_have_url(f"{web}/jobs/{job_id}")
+            badge = page.locator("#job-status .badge")
+            expect(badge).to_have_text("running", timeout=240_000)
+
+            # Cancel asks for confirmation; the job stops at its next step and the badge follows by polling.
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.locator("#job-status").get_by_role("button", name="Cancel").click()
+            expect(page.get_by_text(f"Job {job_id}: cancel requested.")).to_be_visible()
+            page.evaluate("window.__noReload = true")
+            expect(badge).to_have_text("cancelled", timeout=120_000)
+            assert page.evaluate("window.__noReload === true"), "the page was reloaded"
+            expect(page.locator("#job-status").get_by_role("button", name="Retry")).to_be_visible()
+            page.reload()  # the log section is drawn with the page, not polled
+            expect(page.locator("#job-log")).to_contain_text("state: cancelled")
+            page.screenshot(path=str(tmp_path / "job-cancelled.png"), full_page=True)
         finally:
             browser.close()
             worker.stop()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
+from datetime import timedelta
 
 import pytest
 
+from app import storage
 from app.accounts import create_user
 from app.db import session_scope
+from app.jobs.states import transition
+from app.models import Checkpoint, Metric, utcnow
 
 PASSWORD = "a long enough password"
 MLP = {"kind": "train", "name": "page-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
@@ -177,3 +182,60 @@ def test_the_api_reads_with_a_browser_session_but_never_writes_with_it(client, p
     sign_in(client, email, PASSWORD)
     assert client.get("/api/v1/jobs").status_code == 200
     assert client.post("/api/v1/jobs", json=MLP).status_code == 401
+
+
+def test_a_running_job_page_shows_elapsed_time_and_an_eta(client, person, database_url):
+    email, headers = person()
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=headers).get_json()["id"]
+    with session_scope(database_url, write=True) as s:
+        assert transition(s, job_id, to="running", expect="queued",
+                          values={"started_at": utcnow() - timedelta(seconds=130), "progress": 0.5})
+    sign_in(client, email, PASSWORD)
+    for url in (f"/jobs/{job_id}", f"/jobs/{job_id}/status"):
+        text = re.sub(r"\s+", " ", client.get(url).get_data(as_text=True))
+        assert re.search(r"2 min 1\d s elapsed, about 2 min( 1\d s)? left", text), url
+
+
+def test_the_step_loss_chart_reads_the_downsampled_curve_with_the_session(client, person, database_url):
+    email, headers = person()
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=headers).get_json()["id"]
+    with session_scope(database_url, write=True) as s:
+        for step in range(1, 1001):
+            s.add(Metric(job_id=job_id, attempt=1, scope="step", epoch=1, step=step, values={"train_loss": 1 / step}))
+    sign_in(client, email, PASSWORD)
+    page = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    url = re.search(r'id="step-loss-chart" data-metrics-url="([^"]+)"', page).group(1).replace("&amp;", "&")
+    assert "scope=step" in url and "points=300" in url
+    curves = client.get(url).get_json()["series"]
+    assert [(c["scope"], c["name"], c["count"]) for c in curves] == [("step", "train_loss", 1000)]
+    assert 4 <= len(curves[0]["points"]) <= 300 and curves[0]["points"][0][2] == 1
+
+
+def test_a_checkpoint_downloads_from_its_link_with_the_session(client, person, database_url, settings):
+    email, headers = person()
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=headers).get_json()["id"]
+    data = os.urandom(50_000)
+    relative = f"checkpoints/{job_id}/page-{uuid.uuid4().hex[:8]}.safetensors"
+    size, digest = storage.write_atomic(settings.storage_root, relative, data)
+    with session_scope(database_url, write=True) as s:
+        s.add(Checkpoint(job_id=job_id, attempt=1, epoch=3, step=30, path=relative, size_bytes=size, sha256=digest))
+    sign_in(client, email, PASSWORD)
+    page = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    link = re.search(r'<a href="([^"]+)" download\s+aria-label="Download checkpoint at epoch 3">', page)
+    assert link, "no download link for the checkpoint"
+    response = client.get(link.group(1))
+    assert response.status_code == 200 and response.data == data
+
+
+def test_the_log_section_lists_the_state_changes(client, person):
+    email, headers = person()
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=headers).get_json()["id"]
+    sign_in(client, email, PASSWORD)
+    token = csrf_token(client.get(f"/jobs/{job_id}").get_data(as_text=True))
+    assert client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token}).status_code == 302
+    page = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    log = re.search(r'<pre class="log" id="job-log"[^>]*>(.*?)</pre>', page, re.S)
+    assert log, "no log section"
+    lines = log.group(1).splitlines()
+    assert "submitted: train job submitted" in lines[0]
+    assert re.search(r" INFO attempt=- state: cancelled", lines[-1]), lines

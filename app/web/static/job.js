@@ -1,13 +1,14 @@
-// The loss chart of a job's page: epoch metrics from the JSON API (the session cookie reads it),
-// one point per finished epoch, redrawn after each htmx refresh of the status panel.
+// The loss charts of a job's page, from the JSON API (the session cookie reads it): one point per
+// finished epoch, and the per-step curve the server downsamples (?scope=step&points=N), shown only
+// when the job reports step metrics. Both redraw after each htmx refresh of the status panel.
 (function () {
   "use strict";
-  var box = document.getElementById("loss-chart");
-  if (!box || typeof uPlot === "undefined") return;
-  var plot = null;
-  var drawn = "";
+  if (typeof uPlot === "undefined") return;
+  var colors = ["#c0392b", "#2471a3", "#7d3c98", "#1e8449"];
 
-  function series(items) {
+  // Epoch reports: {items: [{epoch, values: {name: value}}]} -> x = epoch, one series per *loss.
+  function epochSeries(body) {
+    var items = body.items || [];
     var names = [];
     items.forEach(function (m) {
       Object.keys(m.values).forEach(function (k) {
@@ -21,30 +22,64 @@
     return { names: names, data: data };
   }
 
-  function draw() {
-    fetch(box.dataset.metricsUrl, { credentials: "same-origin", headers: { Accept: "application/json" } })
-      .then(function (r) { return r.ok ? r.json() : { items: [] }; })
-      .then(function (body) {
-        var s = series(body.items);
-        var key = JSON.stringify(s.data);
-        box.dataset.points = String(s.data[0].length);
-        document.getElementById("loss-empty").hidden = s.data[0].length > 0;
-        if (key === drawn || s.data[0].length === 0) return;
-        drawn = key;
-        if (plot) plot.destroy();
-        var colors = ["#c0392b", "#2471a3", "#7d3c98", "#1e8449"];
-        plot = new uPlot({
-          width: Math.max(280, Math.min(box.clientWidth || 640, 900)), height: 260,
-          scales: { x: { time: false } },
-          axes: [{ label: "epoch" }, { label: "loss" }],
-          series: [{ label: "epoch" }].concat(s.names.map(function (n, i) {
-            return { label: n, stroke: colors[i % colors.length], width: 2, points: { show: true } };
-          })),
-        }, s.data, box);
-      });
+  // Downsampled curves: {series: [{scope, name, points: [[id, epoch, step, value]]}]} -> x = step,
+  // the curves aligned on the union of their steps (a gap where a curve has no point).
+  function stepSeries(body) {
+    var curves = (body.series || []).filter(function (c) { return c.scope === "step" && /loss$/.test(c.name); });
+    var steps = {};
+    curves.forEach(function (c) { c.points.forEach(function (p) { steps[p[2]] = true; }); });
+    var xs = Object.keys(steps).map(Number).sort(function (a, b) { return a - b; });
+    var data = [xs];
+    curves.forEach(function (c) {
+      var at = {};
+      c.points.forEach(function (p) { at[p[2]] = p[3]; });
+      data.push(xs.map(function (x) { return x in at ? at[x] : null; }));
+    });
+    return { names: curves.map(function (c) { return c.name; }), data: data };
   }
 
-  draw();
+  function chart(box, xLabel, toSeries, onPoints) {
+    var plot = null;
+    var drawn = "";
+    return function draw() {
+      fetch(box.dataset.metricsUrl, { credentials: "same-origin", headers: { Accept: "application/json" } })
+        .then(function (r) { return r.ok ? r.json() : {}; })
+        .then(function (body) {
+          var s = toSeries(body);
+          var key = JSON.stringify(s.data);
+          box.dataset.points = String(s.data[0].length);
+          onPoints(s.data[0].length);
+          if (key === drawn || s.data[0].length === 0) return;
+          drawn = key;
+          if (plot) plot.destroy();
+          plot = new uPlot({
+            width: Math.max(280, Math.min(box.clientWidth || 640, 900)), height: 260,
+            scales: { x: { time: false } },
+            axes: [{ label: xLabel }, { label: "loss" }],
+            series: [{ label: xLabel }].concat(s.names.map(function (n, i) {
+              return { label: n, stroke: colors[i % colors.length], width: 2, spanGaps: true,
+                       points: { show: xLabel === "epoch" } };
+            })),
+          }, s.data, box);
+        });
+    };
+  }
+
+  var draws = [];
+  var epochBox = document.getElementById("loss-chart");
+  if (epochBox) {
+    draws.push(chart(epochBox, "epoch", epochSeries, function (n) {
+      document.getElementById("loss-empty").hidden = n > 0;
+    }));
+  }
+  var stepBox = document.getElementById("step-loss-chart");
+  if (stepBox) {
+    draws.push(chart(stepBox, "step", stepSeries, function (n) {
+      document.getElementById("step-loss").hidden = n === 0;  // only jobs that report per-step losses
+    }));
+  }
+  function drawAll() { draws.forEach(function (d) { d(); }); }
+  drawAll();
   // Only the status panel polls on this page; redraws are deduplicated, so each swap may refetch.
-  document.body.addEventListener("htmx:afterSwap", draw);
+  document.body.addEventListener("htmx:afterSwap", drawAll);
 })();

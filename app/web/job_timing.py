@@ -1,0 +1,45 @@
+"""Elapsed time and a naive ETA for a job's progress, as the job's page shows them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from app.jobs.states import RUNNING, TERMINAL
+
+
+def duration_text(seconds: float) -> str:
+    """``2 min 10 s``, ``1 h 5 min``, ``45 s``: whole units, the two largest only."""
+    total = max(0, int(round(seconds)))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    if minutes:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    return f"{secs} s"
+
+
+def elapsed_and_eta(*, state: str, progress: float, started_at: datetime | None,
+                    finished_at: datetime | None, now: datetime) -> tuple[float | None, float | None]:
+    """Seconds elapsed (since start while running, start to finish once ended) and seconds left, or None.
+
+    The ETA assumes the rest runs at the average speed so far: elapsed x (1 - p) / p, only while
+    running with 0 < p < 1.
+    """
+    if started_at is None:
+        return None, None
+    end = finished_at if state in TERMINAL and finished_at is not None else now
+    elapsed = max(0.0, (end - started_at).total_seconds())
+    if state != RUNNING or not 0 < progress < 1:
+        return elapsed, None
+    return elapsed, elapsed * (1 - progress) / progress
+
+
+def timing_text(job, now: datetime) -> str:
+    """``2 min 10 s elapsed, about 1 min left`` for a job, or ``""`` before it started."""
+    elapsed, eta = elapsed_and_eta(state=job.state, progress=job.progress or 0.0, started_at=job.started_at,
+                                   finished_at=job.finished_at, now=now)
+    if elapsed is None:
+        return ""
+    text = f"{duration_text(elapsed)} elapsed"
+    return text if eta is None else f"{text}, about {duration_text(eta)} left"
