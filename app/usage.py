@@ -1,7 +1,8 @@
 """Usage per user and per job: compute seconds, jobs and storage bytes (the API's ``/usage`` and the quotas).
 
-Attempts do not record the device they ran on (``resources.device`` may be ``auto``), so every
-attempt's run time counts as CPU seconds; ``gpu_seconds`` stays 0 until workers record it.
+Each attempt records the kind of device it ran on when it was claimed: its run time counts as
+``gpu_seconds`` on ``cuda``, else as ``cpu_seconds`` (attempts from before the device was recorded
+count as CPU time).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from app.accounts import require_admin
 from app.jobs.states import QUEUED, RUNNING
 from app.models import Attempt, Checkpoint, Dataset, Job, User, utcnow
 
-DEVICE_NOTE = ("attempts do not record the device they ran on, so all run time is counted as cpu_seconds; "
-               "gpu_seconds is 0")
+DEVICE_NOTE = ("an attempt's run time counts as gpu_seconds when it ran on a CUDA device, else as cpu_seconds "
+               "(attempts recorded before the device was, as cpu_seconds)")
 
 
 def _overlap(started: datetime, ended: datetime | None, start: datetime | None, end: datetime) -> float:
@@ -29,17 +30,19 @@ def _overlap(started: datetime, ended: datetime | None, start: datetime | None, 
 
 
 def compute_seconds(*, session: Session, user_ids: list[int] | None, start: datetime | None,
-                    end: datetime) -> dict[tuple[int, int], float]:
-    """Run time of attempts inside ``start..end``, keyed by ``(owner id, job id)``; None means every user."""
-    stmt = (select(Job.owner_id, Job.id, Attempt.started_at, Attempt.ended_at)
+                    end: datetime, by_device: bool = False) -> dict[tuple, float]:
+    """Run time of attempts inside ``start..end``, keyed by ``(owner id, job id)`` — with
+    ``by_device``, by ``(owner id, job id, "cpu" | "gpu")``; None means every user."""
+    stmt = (select(Job.owner_id, Job.id, Attempt.started_at, Attempt.ended_at, Attempt.device)
             .join(Attempt, Attempt.job_id == Job.id).where(Attempt.started_at < end))
     if start is not None:
         stmt = stmt.where(or_(Attempt.ended_at.is_(None), Attempt.ended_at > start))
     if user_ids is not None:
         stmt = stmt.where(Job.owner_id.in_(user_ids))
-    seconds: dict[tuple[int, int], float] = defaultdict(float)
-    for owner_id, job_id, started, ended in session.execute(stmt):
-        seconds[(owner_id, job_id)] += _overlap(started, ended, start, end)
+    seconds: dict[tuple, float] = defaultdict(float)
+    for owner_id, job_id, started, ended, device in session.execute(stmt):
+        key = (owner_id, job_id, "gpu" if device == "cuda" else "cpu") if by_device else (owner_id, job_id)
+        seconds[key] += _overlap(started, ended, start, end)
     return seconds
 
 
@@ -70,7 +73,7 @@ def report(*, session: Session, actor: User, start: datetime | None, end: dateti
     """Usage over ``start..end`` (end defaults to now) per user and per job.
 
     Others see only themselves; an admin sees every user, or one with ``user_id``. ``jobs`` counts
-    jobs created in the range; ``cpu_seconds`` the part of each attempt's run inside it;
+    jobs created in the range; ``cpu_seconds`` and ``gpu_seconds`` the part of each attempt's run inside it, by its device;
     storage is the bytes held now (checkpoints per job, plus datasets).
     """
     end = end or utcnow()
@@ -88,10 +91,11 @@ def report(*, session: Session, actor: User, start: datetime | None, end: dateti
         return users[owner_id]["per_job"].setdefault(job_id, {
             "job_id": job_id, "name": name, "cpu_seconds": 0.0, "gpu_seconds": 0.0, "checkpoint_bytes": 0})
 
-    for (owner_id, job_id), seconds in compute_seconds(session=session, user_ids=ids, start=start, end=end).items():
+    spent = compute_seconds(session=session, user_ids=ids, start=start, end=end, by_device=True)
+    for (owner_id, job_id, kind), seconds in spent.items():
         if owner_id in users:
-            users[owner_id]["cpu_seconds"] += seconds
-            job_entry(owner_id, job_id, "")["cpu_seconds"] += seconds
+            users[owner_id][f"{kind}_seconds"] += seconds
+            job_entry(owner_id, job_id, "")[f"{kind}_seconds"] += seconds
     created = select(Job.owner_id, func.count()).where(Job.created_at < end).group_by(Job.owner_id)
     if start is not None:
         created = created.where(Job.created_at >= start)
@@ -115,10 +119,10 @@ def report(*, session: Session, actor: User, start: datetime | None, end: dateti
     items = []
     for u in users.values():
         u["storage_bytes"]["total"] = u["storage_bytes"]["checkpoints"] + u["storage_bytes"]["datasets"]
-        u["cpu_seconds"] = round(u["cpu_seconds"], 3)
+        u["cpu_seconds"], u["gpu_seconds"] = round(u["cpu_seconds"], 3), round(u["gpu_seconds"], 3)
         per_job = sorted(u.pop("per_job").values(), key=lambda j: j["job_id"])
         for j in per_job:
-            j["cpu_seconds"] = round(j["cpu_seconds"], 3)
+            j["cpu_seconds"], j["gpu_seconds"] = round(j["cpu_seconds"], 3), round(j["gpu_seconds"], 3)
         items.append(u | {"per_job": per_job})
     return {"from": start.isoformat() if start else None, "to": end.isoformat(), "note": DEVICE_NOTE,
             "users": items}

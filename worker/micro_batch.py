@@ -79,11 +79,14 @@ def _claim_queued(lead_id: int, model_version_id: int, limit: int, worker: str, 
             and r.spec.get("output", "prediction") == "prediction" and not r.spec.get("explain")][:limit]
     if not rows:
         return []
+    from worker.ml.devices import device_kind  # torch loads only where predictions run
+
     claimed: list[tuple[int, int, str, dict]] = []
     with session_scope(settings.database_url, write=True) as session:
         for row in rows:
             attempt = attempts.claim(session=session, job_id=row.id, token=row.attempts, worker=worker,
-                                     host=socket.gethostname(), pid=os.getpid(), lease_seconds=settings.lease_seconds)
+                                     host=socket.gethostname(), pid=os.getpid(), lease_seconds=settings.lease_seconds,
+                                     device=device_kind("auto"))
             if attempt is not None:
                 claimed.append((row.id, attempt.number, attempts.lease_owner(attempt), row.spec))
     members = []

@@ -75,6 +75,7 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
         attempt = attempts.claim(
             session=session, job_id=job_id, token=token, worker=worker, host=socket.gethostname(),
             pid=os.getpid(), lease_seconds=settings.lease_seconds, start=prepared.start, resumed=resumed,
+            device=_device_kind(prepared.spec),
         )
         if attempt is not None:
             for message in prepared.skipped:
@@ -95,6 +96,15 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
         finally:
             # After the attempt's last transaction committed: an inline request waiting on it wakes.
             finish_signal.notify_finished(settings, job_id)
+
+
+def _device_kind(spec: TrainSpec | PredictSpec | None) -> str | None:
+    """The kind of device the attempt will run on (recorded for usage accounting)."""
+    if spec is None:
+        return None
+    from worker.ml.devices import device_kind
+
+    return device_kind(spec.resources.device if isinstance(spec, TrainSpec) else "auto")
 
 
 def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:

@@ -20,12 +20,13 @@ from app.models import Attempt, Checkpoint, Job, JobEvent, Metric, ModelVersion,
 
 def claim(
     *, session: Session, job_id: int, token: int, worker: str, host: str, pid: int, lease_seconds: float,
-    start: tuple[int, int] | None = None, resumed: bool = False,
+    start: tuple[int, int] | None = None, resumed: bool = False, device: str | None = None,
 ) -> Attempt | None:
     """Take a queued job for one new attempt, or None if it is not claimable with ``token``.
 
     ``start`` (epoch, step) is where the attempt really starts (the checkpoint it verified before
     claiming, or (0, 0)); given, it is recorded in the same transaction, as :func:`mark_start` would.
+    ``device`` (``cpu``, ``cuda``) is the kind of device it runs on, for usage accounting.
     """
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.state != states.QUEUED or job.attempts != token:
@@ -59,6 +60,7 @@ def claim(
     attempt = Attempt(
         job_id=job_id, number=number, worker=worker, host=host, pid=pid, started_at=now, heartbeat_at=now,
         start_epoch=start[0] if start is not None else None, start_step=start[1] if start is not None else None,
+        device=device,
     )
     session.add(attempt)
     if start is not None and resumed:

@@ -90,5 +90,8 @@ class Attempt(Base):
     start_epoch: Mapped[int | None] = mapped_column()
     start_step: Mapped[int | None] = mapped_column()
     outcome: Mapped[str | None] = mapped_column(String(32))
+    # The kind of device it ran on (cpu, cuda), for usage accounting; NULL for attempts from
+    # before it was recorded (counted as CPU time).
+    device: Mapped[str | None] = mapped_column(String(16))
 
     job: Mapped[Job] = relationship(back_populates="attempt_rows")

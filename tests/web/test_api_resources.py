@@ -179,16 +179,20 @@ def test_usage_counts_compute_jobs_and_storage(client, auth, make_user, settings
     add_checkpoint(settings, job_id, data)
     now = utcnow()
     with session_scope(settings.database_url, write=True) as s:
-        s.add(Attempt(job_id=job_id, number=1, worker="w", host="h", pid=1,
+        s.add(Attempt(job_id=job_id, number=1, worker="w", host="h", pid=1, device="cpu",
                       started_at=now - timedelta(seconds=600), ended_at=now - timedelta(seconds=300)))
+        # A second attempt on a GPU worker: its run time is GPU time.
+        s.add(Attempt(job_id=job_id, number=2, worker="g", host="h", pid=2, device="cuda",
+                      started_at=now - timedelta(seconds=250), ended_at=now - timedelta(seconds=50)))
     body = client.get("/api/v1/usage", headers=auth).get_json()
     [me] = body["users"]
-    assert me["jobs"] == 1 and abs(me["cpu_seconds"] - 300) < 1 and me["gpu_seconds"] == 0
+    assert me["jobs"] == 1 and abs(me["cpu_seconds"] - 300) < 1 and abs(me["gpu_seconds"] - 200) < 1
+    assert abs(me["per_job"][0]["gpu_seconds"] - 200) < 1
     assert me["storage_bytes"]["checkpoints"] == 1000 and me["per_job"][0]["checkpoint_bytes"] == 1000
     # Only the part of the attempt inside the range counts.
     frm = (now - timedelta(seconds=400)).isoformat()
     part = client.get("/api/v1/usage", query_string={"from": frm}, headers=auth).get_json()["users"][0]
-    assert abs(part["cpu_seconds"] - 100) < 1
+    assert abs(part["cpu_seconds"] - 100) < 1 and abs(part["gpu_seconds"] - 200) < 1
     assert client.get("/api/v1/usage?from=nope", headers=auth).status_code == 422
     # Another user sees only themselves and may not ask for someone else; an admin may.
     other_id, other = make_user()

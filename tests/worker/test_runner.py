@@ -301,3 +301,11 @@ def test_a_cached_model_answers_without_reading_its_checkpoint_file(settings, su
     assert outcome == "failed" and failed.error_class == "user_error"
     assert f"model {cold_ref} cannot be loaded" in failed.error_message
     prediction.clear_cache()
+
+
+def test_an_attempt_records_the_kind_of_device_it_ran_on(settings, submitted):
+    job_id = submitted({**SPEC, "name": "device-kind", "hyperparameters": {"epochs": 1},
+                        "resources": {"device": "cpu"}})
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        assert s.query(Attempt).filter_by(job_id=job_id).one().device == "cpu"

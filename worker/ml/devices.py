@@ -24,6 +24,14 @@ def resolve_device(requested: str) -> torch.device:
     raise UserError(f"unknown device {requested!r}; use 'auto', 'cpu' or 'cuda'")
 
 
+def device_kind(requested: str) -> str | None:
+    """The kind of device (``cpu``, ``cuda``) a job asking for ``requested`` runs on here; None if it cannot."""
+    try:
+        return resolve_device(requested).type
+    except UserError:
+        return None
+
+
 def uses_bf16(device: torch.device, precision: str) -> bool:
     """bf16 autocast on CUDA when the job allows it (``auto`` or ``bf16``) and the GPU supports it."""
     if device.type != "cuda" or precision == "fp32":
