@@ -13,7 +13,6 @@ from markupsafe import escape
 from app.accounts import create_user
 from app.db import session_scope
 from app.models import Job
-from tests.conftest import wait_for_job
 from tests.web.test_pages import PASSWORD, sign_in
 from worker import runner
 
@@ -60,16 +59,36 @@ def language_model(client, auth, settings):
         return s.get(Job, job_id).result["model"]
 
 
-def test_tokens_stream_while_the_job_runs_and_the_stream_ends_with_it(app, client, owner, auth, language_model,
-                                                                       start_worker):
+@pytest.fixture
+def cluster(tmp_path):
+    """A private Kiln (database, Redis, app): the only worker on its queues is the one this test starts,
+    so the job runs with the slow-token failpoint whatever other tests left running."""
+    from tests.integration.cluster import Cluster
+
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+def test_tokens_stream_while_the_job_runs_and_the_stream_ends_with_it(cluster):
+    app, client = cluster.app, cluster.client
+    email = f"gen-{uuid.uuid4().hex[:10]}@example.com"
+    with session_scope(cluster.settings.database_url) as s:
+        _, token = create_user(session=s, email=email, password=PASSWORD)
+    auth = {"Authorization": f"Bearer {token}"}
+    response = client.post("/api/v1/jobs", json={**TRAIN, "name": f"lm-{uuid.uuid4().hex[:6]}"}, headers=auth)
+    assert response.status_code == 201, response.get_json()
+    train_id = response.get_json()["id"]
+    assert runner.run(train_id, 0, worker="trainer", settings=cluster.settings) == "succeeded"
+    language_model = client.get(f"/api/v1/jobs/{train_id}", headers=auth).get_json()["result"]["model"]
+    browser = app.test_client()
+    assert sign_in(browser, email, PASSWORD).status_code == 302
     # Each published piece waits 50 ms on the worker, so 120 tokens keep the job running for seconds.
-    worker = start_worker("predict", KILN_FAILPOINT_TOKEN_SLEEP_S="0.05")
+    worker = cluster.start_worker(queues="predict", KILN_FAILPOINT_TOKEN_SLEEP_S="0.05")
     response = client.post("/api/v1/jobs", headers=auth, json={
         "kind": "predict", "model": language_model, "prompt": "The ", "max_new_tokens": 120, "seed": 3})
     assert response.status_code == 201, response.get_json()
     job_id = response.get_json()["id"]
-    browser = app.test_client()
-    assert sign_in(browser, owner[0], PASSWORD).status_code == 302
     stream = app.test_client().get(f"/api/v1/jobs/{job_id}/stream", headers=auth, buffered=False)
     assert stream.status_code == 200 and stream.mimetype == "text/event-stream"
     pieces, states_seen, ended = [], [], None
@@ -87,7 +106,8 @@ def test_tokens_stream_while_the_job_runs_and_the_stream_ends_with_it(app, clien
     stream.close()
     assert states_seen == ["running"], worker.log()
     assert ended == {"state": "succeeded"}
-    job = wait_for_job(client, auth, job_id, worker=worker)
+    job = client.get(f"/api/v1/jobs/{job_id}", headers=auth).get_json()
+    assert job["state"] == "succeeded", job
     generated = job["result"]["generations"][0]
     assert generated["tokens"] == 120 and "".join(pieces) == generated["text"]
     # The page streams while the job runs (generation.js), and shows the final text without JavaScript after.
