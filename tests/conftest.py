@@ -284,6 +284,29 @@ def worker(start_worker) -> WorkerProcess:
     return start_worker()
 
 
+def run_inline(settings: settings_module.Settings, job_id: int, timeout: float = 180) -> str:
+    """Run a job's first attempt in this process (no Celery); its final state.
+
+    A job submitted through the API is also published on the session's Redis, where a worker that
+    an earlier module started may take it first: then this waits for that worker to finish it.
+    """
+    from app.jobs.states import TERMINAL
+    from app.models import Job
+    from worker import runner
+
+    outcome = runner.run(job_id, 0, worker="inline", settings=settings)
+    if outcome != "dropped":
+        return outcome
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_factory(settings.database_url)() as s:
+            state = s.get(Job, job_id).state
+        if state in TERMINAL:
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} taken by another worker never ended")
+
+
 def wait_for_job(client, headers, job_id: int, states=("succeeded", "failed", "cancelled"), timeout: float = 180,
                  worker: WorkerProcess | None = None) -> dict:
     """Poll the API until the job reaches one of ``states``."""

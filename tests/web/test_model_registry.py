@@ -8,14 +8,14 @@ import pytest
 
 from app.db import session_scope
 from app.models import Checkpoint, ModelVersion
+from tests.conftest import run_inline
 from tests.web.test_pages import PASSWORD, csrf_token, person, sign_in  # noqa: F401 - person is a fixture
-from worker import runner
 
 IRIS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 
 
 def _run(settings, job_id: int) -> None:
-    assert runner.run(job_id, 0, worker="inline", settings=settings) == "succeeded"
+    assert run_inline(settings, job_id) == "succeeded"
 
 
 def _train(client, auth, settings, name: str, seed: int = 0, **extra) -> dict:

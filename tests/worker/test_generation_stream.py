@@ -13,6 +13,7 @@ from markupsafe import escape
 from app.accounts import create_user
 from app.db import session_scope
 from app.models import Job
+from tests.conftest import run_inline
 from tests.web.test_pages import PASSWORD, sign_in
 from worker import runner
 
@@ -54,9 +55,11 @@ def language_model(client, auth, settings):
     response = client.post("/api/v1/jobs", json={**TRAIN, "name": f"lm-{uuid.uuid4().hex[:6]}"}, headers=auth)
     assert response.status_code == 201, response.get_json()
     job_id = response.get_json()["id"]
-    assert runner.run(job_id, 0, worker="trainer", settings=settings) == "succeeded"
+    assert run_inline(settings, job_id) == "succeeded"
     with session_scope(settings.database_url) as s:
-        return s.get(Job, job_id).result["model"]
+        job = s.get(Job, job_id)
+        assert job.state == "succeeded", job.error_message
+        return job.result["model"]
 
 
 @pytest.fixture
