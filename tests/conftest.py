@@ -284,6 +284,19 @@ def worker(start_worker) -> WorkerProcess:
     return start_worker()
 
 
+def submit_unpublished(settings: settings_module.Settings, owner_id: int, spec: dict) -> int:
+    """Record a queued job through the service, without publishing its wake-up message: no test
+    worker left running on the session's queues will take it, so it stays queued."""
+    from app.db import session_scope
+    from app.jobs import service
+    from app.jobs.schemas import parse_spec
+    from app.models import User
+
+    with session_scope(settings.database_url, write=True) as s:
+        owner = s.get(User, owner_id)
+        return service.submit(session=s, owner=owner, spec=parse_spec(spec), settings=settings).id
+
+
 def run_inline(settings: settings_module.Settings, job_id: int, timeout: float = 180) -> str:
     """Run a job's first attempt in this process (no Celery); its final state.
 

@@ -9,6 +9,7 @@ from sqlalchemy import delete, select
 
 from app.db import session_scope
 from app.models import Attempt, Job, JobEvent, User, utcnow
+from tests.conftest import submit_unpublished
 from tests.web.test_pages import MLP, PASSWORD, person, sign_in  # noqa: F401 - person is a fixture
 from tests.web.test_polls import WRITES, statements
 
@@ -53,10 +54,12 @@ def test_users_and_viewers_get_404_on_the_dashboard_and_its_api(client, person):
         assert 'href="/admin"' not in browser.get("/jobs").get_data(as_text=True)
 
 
-def test_an_admin_sees_states_queues_workers_running_jobs_failures_and_usage(client, person, running_job):
+def test_an_admin_sees_states_queues_workers_running_jobs_failures_and_usage(client, person, running_job, settings):
     admin_email, admin = person("admin")
     user_email, user = person()
-    queued = client.post("/api/v1/jobs", json=MLP, headers=user).get_json()["id"]
+    with session_scope(settings.database_url) as s:
+        user_id = s.execute(select(User.id).where(User.email == user_email)).scalar_one()
+    queued = submit_unpublished(settings, user_id, MLP)  # stays queued: no worker hears of it
     job_id = running_job(user_email)
     data = client.get("/api/v1/admin/overview", headers=admin).get_json()
     assert data["jobs_by_state"]["running"] >= 1 and data["jobs_by_state"]["queued"] >= 1

@@ -7,6 +7,7 @@ from sqlalchemy import func, select
 
 from app.db import session_scope
 from app.models import Job
+from tests.conftest import submit_unpublished
 
 MLP = {"kind": "train", "name": "digits-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
        "hyperparameters": {"epochs": 1}}
@@ -85,12 +86,12 @@ def _job_routes(app) -> list[tuple[str, str]]:
     return routes
 
 
-def test_another_users_job_is_404_on_every_endpoint(app, client, make_user):
-    _, alice = make_user()
+def test_another_users_job_is_404_on_every_endpoint(app, client, make_user, settings):
+    alice_id, alice = make_user()
     _, bob = make_user()
     a = {"Authorization": f"Bearer {alice}"}
     b = {"Authorization": f"Bearer {bob}"}
-    job_id = client.post("/api/v1/jobs", json=MLP, headers=a).get_json()["id"]
+    job_id = submit_unpublished(settings, alice_id, MLP)  # stays queued: no worker hears of it
     missing = job_id + 10_000
     routes = _job_routes(app)
     assert {path.rsplit("/", 1)[-1] for _, path in routes} >= {"{}", "metrics", "events", "cancel", "retry", "pause",

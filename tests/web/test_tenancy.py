@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import ApiToken, Checkpoint, Job, ModelVersion
+from tests.conftest import submit_unpublished
 from tests.web.test_openapi import _add_history
 
 MLP = {"kind": "train", "name": "tenant-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:iris"}}
@@ -34,7 +35,7 @@ def test_every_route_answers_another_users_resource_as_a_missing_one(app, client
     alice_id, alice = make_user()
     _, bob = make_user()
     a, b = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
-    job_id = client.post("/api/v1/jobs", json=MLP, headers=a).get_json()["id"]
+    job_id = submit_unpublished(settings, alice_id, MLP)  # stays queued: no worker hears of it
     _add_history(settings, job_id, alice_id)
     upload = client.post("/api/v1/datasets", headers=a, content_type="multipart/form-data",
                          data={"file": (io.BytesIO(b"a,b,label\n1,2,x\n3,4,y\n"), "t.csv")})
