@@ -7,17 +7,26 @@ pause flags, so a stop request reaches the training loop within one heartbeat. A
 the attempt's final transaction, flush what is queued first, in their own transaction, so the
 stored order is the order of the reports. A flush the database refuses (the attempt lost its
 lease) makes :meth:`Recorder.stop_reason` answer "stale" and every later write raise StaleAttempt.
+
+A periodic checkpoint is persisted (file, fsync, sha256, row, retention) by the process's
+checkpoint thread while training goes on; the training thread only encodes it. At most one is in
+flight per attempt: the next checkpoint, a stop checkpoint and the attempt's end wait for it, and
+while it is in flight the heartbeat renews the lease without flushing reports, so none reported
+after it is stored before its row.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import math
+import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +41,29 @@ from app.settings import Settings
 from worker.heartbeat import SERVICE
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_THREAD = "kiln-checkpoint"
+
+
+class CheckpointWriter:
+    """The process's one checkpoint thread (started lazily, and again in a forked child)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid: int | None = None
+
+    def submit(self, persist: Callable[[], None]) -> Future:
+        """Run ``persist`` on the checkpoint thread, in the caller's logging context."""
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                # Not daemonic: an interpreter that exits waits for a checkpoint being written.
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=CHECKPOINT_THREAD)
+                self._pid = os.getpid()
+            return self._pool.submit(contextvars.copy_context().run, persist)
+
+
+WRITER = CheckpointWriter()
 
 
 class Recorder:
@@ -60,6 +92,8 @@ class Recorder:
         self._interval = max(0.2, min(settings.heartbeat_seconds, settings.lease_seconds / 3))
         self._renewed = time.monotonic()
         self._context: contextvars.Context | None = None
+        # The periodic checkpoint the checkpoint thread is persisting, if any (one at a time).
+        self._in_flight: Future | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -71,6 +105,7 @@ class Recorder:
 
     def close(self) -> None:
         """Take the attempt off the heartbeat thread; whatever is still queued is dropped."""
+        self._settle()
         SERVICE.unregister(self)
         with self._write_lock:  # a beat in flight finishes before the attempt is over
             self._closed = True
@@ -116,9 +151,12 @@ class Recorder:
             if self._pending_progress is None:
                 self._pending_progress = progress
 
-    def _write_queued(self, session: Session) -> Job:
-        """Write what is queued (and renew the lease) in ``session``; the caller holds ``_write_lock``."""
-        batch, progress = self._take()
+    def _write_queued(self, session: Session, *, hold: bool = False) -> Job:
+        """Write what is queued (and renew the lease) in ``session``; the caller holds ``_write_lock``.
+
+        ``hold``: renew only, leaving the queue for the checkpoint in flight to store.
+        """
+        batch, progress = ([], None) if hold else self._take()
         try:
             job = attempts.record_batch(session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                                         lease_seconds=self.settings.lease_seconds, metrics=batch, progress=progress)
@@ -131,9 +169,39 @@ class Recorder:
         self.flushes += 1
         return job
 
+    def wait_for_checkpoint(self) -> None:
+        """Wait until the checkpoint in flight is stored; raise (once) what stopped it.
+
+        Called on the attempt's own thread only; the heartbeat keeps holding reports until it returns.
+        """
+        future = self._in_flight
+        if future is not None:
+            try:
+                future.result()
+            finally:
+                self._in_flight = None
+
+    def _settle(self) -> None:
+        """Wait for the checkpoint in flight; its failure is logged (StaleAttempt also marks the attempt stale)."""
+        try:
+            self.wait_for_checkpoint()
+        except StaleAttempt:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the attempt is ending another way; the next one resumes
+            log.warning("event=checkpoint_failed job_id=%s attempt=%s error=%r", self.job_id, self.token, exc)
+
+    def _checkpoint_in_flight(self) -> bool:
+        future = self._in_flight
+        return future is not None and not future.done()
+
     @contextmanager
     def final(self, what: str) -> Iterator[Session]:
-        """The attempt's last fenced transaction: queued reports first, then the caller's writes."""
+        """The attempt's last fenced transaction: queued reports first, then the caller's writes.
+
+        A checkpoint still in flight is waited for first; a caller that must not end the attempt
+        on a checkpoint that failed calls :meth:`wait_for_checkpoint` before.
+        """
+        self._settle()
         self._check_live()
         with self._write_lock, self._fenced(what) as session:
             # With nothing queued, the final transition's own compare-and-set on the token is the fence.
@@ -144,6 +212,7 @@ class Recorder:
     @contextmanager
     def transaction(self, what: str) -> Iterator[Session]:
         """A fenced transaction of the running attempt: queued reports and a lease renewal first."""
+        self._settle()
         self._check_live()
         with self._write_lock, self._fenced(what) as session:
             self._write_queued(session)  # renews the lease: the fence of the caller's writes too
@@ -174,7 +243,7 @@ class Recorder:
                 return
             try:
                 with self._fenced("lease renewal and queued metrics") as session:
-                    job = self._write_queued(session)
+                    job = self._write_queued(session, hold=self._checkpoint_in_flight())
                     cancel, pause = job.cancel_requested_at, job.pause_requested_at
             except StaleAttempt:
                 log.warning("event=lease_lost job_id=%s attempt=%s", self.job_id, self.token)
@@ -190,9 +259,16 @@ class Recorder:
     # -- TrainingHooks -----------------------------------------------------------------------
 
     def stop_reason(self) -> str | None:
-        """Why the run must stop now, or None; "stale" once the database refused a write."""
+        """Why the run must stop now, or None; "stale" once the database refused a write.
+
+        A periodic checkpoint that failed to persist (a full disk) raises its error here, at the
+        next step, and the attempt fails as the synchronous write would have made it.
+        """
         if self._stale:
             return "stale"
+        future = self._in_flight
+        if future is not None and future.done() and future.exception() is not None:
+            self.wait_for_checkpoint()
         if self._reason is None and time.monotonic() > self.deadline:
             self._reason = "timeout"
         return self._reason
@@ -223,6 +299,18 @@ class Recorder:
 
     def on_checkpoint(self, epoch: int, step: int, data: bytes, *, metric_name: str | None,
                       metric_value: float | None, is_best: bool, reason: str) -> None:
+        """Persist a checkpoint: a periodic one on the checkpoint thread, a stop checkpoint before returning."""
+        self.wait_for_checkpoint()
+        self._check_live()
+        persist = functools.partial(self._persist_checkpoint, epoch, step, data, metric_name=metric_name,
+                                    metric_value=metric_value, is_best=is_best, reason=reason)
+        if reason != "periodic":
+            persist()  # the attempt ends next: its checkpoint must be stored first
+        else:
+            self._in_flight = WRITER.submit(persist)
+
+    def _persist_checkpoint(self, epoch: int, step: int, data: bytes, *, metric_name: str | None,
+                            metric_value: float | None, is_best: bool, reason: str) -> None:
         """Write the file atomically, then its row (fenced); apply retention, file first."""
         root = self.settings.storage_root
         # A stop checkpoint can land on the position of the periodic one just written: each gets

@@ -266,6 +266,9 @@ def _train(job_id: int, spec: TrainSpec, prepared: _Prepared, recorder: Recorder
         spec, hooks=recorder, dataset_file=prepared.dataset_file, dataset_format=prepared.dataset_format,
         resume=prepared.resume, init_from=prepared.init_from, device=spec.resources.device,
     )
+    # The last periodic checkpoint may still be on the checkpoint thread: the model version and the
+    # result name it, so it must be stored (or its failure fail the attempt) before they are.
+    recorder.wait_for_checkpoint()
     if result.stopped:
         return _stopped(job_id, recorder, result.stopped)
     # One transaction: the last queued metrics, the model version, the result, the attempt's end.

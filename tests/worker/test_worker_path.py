@@ -16,9 +16,10 @@ from app.accounts import create_user
 from app.db import get_engine, session_scope
 from app.jobs import service, states
 from app.jobs.schemas import parse_spec
-from app.models import Checkpoint, Job, JobEvent, Metric, User
+from app.models import Checkpoint, Job, JobEvent, Metric, ModelVersion, User
 from worker import runner
 from worker.heartbeat import THREAD_NAME
+from worker.recorder import CHECKPOINT_THREAD
 
 TRAIN = {"kind": "train", "name": "path-mlp", "model": {"arch": "mlp", "hidden_sizes": [16]},
          "dataset": {"id": "builtin:iris"},
@@ -91,6 +92,7 @@ def test_one_worker_process_runs_jobs_in_a_row_on_one_heartbeat_thread(settings,
         assert runner.run(job_id, 0, worker="inline", settings=settings) == "succeeded"
         after = [t for t in threading.enumerate() if "heartbeat" in t.name]
         assert [t.name for t in after] == [THREAD_NAME]  # nothing per job is left behind
+        assert len([t for t in threading.enumerate() if t.name.startswith(CHECKPOINT_THREAD)]) <= 1
     assert len(seen) == 6  # two checkpoints per training job, each seen from inside its run
     threads = {t.ident for during in seen for t in during}
     assert all([t.name for t in during] == [THREAD_NAME] for during in seen), seen
@@ -123,9 +125,13 @@ def test_training_writes_once_to_start_once_per_checkpoint_once_to_finish_and_ba
     monkeypatch.setattr(runner.Recorder, "on_metrics", note)
     with WriteTransactions(get_engine(settings.database_url)) as writes:
         assert runner.run(job_id, 0, worker="inline", settings=settings) == "succeeded"
-    # claim+start, one per checkpoint (3 epochs, keep_last 10: no retention), finish+registration;
-    # however many metrics the run reported, none was written by the training thread itself.
-    assert writes.by_thread[threading.current_thread().name] == 1 + 3 + 1, writes.by_thread
+    # The job's thread writes claim+start and finish+registration; each checkpoint (3 epochs,
+    # keep_last 10: no retention) is one transaction on the process's checkpoint thread; however
+    # many metrics the run reported, none was written by the training thread itself.
+    assert writes.by_thread[threading.current_thread().name] == 1 + 1, writes.by_thread
+    checkpoint_writes = {name: n for name, n in writes.by_thread.items() if name.startswith(CHECKPOINT_THREAD)}
+    assert sum(checkpoint_writes.values()) == 3 and len(checkpoint_writes) == 1, writes.by_thread
+    assert set(writes.by_thread) <= {threading.current_thread().name, THREAD_NAME, *checkpoint_writes}
     steps = sum(1 for scope, _, _ in reported if scope == "step")
     assert steps >= 3 * 6  # iris: 90 training rows in batches of 16, one report per step
     # Every report arrived, exactly once, in the order the training loop made it.
@@ -172,3 +178,59 @@ def test_a_revoked_lease_refuses_the_batched_flush_and_stores_nothing_after_it(s
         assert s.query(JobEvent).filter_by(job_id=job_id, to_state="succeeded").count() == 0
         # Leave no running job with a lease behind for the reaper tests sharing this database.
         states.transition(s, job_id, to="failed", expect="running", message="test over")
+
+
+def test_a_periodic_checkpoint_is_stored_off_the_training_thread_before_any_later_report(settings, monkeypatch):
+    # The epoch-1 checkpoint's file write is made slow (longer than the heartbeat's flush interval)
+    # while training goes on: the reports of epoch 2 must wait for its row, not overtake it.
+    job_id = _submit(settings, {**TRAIN, "name": "slow-disk"})
+    from worker import recorder as recorder_module
+
+    write_atomic = recorder_module.storage.write_atomic
+    seen: list[tuple[str, int]] = []
+
+    def slow_write(root, relative, data):
+        if "-e00001-" in relative:
+            time.sleep(1.5)
+            with session_scope(settings.database_url) as s:
+                later = s.query(Metric).filter(Metric.job_id == job_id, Metric.epoch >= 2).count()
+            seen.append((threading.current_thread().name, later))
+        return write_atomic(root, relative, data)
+
+    monkeypatch.setattr(recorder_module.storage, "write_atomic", slow_write)
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "succeeded"
+    assert len(seen) == 1
+    thread, later = seen[0]
+    assert thread.startswith(CHECKPOINT_THREAD) and later == 0, seen
+    with session_scope(settings.database_url) as s:
+        assert [c.epoch for c in s.query(Checkpoint).filter_by(job_id=job_id).order_by(Checkpoint.id)] == [1, 2, 3]
+        epochs = [m.epoch for m in s.query(Metric).filter_by(job_id=job_id, scope="epoch").order_by(Metric.id)]
+        assert epochs == [1, 2, 3]
+
+
+def test_a_periodic_checkpoint_that_cannot_be_stored_fails_the_attempt_and_the_retry_resumes(settings, monkeypatch):
+    job_id = _submit(settings, {**TRAIN, "name": "full-disk"})
+    from worker import recorder as recorder_module
+
+    write_atomic = recorder_module.storage.write_atomic
+
+    def full_disk(root, relative, data):
+        if "-e00002-" in relative:
+            raise OSError(28, "No space left on device")
+        return write_atomic(root, relative, data)
+
+    monkeypatch.setattr(recorder_module.storage, "write_atomic", full_disk)
+    # The failure reaches the job (an internal error, retried), never a success without its checkpoint.
+    assert runner.run(job_id, 0, worker="inline", settings=settings) == "queued"
+    with session_scope(settings.database_url) as s:
+        assert [c.epoch for c in s.query(Checkpoint).filter_by(job_id=job_id)] == [1]
+        assert s.query(ModelVersion).filter_by(job_id=job_id).count() == 0
+        traceback = s.query(JobEvent).filter_by(job_id=job_id, kind="traceback").one()
+        assert "No space left on device" in traceback.data["traceback"]
+    monkeypatch.setattr(recorder_module.storage, "write_atomic", write_atomic)
+    with session_scope(settings.database_url) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(not_before=None))  # the retry's backoff is over
+    assert runner.run(job_id, 1, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.resumed_from_epoch == 1 and job.result["epochs_completed"] == 3

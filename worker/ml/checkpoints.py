@@ -53,18 +53,40 @@ class Checkpoint:
     tokenizer: str | None = None
 
 
-def _cpu(tensor: torch.Tensor) -> torch.Tensor:
-    # safetensors refuses shared or strided storage; a contiguous CPU copy is always accepted.
-    return tensor.detach().to("cpu").contiguous().clone()
+class _Packed(dict):
+    """Tensors as safetensors accepts them: on the CPU, contiguous, no two sharing storage.
+
+    A tensor is copied only when it has to be (on a GPU, strided, or sharing storage with one
+    already packed, as tied weights do): :func:`encode` serialises before it returns, so the bytes
+    are the snapshot, and copying every tensor first would only double the work.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._storages: set[tuple[str, int]] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        if storage in self._storages and tensor.numel():
+            tensor = tensor.clone()
+            storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        self._storages.add(storage)
+        self[name] = tensor
+
+    def add_all(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        for key, tensor in tensors.items():
+            self.add(f"{prefix}.{key}", tensor)
 
 
 def encode(checkpoint: Checkpoint) -> bytes:
     """The checkpoint as safetensors bytes."""
-    tensors = {f"model.{k}": _cpu(v) for k, v in checkpoint.model.items()}
+    tensors = _Packed()
+    tensors.add_all("model", checkpoint.model)
     if checkpoint.best_model is not None:
-        tensors.update({f"best_model.{k}": _cpu(v) for k, v in checkpoint.best_model.items()})
-    tensors.update({f"rng.{k}": _cpu(v) for k, v in checkpoint.rng.items()})
-    tensors.update({f"normalizer.{k}": _cpu(v) for k, v in checkpoint.normalizer.items()})
+        tensors.add_all("best_model", checkpoint.best_model)
+    tensors.add_all("rng", checkpoint.rng)
+    tensors.add_all("normalizer", checkpoint.normalizer)
     metadata = {
         "format": FORMAT,
         "signature": json.dumps(checkpoint.signature),
@@ -76,7 +98,7 @@ def encode(checkpoint: Checkpoint) -> bytes:
         for index, values in checkpoint.optimizer["state"].items():
             for name, value in values.items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"optimizer.{index}.{name}"] = _cpu(value)
+                    tensors.add(f"optimizer.{index}.{name}", value)
                 else:
                     scalars.setdefault(str(index), {})[name] = value
         metadata["optimizer"] = json.dumps({"param_groups": checkpoint.optimizer["param_groups"], "scalars": scalars})
@@ -86,7 +108,7 @@ def encode(checkpoint: Checkpoint) -> bytes:
         metadata["vocabulary"] = json.dumps(checkpoint.vocabulary)
     if checkpoint.tokenizer is not None:
         metadata["tokenizer"] = checkpoint.tokenizer
-    return save_tensors(tensors, metadata=metadata)
+    return save_tensors(dict(tensors), metadata=metadata)
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

@@ -18,6 +18,16 @@ def test_macro_f1_is_scikit_learns_including_a_class_only_predicted():
     assert macro_f1(truth, truth) == 1.0
 
 
+def test_macro_f1_equals_scikit_learns_on_random_labels_with_absent_classes():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        k = int(rng.integers(2, 12))
+        truth = rng.integers(0, k, size=int(rng.integers(1, 60)))
+        predicted = rng.integers(0, k, size=len(truth))
+        expected = f1_score(truth, predicted, average="macro", zero_division=0)
+        assert macro_f1(truth, predicted) == pytest.approx(expected, abs=1e-12), (truth, predicted)
+
+
 def test_regression_metrics_are_scikit_learns():
     rng = np.random.default_rng(0)
     truth = rng.normal(size=50)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load as load_tensors
@@ -134,3 +135,38 @@ def test_catalog_embeddings_are_unit_norm_and_a_paraphrase_is_the_nearest_neighb
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     nearest = np.array(out["similarities"]).argmax(axis=1)
     assert nearest.tolist() == [1, 0, 3, 2]
+
+
+WARM = ("sunny", "hot", "warm", "summer", "fire", "desert", "tropical", "heat")
+COLD = ("snow", "ice", "winter", "frozen", "cold", "arctic", "frost", "glacier")
+
+
+def test_a_regression_head_fine_tunes_on_a_made_text_task_and_beats_predicting_the_mean(spec_for, hooks, tmp_path):
+    # A made text-regression task: six words, some warm and the rest cold; the "temperature" is
+    # five degrees per warm word. Nothing but the words says how warm a text is.
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(160):
+        warm = int(rng.integers(0, 7))
+        words = [*rng.choice(WARM, warm), *rng.choice(COLD, 6 - warm)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "temperature": 5.0 * warm})
+    frame = pd.DataFrame(rows)
+    path = tmp_path / "temperatures.csv"
+    frame.to_csv(path, index=False)
+    spec = spec_for("pretrained", "dataset:1", data={"text_column": "text", "target": "temperature"}, epochs=3,
+                    batch_size=16, learning_rate=5e-4,
+                    model={"base": "minilm-l6", "max_length": 16, "head": "regression"})
+    result = train(spec, hooks=hooks, dataset_file=path, dataset_format="csv")
+
+    train_idx, _, test_idx = split_indices(len(frame), spec.dataset.split)
+    truth = frame["temperature"].to_numpy()
+    mean_rmse = float(np.sqrt(np.mean((truth[test_idx] - truth[train_idx].mean()) ** 2)))
+    assert result.signature["task"] == "regression" and result.signature["num_outputs"] == 1
+    # Test metrics are in degrees (the targets were standardised for training and turned back).
+    assert result.test_metrics["test_rmse"] < 0.6 * mean_rmse, (result.test_metrics, mean_rmse)
+    assert result.test_metrics["test_r2"] > 0.5, result.test_metrics
+    clear_cache()
+    out = predict(hooks.checkpoints[-1].data, [" ".join(COLD[:6]), " ".join(WARM[:6])])
+    cold, warm = (p["value"] for p in out["predictions"])
+    assert cold < 10.0 < 20.0 < warm, (cold, warm)
