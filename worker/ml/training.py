@@ -239,17 +239,23 @@ def _end_epoch(run: Run, signature: dict) -> None:
 
 def save_checkpoint(run: Run, signature: dict, *, reason: str, metric_name: str | None = None,
                     metric_value: float | None = None, is_best: bool = False) -> None:
-    """Encode the run's exact state and hand it to ``hooks.on_checkpoint``."""
+    """Encode the run's exact state and hand it to ``hooks.on_checkpoint``.
+
+    The checkpoint of a finished run holds no optimizer or scheduler state: nothing trains on from
+    it (a resume of a finished run only evaluates, ``init_from`` reads the weights), and the
+    optimizer's moments are two thirds of an Adam checkpoint's bytes.
+    """
     progress = run.progress
     data = run.data
     best = None if progress.best_step == progress.step else run.best_weights
+    training_goes_on = not progress.finished
     encoded = checkpoints.encode(checkpoints.Checkpoint(
         model=run.model.state_dict(),
         signature=signature,
         spec=run.spec.model_dump(mode="json"),
         training=progress.to_dict(),
-        optimizer=run.optimizer.state_dict(),
-        scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
+        optimizer=run.optimizer.state_dict() if training_goes_on else None,
+        scheduler=run.scheduler.state_dict() if run.scheduler is not None and training_goes_on else None,
         rng=rng_state(run.device),
         best_model=best,
         normalizer=checkpoints.pack_standardizers(data.features, data.targets),

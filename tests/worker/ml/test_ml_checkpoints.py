@@ -102,3 +102,30 @@ def test_check_accepts_a_whole_checkpoint_and_refuses_a_cut_or_damaged_one(stopp
     with pytest.raises(checkpoints.UnreadableCheckpoint, match="signature"):
         checkpoints.check(damaged)
     assert issubclass(checkpoints.UnreadableCheckpoint, UserError)
+
+
+def test_tied_weights_are_stored_once_each_and_read_back_equal():
+    # A causal LM ties its output layer to the token embedding: two names, one storage.
+    embedding = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    data = checkpoints.encode(checkpoints.Checkpoint(
+        model={"embed.weight": embedding.weight, "head.weight": head.weight}, signature={}, spec={}))
+    decoded = checkpoints.decode(data)
+    assert torch.equal(decoded.model["embed.weight"], embedding.weight.detach())
+    assert torch.equal(decoded.model["head.weight"], embedding.weight.detach())
+
+
+def test_a_finished_runs_last_checkpoint_drops_the_optimizer_and_a_resume_from_it_only_evaluates(
+        spec_for, fake_hooks):
+    spec = spec_for(model={"dropout": 0.2}, epochs=2, batch_size=16, scheduler="cosine")
+    hooks = fake_hooks()
+    done = train(spec, hooks=hooks)
+    first, last = (checkpoints.decode(c.data) for c in hooks.checkpoints)
+    assert first.optimizer is not None and first.scheduler is not None  # training went on from it
+    assert last.training["finished"] and last.optimizer is None and last.scheduler is None
+    assert len(hooks.checkpoints[-1].data) < len(hooks.checkpoints[0].data) / 2
+    again = fake_hooks()
+    resumed = train(spec, hooks=again, resume=hooks.checkpoints[-1].data)
+    assert resumed.steps == done.steps and again.stop_checks == 0  # no step was trained
+    assert resumed.test_metrics == done.test_metrics
