@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 
 from app.accounts import create_user
 from app.db import get_engine, session_scope
+from app.jobs import metric_curves
 from app.migrate import upgrade
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -94,7 +95,8 @@ def _admin(statement: str) -> str:
 
 
 def fill(data: PollData, owners: tuple[int, int]) -> None:
-    """Insert the jobs, the metric rows, and the target job's checkpoints and attempts in one transaction."""
+    """Insert the jobs, the metric rows, and the target job's checkpoints and attempts in one transaction,
+    then fold each job's reports into its curves."""
     rng = random.Random(0)
     now = datetime.now(timezone.utc).replace(microsecond=0)
     start = now - timedelta(days=60)
@@ -134,6 +136,10 @@ def fill(data: PollData, owners: tuple[int, int]) -> None:
         writer.finish()
     finally:
         writer.close()
+    # Each job's curves, as the recorder folds them when it stores reports (one transaction).
+    with session_scope(data.url, write=True) as session:
+        for job_id in [target, *others]:
+            metric_curves.fold(session=session, job_id=job_id)
 
 
 def _job(rng: random.Random, i: int, owner: int, created: datetime, age: float, now: datetime) -> tuple:

@@ -7,7 +7,7 @@ from app.models.events import JobEvent
 from app.models.idempotency import IdempotencyKey
 from app.models.jobs import Attempt, Job
 from app.models.leases import ServiceLease
-from app.models.metrics import Metric
+from app.models.metrics import Metric, MetricCurveChunk
 from app.models.model_versions import ModelAlias, ModelVersion
 from app.models.users import ApiToken, User
 from app.models.webhooks import WebhookAttempt, WebhookDelivery
@@ -23,6 +23,7 @@ __all__ = [
     "Job",
     "JobEvent",
     "Metric",
+    "MetricCurveChunk",
     "ModelAlias",
     "ModelVersion",
     "ServiceLease",

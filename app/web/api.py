@@ -14,7 +14,7 @@ from sqlalchemy import select
 from werkzeug.formparser import FormDataParser
 
 from app import catalog, datasets, storage
-from app.jobs import service
+from app.jobs import metric_curves, service
 from app.jobs.errors import InvalidParameter, SpecError
 from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES
@@ -221,6 +221,10 @@ def job_metrics(job_id: int):
     etag = _etag("metrics", job_id, newest, scope, points, limit, after, since, latest)
     if (unchanged := _not_modified(etag)) is not None:
         return unchanged
+    if points and after is None and since is None and not latest and "limit" not in request.args:
+        # The whole series, from the curves kept as reports arrive: no report is read or parsed.
+        curves = metric_curves.read(session=db(), job_id=job_id, scope=scope, points=points)
+        return _tagged({"points": points, "series": serializers.metric_series(curves), "next_after": None}, etag)
     stmt = select(*serializers.METRIC_COLUMNS).where(Metric.job_id == job_id).order_by(Metric.id).limit(limit)
     if scope:
         stmt = stmt.where(Metric.scope == scope)
@@ -235,7 +239,8 @@ def job_metrics(job_id: int):
         newest_report = {(r[2], r[3], r[4]): r for r in rows}
         rows = sorted(newest_report.values(), key=lambda r: r[0])
     if points:
-        body = {"points": points, "series": serializers.metric_series(rows, points)}
+        curves = metric_curves.curves_of(((r[0], r[2], r[3], r[4], r[5]) for r in rows), points)
+        body = {"points": points, "series": serializers.metric_series(curves)}
     else:
         body = {"items": [serializers.metric(r) for r in rows]}
     body["next_after"] = next_after

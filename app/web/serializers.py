@@ -6,11 +6,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import model_registry
+from app.jobs.metric_curves import Curve
 from app.models import Attempt, Checkpoint, Dataset, JobEvent, Metric, ModelVersion
 
 
@@ -98,7 +98,7 @@ def model_version(m: ModelVersion) -> dict[str, Any]:
     }
 
 
-# The columns a metrics row is read with, in the order :func:`metric` and :func:`metric_series` unpack.
+# The columns a metrics row is read with, in the order :func:`metric` unpacks.
 METRIC_COLUMNS = (Metric.id, Metric.attempt, Metric.scope, Metric.epoch, Metric.step, Metric.values, Metric.at)
 
 
@@ -109,50 +109,12 @@ def metric(row: Sequence[Any]) -> dict[str, Any]:
             "at": iso(at)}
 
 
-def downsample(values: Sequence[float], points: int) -> list[int]:
-    """Indices of ``values`` to draw with at most ``points`` (>= 4) points: the series is cut into
-    ``points // 4`` equal buckets and each keeps its first, last, smallest and largest value, so
-    spikes and the ends survive. Returns every index when the series is short enough."""
-    n = len(values)
-    if n <= points:
-        return list(range(n))
-    ys = np.asarray(values, dtype=np.float64)
-    buckets = max(1, points // 4)
-    bounds = [b * n // buckets for b in range(buckets + 1)]
-    kept: list[int] = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        if lo >= hi:
-            continue
-        part = ys[lo:hi]  # argmin/argmax keep the first of equal values, as min()/max() would
-        kept.extend(sorted({lo, hi - 1, lo + int(part.argmin()), lo + int(part.argmax())}))
-    return kept
-
-
-def metric_series(rows: Iterable[Sequence[Any]], points: int) -> list[dict[str, Any]]:
-    """One curve per (scope, metric name), each downsampled to at most ``points`` points of
-    ``[id, epoch, step, value]``; reports without a value for a name (or a null one) are gaps."""
-    rows = rows if isinstance(rows, list) else list(rows)
-    # Only row positions and values are collected; points are built for the kept indices alone.
-    curves: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
-    for position, row in enumerate(rows):
-        values = row[5]
-        if not values:
-            continue
-        scope = row[2]
-        for name, value in values.items():
-            if value is None:
-                continue
-            curve = curves.get((scope, name))
-            if curve is None:
-                curve = curves[scope, name] = ([], [])
-            curve[0].append(position)
-            curve[1].append(value)
-    series = []
-    for (scope, name), (positions, ys) in curves.items():
-        kept = [(rows[positions[i]], ys[i]) for i in downsample(ys, points)]
-        series.append({"scope": scope, "name": name, "count": len(ys),
-                       "points": [[row[0], row[3], row[4], value] for row, value in kept]})
-    return series
+def metric_series(curves: Iterable[Curve]) -> list[dict[str, Any]]:
+    """Downsampled curves (one per scope and metric name) as points of ``[id, epoch, step, value]``,
+    with ``count``, the points each has in all."""
+    return [{"scope": c.scope, "name": c.name, "count": c.count,
+             "points": c.points.tolist()}  # (id, epoch, step, value) tuples: JSON arrays
+            for c in curves]
 
 
 def event(e: JobEvent) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from app.accounts import TOKEN_USE_RESOLUTION, hash_token
 from app.db import get_engine, session_scope
 from app.models import ApiToken, Job, Metric, utcnow
 from app.web import serializers
-from app.web.serializers import downsample
+from app.jobs.metric_curves import downsample
 
 MLP = {"kind": "train", "name": "poll-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
        "hyperparameters": {"epochs": 1}}
