@@ -68,7 +68,7 @@ def _ping_if_idle(dbapi_connection, record, _proxy) -> None:
         raise DisconnectionError(f"pooled connection failed its idle ping: {exc!r}") from exc
 
 
-def _json_loads(text: str):
+def json_loads(text: str):
     # JSON columns are read on every poll (metric values, specs): orjson parses them several times
     # faster. Rows written before non-finite numbers were stored as null may hold NaN literals,
     # which only the standard library reads.
@@ -86,14 +86,14 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30}, json_deserializer=_json_loads)
+        engine = create_engine(url, connect_args={"timeout": 30}, json_deserializer=json_loads)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     # Every Kiln transaction is short. A process frozen inside one (SIGSTOP, a partition) would
     # hold its row locks and stall the reaper, so the server ends such a session after 15 s.
     connect_args = {"options": "-c idle_in_transaction_session_timeout=15000"} if url.startswith("postgresql") else {}
-    engine = create_engine(url, json_deserializer=_json_loads, pool_pre_ping=False, pool_recycle=POOL_RECYCLE_SECONDS, pool_size=5,
+    engine = create_engine(url, json_deserializer=json_loads, pool_pre_ping=False, pool_recycle=POOL_RECYCLE_SECONDS, pool_size=5,
                            max_overflow=10, connect_args=connect_args)
     event.listen(engine, "checkin", _stamp_checkin)
     event.listen(engine, "checkout", _ping_if_idle)

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from werkzeug.formparser import FormDataParser
 
 from app import catalog, datasets, storage
+from app.db import json_loads
 from app.jobs import metric_curves, service
 from app.jobs.errors import InvalidParameter, SpecError
 from app.jobs.schemas import parse_spec
@@ -232,17 +233,17 @@ def job_metrics(job_id: int):
         stmt = stmt.where(Metric.id > after)
     if since is not None:
         stmt = stmt.where(Metric.at >= since)
-    rows = db().execute(stmt).all()
+    rows = db().connection().execute(stmt).all()  # Core rows: no ORM loading per row
     next_after = rows[-1][0] if len(rows) == limit else None
     if latest:
         # One curve: where a resumed attempt redid an epoch, keep the newest attempt's report.
         newest_report = {(r[2], r[3], r[4]): r for r in rows}
         rows = sorted(newest_report.values(), key=lambda r: r[0])
     if points:
-        curves = metric_curves.curves_of(((r[0], r[2], r[3], r[4], r[5]) for r in rows), points)
+        curves = metric_curves.curves_of(((r[0], r[2], r[3], r[4], json_loads(r[5])) for r in rows), points)
         body = {"points": points, "series": serializers.metric_series(curves)}
     else:
-        body = {"items": [serializers.metric(r) for r in rows]}
+        body = {"items": serializers.metrics_page(rows)}
     body["next_after"] = next_after
     return _tagged(body, etag)
 

@@ -6,12 +6,15 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+import orjson
+from sqlalchemy import Text, cast, select
 from sqlalchemy.orm import Session
 
 from app import model_registry
+from app.db import json_loads
 from app.jobs.metric_curves import Curve
 from app.models import Attempt, Checkpoint, Dataset, JobEvent, Metric, ModelVersion
+from app.models.base import iso_utc
 
 
 def iso(value: datetime | None) -> str | None:
@@ -98,15 +101,22 @@ def model_version(m: ModelVersion) -> dict[str, Any]:
     }
 
 
-# The columns a metrics row is read with, in the order :func:`metric` unpacks.
-METRIC_COLUMNS = (Metric.id, Metric.attempt, Metric.scope, Metric.epoch, Metric.step, Metric.values, Metric.at)
+# A page of reports reads ``values`` as the JSON text it is stored as and ``at`` formatted by the
+# database, so neither is parsed and re-encoded in Python, value by value.
+METRIC_COLUMNS = (Metric.id, Metric.attempt, Metric.scope, Metric.epoch, Metric.step, cast(Metric.values, Text),
+                  iso_utc(Metric.at))
 
 
-def metric(row: Sequence[Any]) -> dict[str, Any]:
-    """One metrics report, from a row of :data:`METRIC_COLUMNS`."""
-    id_, attempt_, scope, epoch, step, values, at = row
-    return {"id": id_, "attempt": attempt_, "scope": scope, "epoch": epoch, "step": step, "values": values,
-            "at": iso(at)}
+def metrics_page(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Metrics reports, from rows of :data:`METRIC_COLUMNS`; each one's stored JSON goes into the
+    body as it is."""
+    if any("NaN" in text or "Infinity" in text for text in (r[5] for r in rows)):
+        # Rows from before non-finite numbers were stored as null: parsed, they are written as null.
+        return [{"id": id_, "attempt": attempt_, "scope": scope, "epoch": epoch, "step": step,
+                 "values": json_loads(values), "at": at} for id_, attempt_, scope, epoch, step, values, at in rows]
+    fragment = orjson.Fragment
+    return [{"id": id_, "attempt": attempt_, "scope": scope, "epoch": epoch, "step": step,
+             "values": fragment(values), "at": at} for id_, attempt_, scope, epoch, step, values, at in rows]
 
 
 def metric_series(curves: Iterable[Curve]) -> list[dict[str, Any]]:

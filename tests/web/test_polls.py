@@ -120,7 +120,7 @@ def test_a_304_builds_no_body_and_a_change_changes_the_etag(client, auth, settin
         raise AssertionError("a 304 serialised the body")
 
     with monkeypatch.context() as m:
-        for name in ("job_summary", "job_detail", "metric", "metric_series"):
+        for name in ("job_summary", "job_detail", "metrics_page", "metric_series"):
             m.setattr(serializers, name, forbidden)
         again = client.get(url, headers={**auth, "If-None-Match": etag})
     assert again.status_code == 304 and again.get_data() == b"" and again.headers["ETag"] == etag
@@ -176,3 +176,31 @@ def test_metrics_api_downsamples_each_curve_and_pages(client, auth, settings):
     for bad in ("points=2", "points=x", "scope=nope"):
         r = client.get(f"/api/v1/jobs/{job_id}/metrics?{bad}", headers=auth)
         assert r.status_code == 422 and r.mimetype == "application/problem+json", bad
+
+
+def test_a_page_of_reports_answers_each_as_it_was_recorded(client, auth, settings):
+    from datetime import datetime, timezone
+
+    from sqlalchemy import text
+
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=auth).get_json()["id"]
+    whole = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    moments = [whole, whole.replace(microsecond=120), whole.replace(microsecond=999999)]
+    with session_scope(settings.database_url) as s:
+        for i, at in enumerate(moments):
+            s.add(Metric(job_id=job_id, attempt=1, scope="epoch", epoch=i, step=i, at=at,
+                         values={"val_loss": 0.5 / (i + 1), "acc": None, "note": [1, {"k": "v"}]}))
+        if s.bind.dialect.name == "sqlite":
+            # A row from before non-finite numbers were stored as null (PostgreSQL's JSON never held NaN).
+            s.execute(text("INSERT INTO metrics (job_id, attempt, scope, epoch, step, \"values\", at) "
+                           "VALUES (:job, 1, 'epoch', 3, 3, '{\"val_loss\": NaN, \"r2\": 0.1}', '2026-01-02 03:04:05.000000')"),
+                      {"job": job_id})
+    items = client.get(f"/api/v1/jobs/{job_id}/metrics?limit=10", headers=auth).get_json()["items"]
+    assert [m["at"] for m in items[:3]] == ["2026-01-02T03:04:05Z", "2026-01-02T03:04:05.000120Z",
+                                            "2026-01-02T03:04:05.999999Z"]
+    assert [m["values"] for m in items[:3]] == [{"val_loss": 0.5 / (i + 1), "acc": None, "note": [1, {"k": "v"}]}
+                                                for i in range(3)]
+    assert [(m["epoch"], m["step"], m["attempt"], m["scope"]) for m in items[:3]] == [(i, i, 1, "epoch") for i in range(3)]
+    assert len(items) == (4 if settings.database_url.startswith("sqlite") else 3)
+    if len(items) == 4:
+        assert items[3]["values"] == {"val_loss": None, "r2": 0.1} and items[3]["at"] == "2026-01-02T03:04:05Z"
