@@ -89,10 +89,13 @@ def probes(data: poll_data.PollData) -> list[Probe]:
     def listing(s: str) -> bool:
         return "FROM jobs" in s and "ORDER BY jobs.id DESC" in s
 
+    def list_version(s: str) -> bool:
+        return "FROM job_list_versions" in s
+
     job, base = data.target_job, "/api/v1"
     return [
-        Probe("GET /jobs (first page)", f"{base}/jobs", listing, listing),
-        Probe("GET /jobs?cursor=<deep>", f"{base}/jobs?cursor={data.deep_cursor}", listing, listing),
+        Probe("GET /jobs (first page)", f"{base}/jobs", listing, list_version),
+        Probe("GET /jobs?cursor=<deep>", f"{base}/jobs?cursor={data.deep_cursor}", listing, list_version),
         Probe("GET /jobs/<id>", f"{base}/jobs/{job}", lambda s: "jobs.spec" in s,
               lambda s: "count(checkpoints.id)" in s),
         Probe("GET /jobs/<id>/metrics?scope=step&points=500", f"{base}/jobs/{job}/metrics?scope=step&points=500",

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 
-from sqlalchemy import Row, String, cast, func, select, update
+from sqlalchemy import Row, String, bindparam, cast, func, select, update
 from sqlalchemy.orm import Session
 
 from app import catalog, images, model_registry, pretrained, sizing, task_rules, webhook_security
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import ARCHITECTURES, GENERATION_FIELDS, DatasetRef, PredictSpec, TrainSpec
-from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion, User, utcnow
+from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, JobListVersion, Metric, ModelVersion, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
 
 
@@ -47,6 +48,24 @@ def read_job(*, session: Session, user: User, job_id: int) -> Row:
     if row is None:
         raise NotFound(f"job {job_id} not found")
     return row
+
+
+def etag(*parts: object) -> str:
+    """A strong ETag from a resource's cheap version (:func:`job_list_version`, :func:`job_version`,
+    :func:`metrics_version`) and whatever else shapes its body (the query, the kind of answer)."""
+    return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
+
+
+# Module-level, so it is compiled once: a list's 304 runs it and nothing else but the token's lookup.
+_LIST_VERSION = select(func.coalesce(func.sum(JobListVersion.version), 0)).where(
+    JobListVersion.owner_id == bindparam("owner"))
+
+
+def job_list_version(*, session: Session, user: User) -> int:
+    """A number that grows with every insert, update and delete of a job ``user`` may list (their
+    own; every job for an admin), counted by triggers on ``jobs`` in the transaction of the change
+    (:class:`app.models.JobListVersion`): a job list's ETag, decided without reading a job."""
+    return session.connection().execute(_LIST_VERSION, {"owner": 0 if user.is_admin else user.id}).scalar_one()
 
 
 def job_version(*, session: Session, user: User, job_id: int) -> tuple:
