@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
-_factories: dict[tuple[str, bool], sessionmaker[Session]] = {}
+_factories: dict[tuple[str, str], sessionmaker[Session]] = {}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -115,18 +115,23 @@ def get_engine(url: str | None = None) -> Engine:
         engine = _engines.get(url)
         if engine is None:
             engine = _engines[url] = make_engine(url)
-            _factories[url, False] = sessionmaker(bind=engine, expire_on_commit=False)
+            _factories[url, "read"] = sessionmaker(bind=engine, expire_on_commit=False)
             writer = engine.execution_options(**{WRITE_OPTION: True})
-            _factories[url, True] = sessionmaker(bind=writer, expire_on_commit=False)
+            _factories[url, "write"] = sessionmaker(bind=writer, expire_on_commit=False)
+            # PostgreSQL: no BEGIN and ROLLBACK round trips around a request that only reads; at READ
+            # COMMITTED each statement sees its own snapshot either way. pysqlite already reads so.
+            poll = engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine
+            _factories[url, "poll"] = sessionmaker(bind=poll, expire_on_commit=False)
         return engine
 
 
-def session_factory(url: str | None = None, *, write: bool = False) -> sessionmaker[Session]:
+def session_factory(url: str | None = None, *, write: bool = False, poll: bool = False) -> sessionmaker[Session]:
     """Return the session factory for ``url``; ``write=True`` for a session that will write
-    (on SQLite it takes the write lock when its transaction starts)."""
+    (on SQLite it takes the write lock when its transaction starts); ``poll=True`` for a web
+    request that only reads (each statement commits at once: use it for nothing that must be atomic)."""
     url = _resolve(url)
     get_engine(url)
-    return _factories[url, write]
+    return _factories[url, "write" if write else "poll" if poll else "read"]
 
 
 @contextmanager
