@@ -158,11 +158,12 @@ def list_jobs():
 @api.get("/jobs/<int:job_id>")
 def get_job(job_id: int):
     """One job: state, progress, metrics, checkpoints, result, error."""
-    etag = service.etag("job", job_id, service.job_version(session=db(), user=current_user(), job_id=job_id))
-    if (unchanged := _not_modified(etag)) is not None:
-        return unchanged
+    if request.if_none_match:  # a revalidating poll: decided from the version alone
+        etag = service.etag("job", job_id, service.job_version(session=db(), user=current_user(), job_id=job_id))
+        if (unchanged := _not_modified(etag)) is not None:
+            return unchanged
     job = service.read_job(session=db(), user=current_user(), job_id=job_id)
-    return _tagged(serializers.job_detail(db(), job), etag)
+    return _tagged(serializers.job_detail(db(), job), service.etag("job", job_id, service.version_of(job)))
 
 
 @api.post("/jobs/<int:job_id>/cancel")

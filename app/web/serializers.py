@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Text, cast, select
+from sqlalchemy import Row, Text, cast, select
 from sqlalchemy.orm import Session
 
 from app import model_registry
@@ -40,11 +40,15 @@ def job_summary(job: Any) -> dict[str, Any]:
 
 
 def job_detail(session: Session, job: Any) -> dict[str, Any]:
-    """Everything a user needs about one job (``job`` is a Job or a row of the service's DETAIL_COLUMNS)."""
-    latest = session.execute(
-        select(Metric.values, Metric.epoch)
-        .where(Metric.job_id == job.id, Metric.scope == "epoch").order_by(Metric.id.desc()).limit(1)
-    ).one_or_none()
+    """Everything a user needs about one job (``job`` is a Job or a row of ``service.read_job``, which
+    carries its newest epoch report)."""
+    if isinstance(job, Row):
+        latest = (job.latest_values, job.latest_epoch) if job.latest_epoch is not None else None
+    else:
+        latest = session.execute(
+            select(Metric.values, Metric.epoch)
+            .where(Metric.job_id == job.id, Metric.scope == "epoch").order_by(Metric.id.desc()).limit(1)
+        ).one_or_none()
     checkpoints = session.execute(
         select(Checkpoint.__table__).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step, Checkpoint.id)
     )
@@ -63,7 +67,7 @@ def job_detail(session: Session, job: Any) -> dict[str, Any]:
             "cancel_requested_at": iso(job.cancel_requested_at),
             "pause_requested_at": iso(job.pause_requested_at),
             "resumed_from_epoch": job.resumed_from_epoch,
-            "latest_metrics": dict(latest.values, epoch=latest.epoch) if latest else None,
+            "latest_metrics": dict(latest[0], epoch=latest[1]) if latest else None,
             "checkpoints": [checkpoint(c) for c in checkpoints],
             "attempt_history": [attempt(a) for a in history],
             "model": model_version(model) if model else None,
