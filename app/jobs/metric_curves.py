@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, func, insert, select, tuple_, update
+from sqlalchemy import Text, and_, bindparam, cast, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
+from app.db import json_loads
 from app.models import Metric, MetricCurveChunk
 
 # One point of a curve: the report's id, epoch and step, and the value.
@@ -89,19 +90,40 @@ def _summaries(points: np.ndarray) -> np.ndarray:
     return out
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _joined(*parts: np.ndarray) -> np.ndarray:
+    # np.concatenate of structured arrays promotes their fields at every call: copy into one instead.
+    out = np.empty(sum(len(p) for p in parts), dtype=POINT)
+    at = 0
+    for part in parts:
+        out[at:at + len(part)] = part
+        at += len(part)
+    return out
+
+
+_NUMBERS = (float, int)  # exact types: a bool is not a point
 
 
 def points_of(rows: Iterable[Sequence[Any]]) -> dict[tuple[str, str], list[tuple]]:
     """The points of each (scope, name) in rows of (id, scope, epoch, step, values), in row order;
     a report without a finite number for a name is a gap in that curve."""
     curves: dict[tuple[str, str], list[tuple]] = {}
+    finite, numbers = math.isfinite, _NUMBERS
     for id_, scope, epoch, step, values in rows:
-        for name, value in (values or {}).items():
-            if _finite(value):
-                curves.setdefault((scope, name), []).append((id_, epoch, step, value))
+        if not values:
+            continue
+        for name, value in values.items():
+            if type(value) in numbers and finite(value):
+                points = curves.get((scope, name))
+                if points is None:
+                    points = curves[scope, name] = []
+                points.append((id_, epoch, step, value))
     return curves
+
+
+def _parsed(rows: Iterable[Sequence[Any]]):
+    # Reports read with their values as stored text (see _report_rows), parsed here in one step.
+    for id_, scope, epoch, step, text in rows:
+        yield id_, scope, epoch, step, json_loads(text)
 
 
 def _in_order(curves: list[Curve]) -> list[Curve]:
@@ -120,32 +142,34 @@ def curves_of(rows: Iterable[Sequence[Any]], points: int) -> list[Curve]:
 
 
 def _report_rows(job_id: int, after: int, scope: str | None = None):
-    stmt = (select(Metric.id, Metric.scope, Metric.epoch, Metric.step, Metric.values)
+    stmt = (select(Metric.id, Metric.scope, Metric.epoch, Metric.step, cast(Metric.values, Text))
             .where(Metric.job_id == job_id, Metric.id > after).order_by(Metric.id))
     return stmt.where(Metric.scope == scope) if scope else stmt
 
 
-def _write(session: Session, job_id: int, key: tuple[str, str, int], head, keep: int, records: np.ndarray,
-           total: int, covered: int) -> None:
-    """Replace a level's records after the first ``keep`` of its last chunk ``head`` with ``records``."""
+def _chunks(key: tuple[str, str, int], head, keep: int, records: np.ndarray, total: int, covered: int):
+    """The chunk rows that replace a level's records after the first ``keep`` of its last chunk
+    ``head`` with ``records``; each is (whether it exists already, its values)."""
     scope, name, level = key
     number, kept = 0, _EMPTY
     if head is not None:
         number, kept = (head.chunk + 1, _EMPTY) if keep == CHUNK_RECORDS else (
             head.chunk, np.frombuffer(head.points, dtype=POINT)[:keep])
-    data = np.concatenate([kept, records])
-    chunk = MetricCurveChunk
+    data = _joined(kept, records)
     for start in range(0, len(data), CHUNK_RECORDS):
         part = data[start:start + CHUNK_RECORDS]
-        values = {"count": len(part), "total": total, "covered_id": covered, "points": part.tobytes()}
-        if head is not None and number == head.chunk:
-            session.execute(update(chunk).where(
-                chunk.job_id == job_id, chunk.scope == scope, chunk.name == name, chunk.level == level,
-                chunk.chunk == number).values(**values))
-        else:
-            session.execute(insert(chunk).values(job_id=job_id, scope=scope, name=name, level=level, chunk=number,
-                                                 **values))
+        yield head is not None and number == head.chunk, {
+            "c_scope": scope, "c_name": name, "c_level": level, "c_chunk": number, "count": len(part),
+            "total": total, "covered_id": covered, "points": part.tobytes()}
         number += 1
+
+
+_chunk = MetricCurveChunk
+_UPDATE_CHUNK = (update(_chunk).where(_chunk.job_id == bindparam("c_job"), _chunk.scope == bindparam("c_scope"),
+                                      _chunk.name == bindparam("c_name"), _chunk.level == bindparam("c_level"),
+                                      _chunk.chunk == bindparam("c_chunk")))
+_INSERT_CHUNK = insert(_chunk).values(job_id=bindparam("c_job"), scope=bindparam("c_scope"), name=bindparam("c_name"),
+                                      level=bindparam("c_level"), chunk=bindparam("c_chunk"))
 
 
 def fold(*, session: Session, job_id: int) -> None:
@@ -161,24 +185,31 @@ def fold(*, session: Session, job_id: int) -> None:
         .join(newest, and_(chunk.job_id == job_id, chunk.scope == newest.c.scope, chunk.name == newest.c.name,
                            chunk.level == newest.c.level, chunk.chunk == newest.c.chunk)))}
     covered = max((h.covered_id for h in heads.values()), default=0)
-    rows = session.execute(_report_rows(job_id, covered)).all()
+    rows = list(_parsed(session.connection().execute(_report_rows(job_id, covered)).all()))
     if not rows:
         return
     covered = rows[-1][0]
+    writes: dict[bool, list[dict]] = {True: [], False: []}  # rewritten chunks, new chunks
     for (scope, name), found in points_of(rows).items():
         new = np.array(found, dtype=POINT)
         head = heads.get((scope, name, POINTS))
         stored = head.total if head is not None else 0
         last_chunk = np.frombuffer(head.points, dtype=POINT) if head is not None else _EMPTY
         total = stored + len(new)
-        _write(session, job_id, (scope, name, POINTS), head, len(last_chunk), new, total, covered)
+        for exists, values in _chunks((scope, name, POINTS), head, len(last_chunk), new, total, covered):
+            writes[exists].append(values)
         # Summaries from the block the new points begin in (its earlier points are in the last chunk).
         block = stored // BLOCK
         earlier = last_chunk[block * BLOCK - head.chunk * CHUNK_RECORDS:] if head is not None else _EMPTY
-        summaries = _summaries(np.concatenate([earlier, new]))
+        summaries = _summaries(_joined(earlier, new))
         summary_head = heads.get((scope, name, SUMMARIES))
         keep = 4 * block - summary_head.chunk * CHUNK_RECORDS if summary_head is not None else 0
-        _write(session, job_id, (scope, name, SUMMARIES), summary_head, keep, summaries, total, covered)
+        for exists, values in _chunks((scope, name, SUMMARIES), summary_head, keep, summaries, total, covered):
+            writes[exists].append(values)
+    connection = session.connection()
+    for exists, statement in ((True, _UPDATE_CHUNK), (False, _INSERT_CHUNK)):
+        if writes[exists]:
+            connection.execute(statement, [dict(values, c_job=job_id) for values in writes[exists]])
 
 
 def read(*, session: Session, job_id: int, points: int, scope: str | None = None) -> list[Curve]:
@@ -194,19 +225,22 @@ def read(*, session: Session, job_id: int, points: int, scope: str | None = None
     covered = 0
     # covered_id is read in the same statement as the chunks: the reports after it are exactly those
     # that no chunk of this snapshot holds.
-    for row in session.execute(stmt):
+    connection = session.connection()
+    for row in connection.execute(stmt):
         summaries.setdefault((row.scope, row.name), []).append(row.points)
         totals[row.scope, row.name] = max(totals.get((row.scope, row.name), 0), row.total)
         covered = max(covered, row.covered_id)
     later = {key: np.array(found, dtype=POINT)
-             for key, found in points_of(session.execute(_report_rows(job_id, covered, scope))).items()}
+             for key, found in points_of(_parsed(
+                 connection.execute(_report_rows(job_id, covered, scope)).all())).items()}
     # A curve too short for a bucket to span whole blocks is drawn from its points.
     short = {key for key, total in totals.items() if total <= BLOCK * buckets}
     stored: dict[tuple[str, str], list[bytes]] = {}
     if short:
-        for row in session.execute(
+        for row in connection.execute(
                 select(chunk.scope, chunk.name, chunk.points)
-                .where(chunk.job_id == job_id, chunk.level == POINTS, tuple_(chunk.scope, chunk.name).in_(sorted(short)))
+                .where(chunk.job_id == job_id, chunk.level == POINTS,
+                       tuple_(chunk.scope, chunk.name).in_(sorted(short)))
                 .order_by(chunk.scope, chunk.name, chunk.chunk)):
             stored.setdefault((row.scope, row.name), []).append(row.points)
     curves = []
@@ -216,11 +250,11 @@ def read(*, session: Session, job_id: int, points: int, scope: str | None = None
             blocks = np.frombuffer(b"".join(summaries[key]), dtype=POINT).reshape(-1, 4)
             starts = np.arange(len(blocks), dtype=np.int64) * BLOCK
             if len(tail):  # later points are blocks of one
-                blocks = np.concatenate([blocks, np.repeat(tail, 4).reshape(-1, 4)])
+                blocks = _joined(blocks.ravel(), np.repeat(tail, 4)).reshape(-1, 4)
                 starts = np.concatenate([starts, total + np.arange(len(tail))])
             curves.append(Curve(*key, total + len(tail), _from_summaries(blocks, starts, total + len(tail), points)))
         else:
             # A later fold may have added points since the summaries were read: keep the first ``total``.
             every = np.frombuffer(b"".join(stored.get(key, [])), dtype=POINT)[:total]
-            curves.append(_drawn(*key, np.concatenate([every, tail]), points))
+            curves.append(_drawn(*key, _joined(every, tail), points))
     return _in_order(curves)

@@ -107,6 +107,7 @@ class JobListVersion(Base):
     shrink back to a value they had."""
 
     __tablename__ = "job_list_versions"
+    __table_args__ = {"postgresql_with": {"fillfactor": 50}}  # room for HOT updates of hot counters
 
     owner_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
