@@ -12,7 +12,7 @@ import hashlib
 import secrets
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -104,6 +104,15 @@ def issue_token(*, session: Session, user: User, name: str = "default", expires_
     return token
 
 
+# Built once (every API request runs it): the active owner of a live, unexpired token.
+_TOKEN_OWNER = (
+    select(ApiToken.id, ApiToken.last_used_at, User)
+    .join(User, User.id == ApiToken.user_id)
+    .where(ApiToken.token_sha256 == bindparam("sha256"), ApiToken.revoked_at.is_(None), User.active.is_(True),
+           or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > bindparam("now")))
+)
+
+
 def authenticate(*, session: Session, token: str) -> tuple[User, bool] | None:
     """The active user owning an unrevoked ``token`` and whether its use was recorded (a pending UPDATE
     the caller commits), or None. Use is recorded at most once per ``TOKEN_USE_RESOLUTION``, so
@@ -111,12 +120,7 @@ def authenticate(*, session: Session, token: str) -> tuple[User, bool] | None:
     if not token or len(token) > 200:
         return None
     now = utcnow()
-    row = session.execute(
-        select(ApiToken.id, ApiToken.last_used_at, User)
-        .join(User, User.id == ApiToken.user_id)
-        .where(ApiToken.token_sha256 == hash_token(token), ApiToken.revoked_at.is_(None), User.active.is_(True),
-               or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now))
-    ).one_or_none()
+    row = session.execute(_TOKEN_OWNER, {"sha256": hash_token(token), "now": now}).one_or_none()
     if row is None:
         return None
     token_id, last_used_at, user = row

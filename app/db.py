@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
-_factories: dict[tuple[str, bool], sessionmaker[Session]] = {}
+_factories: dict[tuple[str, str], sessionmaker[Session]] = {}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -68,7 +68,7 @@ def _ping_if_idle(dbapi_connection, record, _proxy) -> None:
         raise DisconnectionError(f"pooled connection failed its idle ping: {exc!r}") from exc
 
 
-def _json_loads(text: str):
+def json_loads(text: str):
     # JSON columns are read on every poll (metric values, specs): orjson parses them several times
     # faster. Rows written before non-finite numbers were stored as null may hold NaN literals,
     # which only the standard library reads.
@@ -86,14 +86,14 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30}, json_deserializer=_json_loads)
+        engine = create_engine(url, connect_args={"timeout": 30}, json_deserializer=json_loads)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     # Every Kiln transaction is short. A process frozen inside one (SIGSTOP, a partition) would
     # hold its row locks and stall the reaper, so the server ends such a session after 15 s.
     connect_args = {"options": "-c idle_in_transaction_session_timeout=15000"} if url.startswith("postgresql") else {}
-    engine = create_engine(url, json_deserializer=_json_loads, pool_pre_ping=False, pool_recycle=POOL_RECYCLE_SECONDS, pool_size=5,
+    engine = create_engine(url, json_deserializer=json_loads, pool_pre_ping=False, pool_recycle=POOL_RECYCLE_SECONDS, pool_size=5,
                            max_overflow=10, connect_args=connect_args)
     event.listen(engine, "checkin", _stamp_checkin)
     event.listen(engine, "checkout", _ping_if_idle)
@@ -115,18 +115,23 @@ def get_engine(url: str | None = None) -> Engine:
         engine = _engines.get(url)
         if engine is None:
             engine = _engines[url] = make_engine(url)
-            _factories[url, False] = sessionmaker(bind=engine, expire_on_commit=False)
+            _factories[url, "read"] = sessionmaker(bind=engine, expire_on_commit=False)
             writer = engine.execution_options(**{WRITE_OPTION: True})
-            _factories[url, True] = sessionmaker(bind=writer, expire_on_commit=False)
+            _factories[url, "write"] = sessionmaker(bind=writer, expire_on_commit=False)
+            # PostgreSQL: no BEGIN and ROLLBACK round trips around a request that only reads; at READ
+            # COMMITTED each statement sees its own snapshot either way. pysqlite already reads so.
+            poll = engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine
+            _factories[url, "poll"] = sessionmaker(bind=poll, expire_on_commit=False)
         return engine
 
 
-def session_factory(url: str | None = None, *, write: bool = False) -> sessionmaker[Session]:
+def session_factory(url: str | None = None, *, write: bool = False, poll: bool = False) -> sessionmaker[Session]:
     """Return the session factory for ``url``; ``write=True`` for a session that will write
-    (on SQLite it takes the write lock when its transaction starts)."""
+    (on SQLite it takes the write lock when its transaction starts); ``poll=True`` for a web
+    request that only reads (each statement commits at once: use it for nothing that must be atomic)."""
     url = _resolve(url)
     get_engine(url)
-    return _factories[url, write]
+    return _factories[url, "write" if write else "poll" if poll else "read"]
 
 
 @contextmanager

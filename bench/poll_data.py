@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from sqlalchemy import create_engine, text
 
 from app.accounts import create_user
 from app.db import get_engine, session_scope
+from app.jobs import metric_curves
 from app.migrate import upgrade
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -73,8 +75,10 @@ def database(backend: str, jobs: int, metrics: int, say=print) -> Iterator[PollD
             ids = (busy.id, other.id)
         data = PollData(backend, url, token, other_token, ids[0], target_job=0, deep_cursor=0, jobs=jobs,
                         metrics=metrics)
+        started = time.monotonic()
         fill(data, ids)
-        say(f"filled: {jobs} jobs, {metrics} metric rows, target job {data.target_job}")
+        say(f"filled: {jobs} jobs, {metrics} metric rows, target job {data.target_job} "
+            f"({time.monotonic() - started:.0f} s)")
         yield data
     finally:
         engine = get_engine(url)
@@ -94,7 +98,8 @@ def _admin(statement: str) -> str:
 
 
 def fill(data: PollData, owners: tuple[int, int]) -> None:
-    """Insert the jobs, the metric rows, and the target job's checkpoints and attempts in one transaction."""
+    """Insert the jobs, the metric rows, and the target job's checkpoints and attempts in one transaction,
+    then fold each job's reports into its curves."""
     rng = random.Random(0)
     now = datetime.now(timezone.utc).replace(microsecond=0)
     start = now - timedelta(days=60)
@@ -134,6 +139,11 @@ def fill(data: PollData, owners: tuple[int, int]) -> None:
         writer.finish()
     finally:
         writer.close()
+    # Each job's curves, as the recorder folds them when it stores reports (one transaction).
+    with session_scope(data.url, write=True) as session:
+        for job_id in [target, *others]:
+            metric_curves.fold(session=session, job_id=job_id)
+    _settle(data.url)
 
 
 def _job(rng: random.Random, i: int, owner: int, created: datetime, age: float, now: datetime) -> tuple:
@@ -224,23 +234,33 @@ class _Writer:
             cursor.executemany(sql, batch)
 
     def finish(self) -> None:
-        """Commit, move the id sequences past the inserted ids, and gather planner statistics on PostgreSQL
-        (what autovacuum does after a load; SQLite is left as Kiln leaves it, without ANALYZE)."""
+        """Commit, and on PostgreSQL move the id sequences past the inserted ids."""
         if self.pg:
             cursor = self.raw.cursor()
             for table in ("jobs", "metrics", "checkpoints", "job_attempts"):
                 cursor.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                                f"(SELECT coalesce(max(id), 1) FROM {table}))")
-            self.raw.commit()
-            self.raw.driver_connection.autocommit = True
-            self.raw.cursor().execute("ANALYZE")
-            self.raw.driver_connection.autocommit = False
-        else:
-            self.raw.commit()
+        self.raw.commit()
 
     def close(self) -> None:
         """Give the connection back (rolling back anything unfinished)."""
         self.raw.close()
+
+
+def _settle(url: str) -> None:
+    """On PostgreSQL, VACUUM ANALYZE: what autovacuum does after such a load (the planner's statistics,
+    and the dead versions of the job-list counters that the load's 100,000 inserts each bumped).
+    SQLite is left as Kiln leaves it, without ANALYZE."""
+    engine = get_engine(url)
+    if engine.dialect.name != "postgresql":
+        return
+    raw = engine.raw_connection()
+    try:
+        raw.driver_connection.autocommit = True
+        raw.cursor().execute("VACUUM ANALYZE")
+        raw.driver_connection.autocommit = False
+    finally:
+        raw.close()
 
 
 def _sqlite_value(value):

@@ -89,14 +89,17 @@ def probes(data: poll_data.PollData) -> list[Probe]:
     def listing(s: str) -> bool:
         return "FROM jobs" in s and "ORDER BY jobs.id DESC" in s
 
+    def list_version(s: str) -> bool:
+        return "FROM job_list_versions" in s
+
     job, base = data.target_job, "/api/v1"
     return [
-        Probe("GET /jobs (first page)", f"{base}/jobs", listing, listing),
-        Probe("GET /jobs?cursor=<deep>", f"{base}/jobs?cursor={data.deep_cursor}", listing, listing),
+        Probe("GET /jobs (first page)", f"{base}/jobs", listing, list_version),
+        Probe("GET /jobs?cursor=<deep>", f"{base}/jobs?cursor={data.deep_cursor}", listing, list_version),
         Probe("GET /jobs/<id>", f"{base}/jobs/{job}", lambda s: "jobs.spec" in s,
               lambda s: "count(checkpoints.id)" in s),
         Probe("GET /jobs/<id>/metrics?scope=step&points=500", f"{base}/jobs/{job}/metrics?scope=step&points=500",
-              lambda s: s.startswith("SELECT metrics.id"), lambda s: "max(metrics.id)" in s),
+              lambda s: "FROM metric_curve_chunks" in s, lambda s: "max(metrics.id)" in s),
         Probe("GET /jobs/<id>/metrics?limit=1000", f"{base}/jobs/{job}/metrics?limit=1000",
               lambda s: s.startswith("SELECT metrics.id"), lambda s: "max(metrics.id)" in s),
     ]
@@ -134,7 +137,9 @@ def measure(backend: str, jobs: int, metrics: int, requests: int, say=None) -> l
     with poll_data.database(backend, jobs, metrics, say=say) as data, \
             tempfile.TemporaryDirectory(prefix="kiln-polls-storage-") as storage:
         # WARNING: the app configures logging; request and migration INFO lines would flood the output.
-        app = create_app({"TESTING": True, "DATABASE_URL": data.url, "STORAGE_ROOT": storage, "LOG_LEVEL": "WARNING"})
+        # Requests are counted against the token's rate limit as always, with a budget the run cannot spend.
+        app = create_app({"TESTING": True, "DATABASE_URL": data.url, "STORAGE_ROOT": storage, "LOG_LEVEL": "WARNING",
+                          "RATE_LIMIT_READ": "100000000/minute"})
         client = app.test_client()
         auth = {"Authorization": f"Bearer {data.token}"}
         engine = get_engine(data.url)

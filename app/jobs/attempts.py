@@ -13,7 +13,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app import model_registry, webhooks
-from app.jobs import states
+from app.jobs import metric_curves, states
 from app.jobs.errors import StaleAttempt
 from app.models import Attempt, Checkpoint, Job, JobEvent, Metric, ModelVersion, utcnow
 
@@ -125,6 +125,7 @@ def record_metrics(
     session.add(Metric(job_id=job_id, attempt=token, scope=scope, epoch=epoch, step=step, values=values))
     if scope != "test":
         job.epoch, job.step = epoch, step
+    metric_curves.fold(session=session, job_id=job_id)
 
 
 def record_batch(
@@ -145,6 +146,7 @@ def record_batch(
     if metrics:
         # One multi-row INSERT; rows go in list order, so ids increase with the order of the reports.
         session.execute(insert(Metric), [{"job_id": job_id, "attempt": token, **m} for m in metrics])
+        metric_curves.fold(session=session, job_id=job_id)  # the curves a downsampled poll reads
     return job
 
 

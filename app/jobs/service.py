@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 
-from sqlalchemy import Row, String, cast, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Row, String, bindparam, cast, func, select, update
+from sqlalchemy.orm import Session, aliased
 
 from app import catalog, images, model_registry, pretrained, sizing, task_rules, webhook_security
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import ARCHITECTURES, GENERATION_FIELDS, DatasetRef, PredictSpec, TrainSpec
-from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, Metric, ModelVersion, User, utcnow
+from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, JobListVersion, Metric, ModelVersion, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
 
 
@@ -41,39 +42,88 @@ def get_job(*, session: Session, user: User, job_id: int) -> Job:
     return job
 
 
-def read_job(*, session: Session, user: User, job_id: int) -> Row:
-    """The columns a job's page shows, as a plain row; NotFound like :func:`get_job`."""
-    row = session.execute(_visible(select(*DETAIL_COLUMNS).where(Job.id == job_id), user)).one_or_none()
+def _by_id(*columns) -> tuple:
+    """A statement of ``columns`` of the job ``:job_id``, and the same limited to ``:owner``'s; built
+    once, so a poll pays neither for building nor for compiling it."""
+    stmt = select(*columns).where(Job.id == bindparam("job_id"))
+    return stmt, stmt.where(Job.owner_id == bindparam("owner"))
+
+
+def _one_job(session: Session, statements: tuple, user: User, job_id: int, **params) -> Row:
+    everyone, owned = statements
+    stmt, params = (everyone, params) if user.is_admin else (owned, dict(params, owner=user.id))
+    row = session.connection().execute(stmt, dict(params, job_id=job_id)).one_or_none()
     if row is None:
         raise NotFound(f"job {job_id} not found")
     return row
+
+
+# A job page's version beyond its own row's updated_at: its newest metric and its checkpoints.
+_VERSION_PARTS = (
+    select(func.max(Metric.id)).where(Metric.job_id == Job.id).scalar_subquery().label("newest_metric_id"),
+    select(func.count(Checkpoint.id)).where(Checkpoint.job_id == Job.id).scalar_subquery().label("checkpoints"),
+    select(func.max(Checkpoint.id)).where(Checkpoint.job_id == Job.id).scalar_subquery().label("newest_checkpoint_id"),
+)
+_epoch_report = aliased(Metric)
+_NEWEST_EPOCH = (select(_epoch_report.id).where(_epoch_report.job_id == Job.id, _epoch_report.scope == "epoch")
+                 .order_by(_epoch_report.id.desc()).limit(1).correlate(Job).scalar_subquery())
+_VERSION = _by_id(Job.updated_at, *_VERSION_PARTS)
+# The page in one statement: its columns, its version, and its newest epoch report.
+_DETAIL = _by_id(
+    *DETAIL_COLUMNS, *_VERSION_PARTS,
+    select(Metric.values).where(Metric.id == _NEWEST_EPOCH).correlate(Job).scalar_subquery().label("latest_values"),
+    select(Metric.epoch).where(Metric.id == _NEWEST_EPOCH).correlate(Job).scalar_subquery().label("latest_epoch"),
+)
+
+
+def read_job(*, session: Session, user: User, job_id: int) -> Row:
+    """The columns a job's page shows, its version (:func:`version_of`) and its newest epoch report
+    (``latest_values``, ``latest_epoch``), as one plain row; NotFound like :func:`get_job`."""
+    return _one_job(session, _DETAIL, user, job_id)
+
+
+def version_of(row: Row) -> tuple:
+    """:func:`job_version` of a row :func:`read_job` read (the same snapshot as the page's body)."""
+    return row.updated_at, row.newest_metric_id, row.checkpoints, row.newest_checkpoint_id
+
+
+def etag(*parts: object) -> str:
+    """A strong ETag from a resource's cheap version (:func:`job_list_version`, :func:`job_version`,
+    :func:`metrics_version`) and whatever else shapes its body (the query, the kind of answer)."""
+    return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
+
+
+# Module-level, so it is compiled once: a list's 304 runs it and nothing else but the token's lookup.
+_LIST_VERSION = select(func.coalesce(func.sum(JobListVersion.version), 0)).where(
+    JobListVersion.owner_id == bindparam("owner"))
+
+
+def job_list_version(*, session: Session, user: User) -> int:
+    """A number that grows with every insert, update and delete of a job ``user`` may list (their
+    own; every job for an admin), counted by triggers on ``jobs`` in the transaction of the change
+    (:class:`app.models.JobListVersion`): a job list's ETag, decided without reading a job."""
+    return session.connection().execute(_LIST_VERSION, {"owner": 0 if user.is_admin else user.id}).scalar_one()
 
 
 def job_version(*, session: Session, user: User, job_id: int) -> tuple:
     """A cheap version of everything a job's page shows: its ``updated_at`` (every job write,
     lease renewals included, stamps it), its newest metric and its checkpoints (retention may
     delete one). NotFound like :func:`get_job`."""
-    newest_metric = select(func.max(Metric.id)).where(Metric.job_id == Job.id).scalar_subquery()
-    checkpoints = select(func.count(Checkpoint.id)).where(Checkpoint.job_id == Job.id).scalar_subquery()
-    newest_checkpoint = select(func.max(Checkpoint.id)).where(Checkpoint.job_id == Job.id).scalar_subquery()
-    row = session.execute(
-        _visible(select(Job.updated_at, newest_metric, checkpoints, newest_checkpoint).where(Job.id == job_id), user)
-    ).one_or_none()
-    if row is None:
-        raise NotFound(f"job {job_id} not found")
-    return tuple(row)
+    return tuple(_one_job(session, _VERSION, user, job_id))
+
+
+_NEWEST_METRIC = {
+    scoped: _by_id(Job.id, select(func.max(Metric.id)).where(
+        Metric.job_id == Job.id, *([Metric.scope == bindparam("scope")] if scoped else [])).scalar_subquery())
+    for scoped in (False, True)
+}
 
 
 def metrics_version(*, session: Session, user: User, job_id: int, scope: str | None = None) -> int | None:
     """The newest metric id of a job (metrics are append-only, so it versions any page of them);
     NotFound like :func:`get_job`."""
-    newest = select(func.max(Metric.id)).where(Metric.job_id == Job.id)
-    if scope:
-        newest = newest.where(Metric.scope == scope)
-    row = session.execute(_visible(select(Job.id, newest.scalar_subquery()).where(Job.id == job_id), user)).one_or_none()
-    if row is None:
-        raise NotFound(f"job {job_id} not found")
-    return row[1]
+    params = {"scope": scope} if scope else {}
+    return _one_job(session, _NEWEST_METRIC[bool(scope)], user, job_id, **params)[1]
 
 
 def list_jobs(

@@ -5,9 +5,9 @@ from app.models.checkpoints import Checkpoint
 from app.models.datasets import Dataset
 from app.models.events import JobEvent
 from app.models.idempotency import IdempotencyKey
-from app.models.jobs import Attempt, Job
+from app.models.jobs import JOB_LIST_SHARDS, Attempt, Job, JobListVersion
 from app.models.leases import ServiceLease
-from app.models.metrics import Metric
+from app.models.metrics import Metric, MetricCurveChunk
 from app.models.model_versions import ModelAlias, ModelVersion
 from app.models.users import ApiToken, User
 from app.models.webhooks import WebhookAttempt, WebhookDelivery
@@ -20,9 +20,12 @@ __all__ = [
     "Base",
     "Checkpoint",
     "Dataset",
+    "JOB_LIST_SHARDS",
     "Job",
     "JobEvent",
+    "JobListVersion",
     "Metric",
+    "MetricCurveChunk",
     "ModelAlias",
     "ModelVersion",
     "ServiceLease",

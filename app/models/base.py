@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import DateTime, MetaData, TypeDecorator
+from sqlalchemy import DateTime, MetaData, String, TypeDecorator
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.sql.functions import FunctionElement
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -44,6 +46,28 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=timezone.utc)
         return value
+
+
+class iso_utc(FunctionElement):  # noqa: N801 - used like a SQL function
+    """A ``UTCDateTime`` column as ISO 8601 text in UTC, formatted by the database the way
+    ``app.web.serializers.iso`` writes it (``2026-01-02T03:04:05Z``, microseconds only when not zero)."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(iso_utc, "sqlite")
+def _iso_utc_sqlite(element, compiler, **kw):
+    # Stored as naive UTC text, "YYYY-MM-DD HH:MM:SS.ffffff".
+    column = compiler.process(element.clauses, **kw)
+    return f"replace(replace({column}, ' ', 'T'), '.000000', '') || 'Z'"
+
+
+@compiles(iso_utc, "postgresql")
+def _iso_utc_postgresql(element, compiler, **kw):
+    column = compiler.process(element.clauses, **kw)
+    return (f"replace(to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), '.000000', '') "
+            "|| 'Z'")
 
 
 class Base(DeclarativeBase):

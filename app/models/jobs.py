@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, SmallInteger, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, UTCDateTime, utcnow
@@ -95,3 +95,24 @@ class Attempt(Base):
     device: Mapped[str | None] = mapped_column(String(16))
 
     job: Mapped[Job] = relationship(back_populates="attempt_rows")
+
+
+class JobListVersion(Base):
+    """How many times the jobs of an owner changed, counted by the database: triggers on ``jobs``
+    (migration ``0013_job_list_versions``) add one, in the transaction of the change, for every
+    inserted, updated or deleted job, to its owner's row and to owner 0's (every owner's), in
+    shard ``job id % JOB_LIST_SHARDS`` so that concurrent writers seldom wait on one row. A list's
+    version is the sum of its owner's shards: it grows with every change, so a list's ETag can be
+    decided without reading a job. No foreign key: the rows outlive a deleted user, so sums never
+    shrink back to a value they had."""
+
+    __tablename__ = "job_list_versions"
+    __table_args__ = {"postgresql_with": {"fillfactor": 50}}  # room for HOT updates of hot counters
+
+    owner_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(BigInteger)
+
+
+# Shards per owner of JobListVersion; the triggers of migration 0013 use the same number.
+JOB_LIST_SHARDS = 16

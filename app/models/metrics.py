@@ -1,10 +1,11 @@
-"""Metrics streamed by a running attempt: one row per report (epoch, step or test)."""
+"""Metrics streamed by a running attempt: one row per report (epoch, step or test), and each
+metric's curve kept apart in packed chunks, so a poll draws a long series without reading its reports."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, ForeignKey, Index, String
+from sqlalchemy import JSON, ForeignKey, Index, LargeBinary, SmallInteger, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, UTCDateTime, utcnow
@@ -27,3 +28,24 @@ class Metric(Base):
     step: Mapped[int] = mapped_column()
     values: Mapped[dict[str, float]] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class MetricCurveChunk(Base):
+    """Up to ``app.jobs.metric_curves.CHUNK_RECORDS`` consecutive records of one level of one metric's
+    curve (a scope and a value name of a job's reports), packed as little-endian (id, epoch, step,
+    value) records: level 0 holds every point, level 1 four records per block of points. Written by
+    :mod:`app.jobs.metric_curves` in the transaction that stores the reports. ``total``: the curve's
+    points when this chunk was written; ``covered_id``: every report of the job with an id up to it
+    was in the curves then (a reader takes later reports from ``metrics``)."""
+
+    __tablename__ = "metric_curve_chunks"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    chunk: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    count: Mapped[int] = mapped_column()
+    total: Mapped[int] = mapped_column()
+    covered_id: Mapped[int] = mapped_column()
+    points: Mapped[bytes] = mapped_column(LargeBinary)

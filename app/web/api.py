@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from datetime import datetime, timezone
@@ -14,7 +13,8 @@ from sqlalchemy import select
 from werkzeug.formparser import FormDataParser
 
 from app import catalog, datasets, storage
-from app.jobs import service
+from app.db import json_loads
+from app.jobs import metric_curves, service
 from app.jobs.errors import InvalidParameter, SpecError
 from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES
@@ -86,11 +86,6 @@ def _json_body() -> dict:
     return body
 
 
-def _etag(*parts: object) -> str:
-    """A strong ETag from a resource's cheap version and the query that shaped its body."""
-    return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
-
-
 def _not_modified(etag: str):
     """304 when the poll's ``If-None-Match`` already has ``etag`` (decided before any body is built)."""
     if request.if_none_match.contains_weak(etag):
@@ -147,15 +142,15 @@ def list_jobs():
                 raise InvalidParameter.at(param, "a metadata key is 1 to 64 letters, digits, '_', '-' or '.'")
             metadata[key] = value
     times = {p: _time_arg(p) for p in ("created_after", "created_before", "updated_after")}
+    # Any change to a job the caller may list changes the version: decided before the page is read.
+    etag = service.etag("jobs", service.job_list_version(session=db(), user=user), user.id, user.is_admin, limit,
+                        cursor, state, kind, name, sorted(metadata.items()), sorted(times.items()))
+    if (unchanged := _not_modified(etag)) is not None:
+        return unchanged
     jobs, next_cursor = service.list_jobs(
         session=db(), user=user, limit=limit, before_id=cursor, state=state, kind=kind, name=name,
         metadata=metadata, **times,
     )
-    # The page's rows are small (no JSON columns): their ids and versions are the ETag.
-    etag = _etag("jobs", user.id, user.is_admin, limit, cursor, state, kind, name, sorted(metadata.items()),
-                 sorted(times.items()), next_cursor, [(j.id, j.updated_at) for j in jobs])
-    if (unchanged := _not_modified(etag)) is not None:
-        return unchanged
     return _tagged({"items": [serializers.job_summary(j) for j in jobs],
                     "next_cursor": str(next_cursor) if next_cursor else None}, etag)
 
@@ -163,11 +158,12 @@ def list_jobs():
 @api.get("/jobs/<int:job_id>")
 def get_job(job_id: int):
     """One job: state, progress, metrics, checkpoints, result, error."""
-    etag = _etag("job", job_id, service.job_version(session=db(), user=current_user(), job_id=job_id))
-    if (unchanged := _not_modified(etag)) is not None:
-        return unchanged
+    if request.if_none_match:  # a revalidating poll: decided from the version alone
+        etag = service.etag("job", job_id, service.job_version(session=db(), user=current_user(), job_id=job_id))
+        if (unchanged := _not_modified(etag)) is not None:
+            return unchanged
     job = service.read_job(session=db(), user=current_user(), job_id=job_id)
-    return _tagged(serializers.job_detail(db(), job), etag)
+    return _tagged(serializers.job_detail(db(), job), service.etag("job", job_id, service.version_of(job)))
 
 
 @api.post("/jobs/<int:job_id>/cancel")
@@ -218,9 +214,13 @@ def job_metrics(job_id: int):
     since = _time_arg("since")
     latest = request.args.get("latest") in ("1", "true")
     newest = service.metrics_version(session=db(), user=current_user(), job_id=job_id, scope=scope)
-    etag = _etag("metrics", job_id, newest, scope, points, limit, after, since, latest)
+    etag = service.etag("metrics", job_id, newest, scope, points, limit, after, since, latest)
     if (unchanged := _not_modified(etag)) is not None:
         return unchanged
+    if points and after is None and since is None and not latest and "limit" not in request.args:
+        # The whole series, from the curves kept as reports arrive: no report is read or parsed.
+        curves = metric_curves.read(session=db(), job_id=job_id, scope=scope, points=points)
+        return _tagged({"points": points, "series": serializers.metric_series(curves), "next_after": None}, etag)
     stmt = select(*serializers.METRIC_COLUMNS).where(Metric.job_id == job_id).order_by(Metric.id).limit(limit)
     if scope:
         stmt = stmt.where(Metric.scope == scope)
@@ -228,16 +228,17 @@ def job_metrics(job_id: int):
         stmt = stmt.where(Metric.id > after)
     if since is not None:
         stmt = stmt.where(Metric.at >= since)
-    rows = db().execute(stmt).all()
+    rows = db().connection().execute(stmt).all()  # Core rows: no ORM loading per row
     next_after = rows[-1][0] if len(rows) == limit else None
     if latest:
         # One curve: where a resumed attempt redid an epoch, keep the newest attempt's report.
         newest_report = {(r[2], r[3], r[4]): r for r in rows}
         rows = sorted(newest_report.values(), key=lambda r: r[0])
     if points:
-        body = {"points": points, "series": serializers.metric_series(rows, points)}
+        curves = metric_curves.curves_of(((r[0], r[2], r[3], r[4], json_loads(r[5])) for r in rows), points)
+        body = {"points": points, "series": serializers.metric_series(curves)}
     else:
-        body = {"items": [serializers.metric(r) for r in rows]}
+        body = {"items": serializers.metrics_page(rows)}
     body["next_after"] = next_after
     return _tagged(body, etag)
 

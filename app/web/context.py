@@ -17,10 +17,11 @@ def settings() -> Settings:
 
 def db() -> Session:
     """The request's session (created on first use, closed at teardown); a request that may write
-    gets a write session, so its one transaction holds the SQLite write lock from its start."""
+    gets a write session, so its one transaction holds the SQLite write lock from its start. A
+    GET's session commits each statement at once (its only write, a token's use, is one statement)."""
     if "db_session" not in g:
         write = request.method not in ("GET", "HEAD", "OPTIONS")
-        g.db_session = session_factory(settings().database_url, write=write)()
+        g.db_session = session_factory(settings().database_url, write=write, poll=not write)()
         g.db_session.info[PUBLISHER] = settings()  # webhook deliveries it commits go to this app's broker
     return g.db_session
 

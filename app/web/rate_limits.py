@@ -11,14 +11,59 @@ from __future__ import annotations
 import hashlib
 import time
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, has_request_context, request
 from flask_limiter import Limiter
+from limits import RateLimitItem
+from limits.storage import RedisStorage
+from limits.strategies import STRATEGIES, FixedWindowRateLimiter
+from limits.util import WindowStats
 
 from app.settings import Settings
 from app.web.auth import SAFE_METHODS
 from app.web.context import settings
 
 RESET_HEADER = "RateLimit-Reset"
+STRATEGY = "kiln-fixed-window"
+# limits' own fixed-window script (incr_expire.lua), answering the key's time to live as well.
+_HIT_AND_TTL = """
+local amount = tonumber(ARGV[2])
+local current = redis.call("incrby", KEYS[1], amount)
+if tonumber(current) == amount then
+    redis.call("expire", KEYS[1], ARGV[1])
+end
+return {current, redis.call("ttl", KEYS[1])}
+"""
+
+
+class OneTripFixedWindow(FixedWindowRateLimiter):
+    """limits' fixed window, in one Redis round trip per request: the hit answers the count and the
+    time to live, and the rate-limit headers read them from the request instead of asking Redis
+    twice more (a GET and a TTL) after the view."""
+
+    _script = None
+
+    def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
+        """Count the hit; remember the window it leaves for this request's headers."""
+        if not isinstance(self.storage, RedisStorage) or not has_request_context():
+            return super().hit(item, *identifiers, cost=cost)
+        key = item.key_for(*identifiers)
+        if self._script is None:
+            self._script = self.storage.get_connection().register_script(_HIT_AND_TTL)  # runs as EVALSHA
+        count, ttl = self._script([self.storage.prefixed_key(key)], [item.get_expiry(), cost])
+        windows = g.setdefault("kiln_rate_windows", {})
+        windows[key] = WindowStats(max(int(ttl), 0) + time.time(), max(0, item.amount - int(count)))
+        return int(count) <= item.amount
+
+    def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
+        """The window this request's hit left, else Redis's."""
+        if has_request_context():
+            window = g.get("kiln_rate_windows", {}).get(item.key_for(*identifiers))
+            if window is not None:
+                return window
+        return super().get_window_stats(item, *identifiers)
+
+
+STRATEGIES.setdefault(STRATEGY, OneTripFixedWindow)
 
 
 def caller_key() -> str:
@@ -55,7 +100,7 @@ def register(app: Flask, config: Settings) -> None:
     app.config.setdefault("RATELIMIT_HEADER_RETRY_AFTER_VALUE", "delta-seconds")
     # A Redis outage must not take the API down with it: requests pass uncounted meanwhile.
     app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
-    limiter = Limiter(caller_key, app=app, storage_uri=config.redis_url, strategy="fixed-window",
+    limiter = Limiter(caller_key, app=app, storage_uri=config.redis_url, strategy=STRATEGY,
                       key_prefix="kiln-rl")
     limiter.shared_limit(lambda: settings().rate_limit_read, scope="api-read",
                          exempt_when=lambda: request.method not in SAFE_METHODS or not settings().rate_limit_read)(api)

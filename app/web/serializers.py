@@ -6,12 +6,15 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-import numpy as np
-from sqlalchemy import select
+import orjson
+from sqlalchemy import Row, Text, cast, select
 from sqlalchemy.orm import Session
 
 from app import model_registry
+from app.db import json_loads
+from app.jobs.metric_curves import Curve
 from app.models import Attempt, Checkpoint, Dataset, JobEvent, Metric, ModelVersion
+from app.models.base import iso_utc
 
 
 def iso(value: datetime | None) -> str | None:
@@ -37,11 +40,15 @@ def job_summary(job: Any) -> dict[str, Any]:
 
 
 def job_detail(session: Session, job: Any) -> dict[str, Any]:
-    """Everything a user needs about one job (``job`` is a Job or a row of the service's DETAIL_COLUMNS)."""
-    latest = session.execute(
-        select(Metric.values, Metric.epoch)
-        .where(Metric.job_id == job.id, Metric.scope == "epoch").order_by(Metric.id.desc()).limit(1)
-    ).one_or_none()
+    """Everything a user needs about one job (``job`` is a Job or a row of ``service.read_job``, which
+    carries its newest epoch report)."""
+    if isinstance(job, Row):
+        latest = (job.latest_values, job.latest_epoch) if job.latest_epoch is not None else None
+    else:
+        latest = session.execute(
+            select(Metric.values, Metric.epoch)
+            .where(Metric.job_id == job.id, Metric.scope == "epoch").order_by(Metric.id.desc()).limit(1)
+        ).one_or_none()
     checkpoints = session.execute(
         select(Checkpoint.__table__).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step, Checkpoint.id)
     )
@@ -60,7 +67,7 @@ def job_detail(session: Session, job: Any) -> dict[str, Any]:
             "cancel_requested_at": iso(job.cancel_requested_at),
             "pause_requested_at": iso(job.pause_requested_at),
             "resumed_from_epoch": job.resumed_from_epoch,
-            "latest_metrics": dict(latest.values, epoch=latest.epoch) if latest else None,
+            "latest_metrics": dict(latest[0], epoch=latest[1]) if latest else None,
             "checkpoints": [checkpoint(c) for c in checkpoints],
             "attempt_history": [attempt(a) for a in history],
             "model": model_version(model) if model else None,
@@ -98,61 +105,30 @@ def model_version(m: ModelVersion) -> dict[str, Any]:
     }
 
 
-# The columns a metrics row is read with, in the order :func:`metric` and :func:`metric_series` unpack.
-METRIC_COLUMNS = (Metric.id, Metric.attempt, Metric.scope, Metric.epoch, Metric.step, Metric.values, Metric.at)
+# A page of reports reads ``values`` as the JSON text it is stored as and ``at`` formatted by the
+# database, so neither is parsed and re-encoded in Python, value by value.
+METRIC_COLUMNS = (Metric.id, Metric.attempt, Metric.scope, Metric.epoch, Metric.step, cast(Metric.values, Text),
+                  iso_utc(Metric.at))
 
 
-def metric(row: Sequence[Any]) -> dict[str, Any]:
-    """One metrics report, from a row of :data:`METRIC_COLUMNS`."""
-    id_, attempt_, scope, epoch, step, values, at = row
-    return {"id": id_, "attempt": attempt_, "scope": scope, "epoch": epoch, "step": step, "values": values,
-            "at": iso(at)}
+def metrics_page(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Metrics reports, from rows of :data:`METRIC_COLUMNS`; each one's stored JSON goes into the
+    body as it is."""
+    if any("NaN" in text or "Infinity" in text for text in (r[5] for r in rows)):
+        # Rows from before non-finite numbers were stored as null: parsed, they are written as null.
+        return [{"id": id_, "attempt": attempt_, "scope": scope, "epoch": epoch, "step": step,
+                 "values": json_loads(values), "at": at} for id_, attempt_, scope, epoch, step, values, at in rows]
+    fragment = orjson.Fragment
+    return [{"id": id_, "attempt": attempt_, "scope": scope, "epoch": epoch, "step": step,
+             "values": fragment(values), "at": at} for id_, attempt_, scope, epoch, step, values, at in rows]
 
 
-def downsample(values: Sequence[float], points: int) -> list[int]:
-    """Indices of ``values`` to draw with at most ``points`` (>= 4) points: the series is cut into
-    ``points // 4`` equal buckets and each keeps its first, last, smallest and largest value, so
-    spikes and the ends survive. Returns every index when the series is short enough."""
-    n = len(values)
-    if n <= points:
-        return list(range(n))
-    ys = np.asarray(values, dtype=np.float64)
-    buckets = max(1, points // 4)
-    bounds = [b * n // buckets for b in range(buckets + 1)]
-    kept: list[int] = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        if lo >= hi:
-            continue
-        part = ys[lo:hi]  # argmin/argmax keep the first of equal values, as min()/max() would
-        kept.extend(sorted({lo, hi - 1, lo + int(part.argmin()), lo + int(part.argmax())}))
-    return kept
-
-
-def metric_series(rows: Iterable[Sequence[Any]], points: int) -> list[dict[str, Any]]:
-    """One curve per (scope, metric name), each downsampled to at most ``points`` points of
-    ``[id, epoch, step, value]``; reports without a value for a name (or a null one) are gaps."""
-    rows = rows if isinstance(rows, list) else list(rows)
-    # Only row positions and values are collected; points are built for the kept indices alone.
-    curves: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
-    for position, row in enumerate(rows):
-        values = row[5]
-        if not values:
-            continue
-        scope = row[2]
-        for name, value in values.items():
-            if value is None:
-                continue
-            curve = curves.get((scope, name))
-            if curve is None:
-                curve = curves[scope, name] = ([], [])
-            curve[0].append(position)
-            curve[1].append(value)
-    series = []
-    for (scope, name), (positions, ys) in curves.items():
-        kept = [(rows[positions[i]], ys[i]) for i in downsample(ys, points)]
-        series.append({"scope": scope, "name": name, "count": len(ys),
-                       "points": [[row[0], row[3], row[4], value] for row, value in kept]})
-    return series
+def metric_series(curves: Iterable[Curve]) -> list[dict[str, Any]]:
+    """Downsampled curves (one per scope and metric name) as points of ``[id, epoch, step, value]``,
+    with ``count``, the points each has in all."""
+    return [{"scope": c.scope, "name": c.name, "count": c.count,
+             "points": c.points.tolist()}  # (id, epoch, step, value) tuples: JSON arrays
+            for c in curves]
 
 
 def event(e: JobEvent) -> dict[str, Any]:

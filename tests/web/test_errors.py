@@ -200,7 +200,7 @@ def test_an_unexpected_error_answers_a_generic_500_with_an_error_id_that_is_logg
         # A real database error: its message carries the SQL and the table name.
         db().execute(text("SELECT secret_column FROM kiln_no_such_table WHERE token = 'hunter2'"))
 
-    monkeypatch.setattr(service, "job_version", broken)
+    monkeypatch.setattr(service, "read_job", broken)
     job_id = client.post("/api/v1/jobs", json=MLP, headers=auth).get_json()["id"]
     with caplog.at_level(logging.ERROR, logger="app.web.problems"):
         r = client.get(f"/api/v1/jobs/{job_id}", headers=auth)

@@ -12,7 +12,7 @@ from app.accounts import TOKEN_USE_RESOLUTION, hash_token
 from app.db import get_engine, session_scope
 from app.models import ApiToken, Job, Metric, utcnow
 from app.web import serializers
-from app.web.serializers import downsample
+from app.jobs.metric_curves import downsample
 
 MLP = {"kind": "train", "name": "poll-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
        "hyperparameters": {"epochs": 1}}
@@ -120,7 +120,7 @@ def test_a_304_builds_no_body_and_a_change_changes_the_etag(client, auth, settin
         raise AssertionError("a 304 serialised the body")
 
     with monkeypatch.context() as m:
-        for name in ("job_summary", "job_detail", "metric", "metric_series"):
+        for name in ("job_summary", "job_detail", "metrics_page", "metric_series"):
             m.setattr(serializers, name, forbidden)
         again = client.get(url, headers={**auth, "If-None-Match": etag})
     assert again.status_code == 304 and again.get_data() == b"" and again.headers["ETag"] == etag
@@ -176,3 +176,114 @@ def test_metrics_api_downsamples_each_curve_and_pages(client, auth, settings):
     for bad in ("points=2", "points=x", "scope=nope"):
         r = client.get(f"/api/v1/jobs/{job_id}/metrics?{bad}", headers=auth)
         assert r.status_code == 422 and r.mimetype == "application/problem+json", bad
+
+
+def test_a_page_of_reports_answers_each_as_it_was_recorded(client, auth, settings):
+    from datetime import datetime, timezone
+
+    from sqlalchemy import text
+
+    job_id = client.post("/api/v1/jobs", json=MLP, headers=auth).get_json()["id"]
+    whole = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    moments = [whole, whole.replace(microsecond=120), whole.replace(microsecond=999999)]
+    with session_scope(settings.database_url) as s:
+        for i, at in enumerate(moments):
+            s.add(Metric(job_id=job_id, attempt=1, scope="epoch", epoch=i, step=i, at=at,
+                         values={"val_loss": 0.5 / (i + 1), "acc": None, "note": [1, {"k": "v"}]}))
+        if s.bind.dialect.name == "sqlite":
+            # A row from before non-finite numbers were stored as null (PostgreSQL's JSON never held NaN).
+            s.execute(text("INSERT INTO metrics (job_id, attempt, scope, epoch, step, \"values\", at) "
+                           "VALUES (:job, 1, 'epoch', 3, 3, '{\"val_loss\": NaN, \"r2\": 0.1}', '2026-01-02 03:04:05.000000')"),
+                      {"job": job_id})
+    items = client.get(f"/api/v1/jobs/{job_id}/metrics?limit=10", headers=auth).get_json()["items"]
+    assert [m["at"] for m in items[:3]] == ["2026-01-02T03:04:05Z", "2026-01-02T03:04:05.000120Z",
+                                            "2026-01-02T03:04:05.999999Z"]
+    assert [m["values"] for m in items[:3]] == [{"val_loss": 0.5 / (i + 1), "acc": None, "note": [1, {"k": "v"}]}
+                                                for i in range(3)]
+    assert [(m["epoch"], m["step"], m["attempt"], m["scope"]) for m in items[:3]] == [(i, i, 1, "epoch") for i in range(3)]
+    assert len(items) == (4 if settings.database_url.startswith("sqlite") else 3)
+    if len(items) == 4:
+        assert items[3]["values"] == {"val_loss": None, "r2": 0.1} and items[3]["at"] == "2026-01-02T03:04:05Z"
+
+
+def test_every_change_of_a_job_changes_its_owners_list_etags_and_a_304_reads_no_job(client, make_user, settings):
+    from sqlalchemy import delete
+
+    from app.jobs import attempts, service
+    from tests.conftest import submit_unpublished
+
+    owner_id, token = make_user()
+    auth = {"Authorization": f"Bearer {token}"}
+    _, other_token = make_user()
+    _, admin_token = make_user(admin=True)
+    first = submit_unpublished(settings, owner_id, MLP)
+    lists = {
+        "owner": ("/api/v1/jobs", auth),
+        "owner, filtered": ("/api/v1/jobs?state=succeeded&kind=train", auth),
+        "owner, past the newest": (f"/api/v1/jobs?cursor={first}", auth),
+        "other": ("/api/v1/jobs", {"Authorization": f"Bearer {other_token}"}),
+        "admin": ("/api/v1/jobs", {"Authorization": f"Bearer {admin_token}"}),
+    }
+
+    def etags() -> dict[str, str]:
+        tags = {}
+        for name, (path, headers) in lists.items():
+            r = client.get(path, headers=headers)
+            again = client.get(path, headers={**headers, "If-None-Match": r.headers["ETag"]})
+            assert r.status_code == 200 and again.status_code == 304, name  # unchanged: 304
+            tags[name] = r.headers["ETag"]
+        return tags
+
+    def changed(action) -> set[str]:
+        before = etags()
+        action()
+        after = etags()
+        return {name for name in lists if before[name] != after[name]}
+
+    def in_session(work):
+        def run():
+            with session_scope(settings.database_url, write=True) as s:
+                work(s)
+        return run
+
+    mine = {"owner", "owner, filtered", "owner, past the newest", "admin"}
+    job_id = submit_unpublished(settings, owner_id, MLP)
+    holder = {}
+
+    def claim(s):
+        holder["owner"] = attempts.lease_owner(attempts.claim(
+            session=s, job_id=job_id, token=0, worker="w", host="h", pid=1, lease_seconds=60))
+
+    def fenced(**kw):
+        return dict(session=None, job_id=job_id, token=1, owner=holder["owner"], lease_seconds=60, **kw)
+
+    steps = {
+        "submit": lambda: client.post("/api/v1/jobs", json=MLP, headers=auth),
+        "published": in_session(lambda s: service.mark_published(session=s, job_id=job_id)),
+        "claimed (queued -> running)": in_session(claim),
+        "lease renewed": in_session(lambda s: attempts.renew(**{**fenced(), "session": s})),
+        "progress": in_session(lambda s: attempts.record_batch(**{**fenced(metrics=[], progress=0.5), "session": s})),
+        "cancel requested (still running)": lambda: client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth),
+        "finished (running -> cancelled)": in_session(
+            lambda s: attempts.finish(session=s, job_id=job_id, token=1, to="cancelled")),
+        "retried": lambda: client.post(f"/api/v1/jobs/{job_id}/retry", headers=auth),
+        "paused": lambda: client.post(f"/api/v1/jobs/{job_id}/pause", headers=auth),
+        "resumed": lambda: client.post(f"/api/v1/jobs/{job_id}/resume", headers=auth),
+        "cancelled while queued": lambda: client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth),
+        "deleted": in_session(lambda s: s.execute(delete(Job).where(Job.id == job_id))),
+    }
+    for step, action in steps.items():
+        assert changed(action) == mine, step
+    assert changed(lambda: client.post("/api/v1/jobs", json=MLP, headers=lists["other"][1])) == {"other", "admin"}
+
+    # A 304 of a list is decided from the version alone: no statement reads the jobs table.
+    seen: list[str] = []
+    engine = get_engine(settings.database_url)
+    listener = lambda _c, _cur, statement, *_a: seen.append(statement)  # noqa: E731
+    etag = client.get("/api/v1/jobs", headers=auth).headers["ETag"]
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        assert client.get("/api/v1/jobs", headers={**auth, "If-None-Match": etag}).status_code == 304
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert seen and not [s for s in seen if "FROM jobs" in s or "JOIN jobs" in s], seen

@@ -39,3 +39,20 @@ def test_reads_and_writes_have_separate_budgets_and_429_says_when_to_retry(limit
     # Another token has budgets of its own.
     _, other = make_user()
     assert limited.get("/api/v1/jobs", headers={"Authorization": f"Bearer {other}"}).status_code == 200
+
+
+def test_a_counted_request_makes_one_redis_round_trip(limited, auth, monkeypatch):
+    import redis
+
+    sent = []
+    real = redis.Redis.execute_command
+
+    def counting(self, *args, **options):
+        sent.append(args[0])
+        return real(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counting)
+    r = limited.post("/api/v1/tokens", json={"name": "t"}, headers=auth)  # another budget than the reads'
+    assert r.status_code == 201 and r.headers["RateLimit-Limit"] == "2" and r.headers["RateLimit-Remaining"] == "1"
+    assert 0 < int(r.headers["RateLimit-Reset"]) <= 61
+    assert len(sent) == 1, sent
