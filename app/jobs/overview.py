@@ -3,10 +3,14 @@
 Read-only queries (a poll writes nothing) shared by ``/admin`` and ``GET /api/v1/admin/overview``;
 ``/metrics`` reads the same tables. There is no worker registry table: the workers online are
 derived from attempts that have not ended (who runs what, and their last heartbeat).
+
+A poll first reads :func:`version` (a few index lookups); an unchanged version is a 304, and a
+changed one is computed once per process by :func:`shared_overview`, however many dashboards poll.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from datetime import datetime
 from typing import Any
@@ -14,14 +18,20 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.jobs.states import STATES
-from app.models import Attempt, Job, UsageTotal, User, utcnow
+from app.jobs.states import RUNNING, STATES
+from app.models import Attempt, Job, JobEvent, UsageTotal, User, utcnow
 from app.settings import DEFAULT_QUEUE, PREDICT_QUEUE, TRAIN_QUEUE, Settings
 from app.usage import device_kind
 
 QUEUES = (TRAIN_QUEUE, PREDICT_QUEUE, DEFAULT_QUEUE)
 RECENT_FAILURES = 10
 RUNNING_SHOWN = 50
+# Figures that grow with the clock alone (waits, heartbeat ages, running time) are recounted at
+# least this often; anything a job does changes the version at once.
+RECOUNT_SECONDS = 30
+
+_shared: dict[str, tuple[tuple, dict[str, Any]]] = {}  # database URL -> (version, overview)
+_shared_lock = threading.Lock()
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -118,3 +128,29 @@ def overview(*, session: Session, settings: Settings) -> dict[str, Any]:
     return {"generated_at": now.isoformat(), "jobs_by_state": by_state, "queues": queues, "workers": workers,
             "running": running, "recent_failures": failures, "usage": usage(session=session, now=now)}
 
+
+def version(*, session: Session, settings: Settings, now: datetime | None = None) -> tuple:
+    """A cheap version of everything :func:`overview` shows, from index lookups that do not grow with
+    the history: the newest event (every state change, claim and end records one), the newest job,
+    the running jobs' ``updated_at`` (progress writes and heartbeats stamp it), the broker's queue
+    depths, and the current ``RECOUNT_SECONDS`` window of the clock."""
+    now = now or utcnow()
+    newest = session.execute(
+        select(select(func.max(JobEvent.id)).scalar_subquery(), select(func.max(Job.id)).scalar_subquery())
+    ).one()
+    running = session.execute(select(Job.id, Job.updated_at).where(Job.state == RUNNING).order_by(Job.id)).all()
+    return (tuple(newest), tuple(tuple(r) for r in running), tuple(queue_depths(settings).values()),
+            int(now.timestamp() // RECOUNT_SECONDS))
+
+
+def shared_overview(*, session: Session, settings: Settings, version: tuple) -> dict[str, Any]:
+    """:func:`overview` as of ``version`` (from :func:`version`), computed once per version in this
+    process: every open dashboard polling the same version shares one computation. The result is
+    shared: callers must not change it."""
+    with _shared_lock:  # the first poll of a new version computes it; the others wait for it
+        known = _shared.get(settings.database_url)
+        if known is not None and known[0] == version:
+            return known[1]
+        data = overview(session=session, settings=settings)
+        _shared[settings.database_url] = (version, data)
+        return data
