@@ -10,6 +10,7 @@ changed one is computed once per process by :func:`shared_overview`, however man
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import defaultdict
 from datetime import datetime
@@ -42,13 +43,18 @@ def _age(now: datetime, then: datetime | None) -> float | None:
     return round(max(0.0, (now - then).total_seconds()), 1) if then is not None else None
 
 
+@functools.lru_cache(maxsize=8)
+def _broker(url: str):
+    import redis
+
+    # One client (and connection pool) per broker, kept: each poll reads the depths.
+    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+
+
 def queue_depths(settings: Settings) -> dict[str, int | None]:
     """Messages waiting in each broker queue (Redis LLEN); None for all when the broker does not answer."""
     try:
-        import redis
-
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
-        pipe = client.pipeline(transaction=False)
+        pipe = _broker(settings.redis_url).pipeline(transaction=False)
         for name in QUEUES:
             pipe.llen(name)
         return dict(zip(QUEUES, pipe.execute()))
