@@ -13,10 +13,10 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app import model_registry, webhooks
-from app.usage import Tally
 from app.jobs import states
 from app.jobs.errors import StaleAttempt
 from app.models import Attempt, Checkpoint, Job, JobEvent, Metric, ModelVersion, utcnow
+from app.usage import Tally
 
 
 def claim(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,16 @@ from app.web.context import db, settings
 from app.web.login import web_user
 
 CACHE_CONTROL = "no-cache, private"
-TEMPLATES = Path(__file__).parent / "templates"
+WEB = Path(__file__).parent
+TEMPLATES = WEB / "templates"
 
 
 @functools.cache
 def build() -> str:
-    """A digest of this release's templates and version: a deploy that changes a page changes its ETags."""
-    digest = hashlib.blake2b(metadata.version("kiln").encode(), digest_size=8)
-    for path in sorted(TEMPLATES.rglob("*.html")):
+    """A digest of the templates and the web code that fills them: a release that changes how a
+    page looks changes its ETags, so no browser keeps showing the old one."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted([*TEMPLATES.rglob("*.html"), *WEB.glob("*.py")]):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
