@@ -12,14 +12,55 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.accounts import require_admin
 from app.jobs.states import QUEUED, RUNNING
-from app.models import Attempt, Checkpoint, Dataset, Job, User, utcnow
+from app.models import Attempt, Checkpoint, Dataset, Job, UsageTotal, User, utcnow
 
 DEVICE_NOTE = ("an attempt's run time counts as gpu_seconds when it ran on a CUDA device, else as cpu_seconds "
                "(attempts recorded before the device was, as cpu_seconds)")
+
+
+def device_kind(device: str | None) -> str:
+    """``gpu`` for an attempt that ran on CUDA, else ``cpu`` (also for one whose device was not recorded)."""
+    return "gpu" if device == "cuda" else "cpu"
+
+
+class Tally:
+    """Changes to users' :class:`~app.models.UsageTotal` rows, written together by :meth:`apply`.
+
+    Writers call it after the job and attempt rows of their transaction, and it writes in user-id
+    order: every transaction then locks job rows before totals rows, so two of them (the reaper
+    ending many attempts in one, a worker finishing one of those) cannot each wait for the other.
+    """
+
+    def __init__(self) -> None:
+        self._deltas: dict[int, list[float]] = {}  # owner id -> [jobs, attempts, cpu s, gpu s]
+
+    def add(self, owner_id: int, *, jobs: int = 0, attempts: int = 0, device: str | None = None,
+            seconds: float = 0.0) -> Tally:
+        """Count ``jobs`` submitted, ``attempts`` started and ``seconds`` of an ended attempt run on ``device``."""
+        delta = self._deltas.setdefault(owner_id, [0, 0, 0.0, 0.0])
+        delta[0] += jobs
+        delta[1] += attempts
+        delta[2 if device_kind(device) == "cpu" else 3] += seconds
+        return self
+
+    def apply(self, *, session: Session) -> None:
+        """Add the changes to the totals (one upsert per user, in user-id order) and forget them."""
+        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+        columns = UsageTotal.__table__.c
+        for owner_id in sorted(self._deltas):
+            jobs, attempts, cpu, gpu = self._deltas[owner_id]
+            stmt = dialect.insert(UsageTotal).values(user_id=owner_id, jobs=jobs, attempts=attempts,
+                                                     cpu_seconds=cpu, gpu_seconds=gpu)
+            session.execute(stmt.on_conflict_do_update(index_elements=[columns.user_id], set_={
+                "jobs": columns.jobs + stmt.excluded.jobs, "attempts": columns.attempts + stmt.excluded.attempts,
+                "cpu_seconds": columns.cpu_seconds + stmt.excluded.cpu_seconds,
+                "gpu_seconds": columns.gpu_seconds + stmt.excluded.gpu_seconds}))
+        self._deltas.clear()
 
 
 def _overlap(started: datetime, ended: datetime | None, start: datetime | None, end: datetime) -> float:
@@ -41,7 +82,7 @@ def compute_seconds(*, session: Session, user_ids: list[int] | None, start: date
         stmt = stmt.where(Job.owner_id.in_(user_ids))
     seconds: dict[tuple, float] = defaultdict(float)
     for owner_id, job_id, started, ended, device in session.execute(stmt):
-        key = (owner_id, job_id, "gpu" if device == "cuda" else "cpu") if by_device else (owner_id, job_id)
+        key = (owner_id, job_id, device_kind(device)) if by_device else (owner_id, job_id)
         seconds[key] += _overlap(started, ended, start, end)
     return seconds
 

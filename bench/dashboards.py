@@ -12,10 +12,13 @@ signs in one cookie session per open page through ``/login`` with the form's CSR
 
 - dashboard (``admin/_overview.html``): ``GET /admin/overview`` with ``HX-Request: true`` every 5 s;
 - job page (``jobs/_status.html``, ``static/job.js``): ``GET /jobs/<id>/status`` with ``HX-Request``
-  every 2 s, and after each swap the loss chart's ``GET /api/v1/jobs/<id>/metrics?scope=epoch&latest=true``,
-  which a browser revalidates with ``If-None-Match`` from its cache (the partials carry no ETag).
+  every 2 s, and after each swap the loss chart's ``GET /api/v1/jobs/<id>/metrics?scope=epoch&latest=true``.
 
-It prints polls answered per second, the share of 304s, p50/p95 latency per request, and the CPU
+As a browser does, each page keeps the last answer of every URL with its ETag and revalidates it
+with ``If-None-Match`` (a 304 hands htmx the kept copy). As ``static/polling.js`` does, a panel whose
+``data-version`` is the one shown is not swapped in, so the chart is fetched only after a real swap.
+
+It prints polls asked and answered per second, the share of 304s, p50/p95 latency per request, and the CPU
 the gunicorn master and workers used over the window as a share of wall time x cores (the database
 server's and this client's own CPU are printed apart). Every request goes to 127.0.0.1, has a 15 s
 timeout, and the run stops after its duration whatever happens.
@@ -42,6 +45,7 @@ from werkzeug.security import generate_password_hash
 from app.accounts import PASSWORD_METHOD, create_user
 from app.db import session_scope
 from app.models import Job
+from app import usage
 from bench import poll_data
 from bench.stack import Stack
 
@@ -51,6 +55,7 @@ DASHBOARD_EVERY = 5.0  # app/web/pages_admin.py POLL_SECONDS
 JOB_PAGE_EVERY = 2.0  # jobs/_status.html hx-trigger="every 2s"
 PASSWORD = "bench-dashboards-password"
 REQUEST_TIMEOUT = 15.0
+SIGN_IN_TIMEOUT = 120.0
 SIGN_IN_CONCURRENCY = 8
 STARTED = time.monotonic()
 
@@ -61,6 +66,7 @@ class Tally:
 
     name: str
     latencies: list[float] = field(default_factory=list)  # ms
+    asked: int = 0  # requests the pages made (answered or not)
     not_modified: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     resent: int = 0  # sent again once on a fresh connection after the server closed a kept-alive one
@@ -97,33 +103,41 @@ def add_people(data: poll_data.PollData, admins: int, watchers: int) -> list[tup
             user, _ = create_user(session=session, email=f"admin{i}@bench.example", role="admin")
             user.password_hash = hashed
         owners = []
+        moved = usage.Tally()  # the job counts move with the jobs
         for i, job_id in enumerate(open_jobs):
             user, _ = create_user(session=session, email=f"watcher{i}@bench.example", role="user")
             user.password_hash = hashed
             session.flush()
+            moved.add(session.get(Job, job_id).owner_id, jobs=-1).add(user.id, jobs=1)
             session.execute(update(Job).where(Job.id == job_id).values(owner_id=user.id))
             owners.append((user.email, job_id))
+        moved.apply(session=session)
     return [owners[i % len(owners)] for i in range(watchers)]
 
 
-async def sign_in(base: str, email: str, landing: str) -> httpx.AsyncClient:
-    """A cookie session signed in through the form (CSRF token and all), having opened ``landing``."""
+async def sign_in(base: str, email: str, landing: str) -> tuple[httpx.AsyncClient, str]:
+    """A cookie session signed in through the form (CSRF token and all), and the ``landing`` page it opened."""
     client = httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT, follow_redirects=True,
                                headers={"User-Agent": "kiln-bench-dashboards"})
-    form = await client.get("/login")
+    # Signing in a hundred pages (a password hash each) on a loaded machine is slow: it gets more time
+    # than a poll, and is not measured.
+    form = await client.get("/login", timeout=SIGN_IN_TIMEOUT)
     csrf = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', form.text)
     if form.status_code != 200 or csrf is None:
         raise RuntimeError(f"/login answered {form.status_code} without a CSRF token")
-    done = await client.post("/login", data={"csrf_token": csrf.group(1), "email": email, "password": PASSWORD})
+    done = await client.post("/login", data={"csrf_token": csrf.group(1), "email": email, "password": PASSWORD},
+                             timeout=SIGN_IN_TIMEOUT)
     if done.url.path == "/login":
         raise RuntimeError(f"{email} could not sign in: {done.status_code}")
-    page = await client.get(landing)
+    page = await client.get(landing, timeout=SIGN_IN_TIMEOUT)
     if page.status_code != 200:
         raise RuntimeError(f"{landing} answered {page.status_code} for {email}")
-    return client
+    return client, page.text
 
 
 async def _get(client: httpx.AsyncClient, path: str, headers: dict, tally: Tally | None) -> httpx.Response | None:
+    if tally is not None:
+        tally.asked += 1
     t0 = time.perf_counter()
     try:
         try:
@@ -144,31 +158,59 @@ async def _get(client: httpx.AsyncClient, path: str, headers: dict, tally: Tally
     return response
 
 
-async def dashboard(client: httpx.AsyncClient, start: float, end: float, tally: Tally) -> None:
+class Page:
+    """One open page's browser cache (the last ETag of each URL) and the panel version it shows."""
+
+    def __init__(self, client: httpx.AsyncClient, shown: str | None):
+        self.client = client
+        self.etags: dict[str, str] = {}
+        self.shown = shown  # the polled panel's data-version, as the page was loaded
+
+    async def revalidate(self, path: str, headers: dict, tally: Tally | None) -> httpx.Response | None:
+        """GET ``path`` as a browser would: conditional on the ETag it kept from the last 200."""
+        if path in self.etags:
+            headers = {**headers, "If-None-Match": self.etags[path]}
+        response = await _get(self.client, path, headers, tally)
+        if response is not None and response.status_code == 200 and response.headers.get("ETag"):
+            self.etags[path] = response.headers["ETag"]
+        return response
+
+    def swaps(self, response: httpx.Response | None) -> bool:
+        """Whether htmx swaps this answer in: a 200 whose panel version differs from the one shown
+        (a 304 is the kept copy of what is shown; ``static/polling.js`` skips an equal version)."""
+        if response is None or response.status_code != 200:
+            return False
+        found = VERSION.search(response.text)
+        version = found.group(1) if found else None
+        if version is not None and version == self.shown:
+            return False
+        self.shown = version
+        return True
+
+
+VERSION = re.compile(r'data-version="([^"]*)"')
+
+
+async def dashboard(page: Page, start: float, end: float, tally: Tally) -> None:
     """An open ``/admin``: its panel re-fetched every 5 s."""
-    headers = {"HX-Request": "true", "HX-Current-URL": str(client.base_url.join("/admin")),
+    headers = {"HX-Request": "true", "HX-Current-URL": str(page.client.base_url.join("/admin")),
                "HX-Target": "overview", "HX-Trigger": "overview"}
-    await _tick(start, end, DASHBOARD_EVERY, lambda: _get(client, "/admin/overview", headers, tally))
-
-
-async def job_page(client: httpx.AsyncClient, job_id: int, start: float, end: float, status: Tally,
-                   chart: Tally, etag: str | None) -> None:
-    """An open ``/jobs/<id>``: the status panel every 2 s, then the chart's revalidated metrics fetch."""
-    headers = {"HX-Request": "true", "HX-Current-URL": str(client.base_url.join(f"/jobs/{job_id}")),
-               "HX-Target": "job-status", "HX-Trigger": "job-status"}
-    metrics = f"/api/v1/jobs/{job_id}/metrics?scope=epoch&latest=true"
-    cache = {"etag": etag}
 
     async def poll():
-        answered = await _get(client, f"/jobs/{job_id}/status", headers, status)
-        if answered is None or answered.status_code != 200:
-            return
-        conditional = {"Accept": "application/json"}
-        if cache["etag"]:
-            conditional["If-None-Match"] = cache["etag"]
-        fetched = await _get(client, metrics, conditional, chart)
-        if fetched is not None and fetched.status_code == 200:
-            cache["etag"] = fetched.headers.get("ETag")
+        page.swaps(await page.revalidate("/admin/overview", headers, tally))
+
+    await _tick(start, end, DASHBOARD_EVERY, poll)
+
+
+async def job_page(page: Page, job_id: int, start: float, end: float, status: Tally, chart: Tally) -> None:
+    """An open ``/jobs/<id>``: the status panel every 2 s, and the chart's metrics after each swap."""
+    headers = {"HX-Request": "true", "HX-Current-URL": str(page.client.base_url.join(f"/jobs/{job_id}")),
+               "HX-Target": "job-status", "HX-Trigger": "job-status"}
+    metrics = f"/api/v1/jobs/{job_id}/metrics?scope=epoch&latest=true"
+
+    async def poll():
+        if page.swaps(await page.revalidate(f"/jobs/{job_id}/status", headers, status)):
+            await page.revalidate(metrics, {"Accept": "application/json"}, chart)
 
     await _tick(start, end, JOB_PAGE_EVERY, poll)
 
@@ -212,40 +254,44 @@ async def _run_clients(port: int, admins: int, watchers: list[tuple[str, int]], 
     base = f"http://127.0.0.1:{port}"
     gate = asyncio.Semaphore(SIGN_IN_CONCURRENCY)
 
-    async def open_page(email: str, landing: str) -> httpx.AsyncClient:
+    async def open_page(email: str, landing: str) -> Page:
         async with gate:
-            return await sign_in(base, email, landing)
+            client, html = await sign_in(base, email, landing)
+        found = VERSION.search(html)
+        return Page(client, found.group(1) if found else None)
 
     t0 = time.monotonic()
-    admin_clients = await asyncio.gather(*(open_page(f"admin{i}@bench.example", "/admin") for i in range(admins)))
-    watcher_clients = await asyncio.gather(*(open_page(email, f"/jobs/{job}") for email, job in watchers))
-    # The page load's own chart fetch, so the first poll revalidates as a browser's would.
-    etags = []
-    for client, (_, job) in zip(watcher_clients, watchers):
-        first = await _get(client, f"/api/v1/jobs/{job}/metrics?scope=epoch&latest=true", {}, None)
-        etags.append(first.headers.get("ETag") if first is not None and first.status_code == 200 else None)
+    admin_pages = await asyncio.gather(*(open_page(f"admin{i}@bench.example", "/admin") for i in range(admins)))
+    job_pages = await asyncio.gather(*(open_page(email, f"/jobs/{job}") for email, job in watchers))
+    # The page load's own chart fetch, so the first poll's chart revalidates as a browser's would.
+    for page, (_, job) in zip(job_pages, watchers):
+        await page.revalidate(f"/api/v1/jobs/{job}/metrics?scope=epoch&latest=true", {"Accept": "application/json"}, None)
+    tagged = sum(bool(p.etags) for p in job_pages)
     say(f"{admins + len(watchers)} pages open and signed in ({time.monotonic() - t0:.1f} s); "
-        f"{sum(e is not None for e in etags)} chart responses carry an ETag")
+        f"{tagged} chart responses carry an ETag; {sum(p.shown is not None for p in admin_pages + job_pages)} "
+        f"pages show a panel version")
     tallies = {"overview": Tally("GET /admin/overview (HX)"), "status": Tally("GET /jobs/<id>/status (HX)"),
                "chart": Tally("GET /api/v1/jobs/<id>/metrics?scope=epoch&latest=true (If-None-Match)")}
     rng = random.Random(0)
     procs = [web] + web.children(recursive=True)
     me = psutil.Process()
     cpu0, pg0, me0 = _cpu(procs), _postgres_cpu(), sum(me.cpu_times()[:2])
+    load_before = psutil.getloadavg()
     start = time.monotonic() + 0.5
     end = start + duration
     # Pages opened at random moments: each starts at a random phase of its interval.
-    tasks = [dashboard(c, start + rng.uniform(0, DASHBOARD_EVERY), end, tallies["overview"]) for c in admin_clients]
-    tasks += [job_page(c, job, start + rng.uniform(0, JOB_PAGE_EVERY), end, tallies["status"], tallies["chart"], etag)
-              for c, (_, job), etag in zip(watcher_clients, watchers, etags)]
+    tasks = [dashboard(p, start + rng.uniform(0, DASHBOARD_EVERY), end, tallies["overview"]) for p in admin_pages]
+    tasks += [job_page(p, job, start + rng.uniform(0, JOB_PAGE_EVERY), end, tallies["status"], tallies["chart"])
+              for p, (_, job) in zip(job_pages, watchers)]
     try:
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=duration + REQUEST_TIMEOUT * 2 + 5)
     finally:
         wall = time.monotonic() - start
         cpu1, pg1, me1 = _cpu(procs + web.children(recursive=True)), _postgres_cpu(), sum(me.cpu_times()[:2])
-        await asyncio.gather(*(c.aclose() for c in admin_clients + watcher_clients))
+        await asyncio.gather(*(p.client.aclose() for p in admin_pages + job_pages))
     web_cpu = sum(cpu1.get(pid, 0.0) - cpu0.get(pid, 0.0) for pid in cpu1)
     return {"tallies": list(tallies.values()), "wall": wall, "web_cpu": web_cpu, "pg_cpu": pg1 - pg0,
+            "load_before": load_before,
             "client_cpu": me1 - me0, "web_processes": len(cpu1)}
 
 
@@ -271,18 +317,20 @@ def measure(backend: str, jobs: int, metrics: int, duration: float, admins: int,
 
 def print_report(results: list[dict], duration: float) -> None:
     """One table of requests per backend, then the CPU lines."""
-    header = ["backend", "request", "answered/s", "304 share", "p50", "p95", "resent", "failed"]
+    header = ["backend", "request", "asked/s", "answered/s", "304 share", "p50", "p95", "resent", "failed"]
     lines = []
     for r in results:
         total = sum(len(t.latencies) for t in r["tallies"])
         for t in r["tallies"] + [None]:
             if t is None:
                 lat = [x for tt in r["tallies"] for x in tt.latencies]
-                t = Tally("all polls", lat, sum(tt.not_modified for tt in r["tallies"]),
-                          {k: v for tt in r["tallies"] for k, v in tt.errors.items()},
-                          sum(tt.resent for tt in r["tallies"]))
+                t = Tally("all polls", lat, asked=sum(tt.asked for tt in r["tallies"]),
+                          not_modified=sum(tt.not_modified for tt in r["tallies"]),
+                          errors={k: v for tt in r["tallies"] for k, v in tt.errors.items()},
+                          resent=sum(tt.resent for tt in r["tallies"]))
             n = len(t.latencies)
-            lines.append([r["backend"], t.name, f"{n / r['wall']:.1f}", f"{t.not_modified / n:.0%}" if n else "-",
+            lines.append([r["backend"], t.name, f"{t.asked / r['wall']:.1f}", f"{n / r['wall']:.1f}",
+                          f"{t.not_modified / n:.0%}" if n else "-",
                           f"{percentile(t.latencies, 0.5):.1f} ms", f"{percentile(t.latencies, 0.95):.1f} ms",
                           str(t.resent),
                           ", ".join(f"{k} x{v}" for k, v in t.errors.items()) or "0"])
@@ -297,7 +345,8 @@ def print_report(results: list[dict], duration: float) -> None:
               f"in {r['wall']:.1f} s = {r['web_cpu'] / cap:.1%} of {r['cores']} cores "
               f"({r['web_cpu'] / max(1, r['total']) * 1000:.1f} ms CPU per poll); "
               + (f"PostgreSQL {r['pg_cpu'] / cap:.1%}; " if r["backend"] == "postgresql" else "")
-              + f"this client {r['client_cpu'] / cap:.1%}; load average {r['load'][0]:.1f} at the end")
+              + f"this client {r['client_cpu'] / cap:.1%}; load average {r['load_before'][0]:.1f} before the "
+              f"window, {r['load'][0]:.1f} at the end")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

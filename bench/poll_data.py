@@ -136,6 +136,14 @@ def fill(data: PollData, owners: tuple[int, int]) -> None:
                     [(1, target, 1, "gpu-0@node-1", "node-1", 4242, now - timedelta(hours=6), now - timedelta(hours=3),
                       0, 0, "worker_lost"),
                      (2, target, 2, "gpu-1@node-2", "node-2", 4343, now - timedelta(hours=3), None, 101, 10_100, None)])
+        # The usage totals the services would have kept: jobs per owner, and the target's two attempts
+        # (the ended one's 3 h on CPU; the running one is added by readers).
+        per_owner = {owner: [0, 0, 0.0] for owner in owners}
+        for job in jobs:
+            per_owner[job[1]][0] += 1
+        per_owner[next(j[1] for j in jobs if j[0] == target)][1:] = [2, 3 * 3600.0]
+        writer.rows("usage_totals", ("user_id", "jobs", "attempts", "cpu_seconds", "gpu_seconds"),
+                    [(owner, n, tries, cpu, 0.0) for owner, (n, tries, cpu) in per_owner.items()])
         writer.finish()
     finally:
         writer.close()

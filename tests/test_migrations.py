@@ -65,3 +65,58 @@ def test_check_detects_drift_on_postgresql():
         _drift_is_detected(url)
     finally:
         drop_pg_database(name)
+
+
+def _usage_totals_are_filled_from_the_history(url: str) -> None:
+    """Upgrading to 0012 fills each user's totals with what the dashboard summed over every attempt."""
+    upgrade(url, "0011_attempt_device")
+    engine = create_engine(url)
+    t0 = "2030-01-01 00:00:00"
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO users (id, email, role, active, created_at) VALUES "
+                              "(1, 'a@example.com', 'user', true, :t), (2, 'b@example.com', 'user', true, :t), "
+                              "(3, 'idle@example.com', 'user', true, :t)"), {"t": t0})
+            jobs = [(10, 1), (11, 1), (12, 2), (13, 2)]
+            for job_id, owner in jobs:
+                conn.execute(text(
+                    "INSERT INTO jobs (id, owner_id, kind, name, state, queue, priority, spec, attempts, max_attempts, "
+                    "progress, epoch, step, created_at, queued_at, updated_at) VALUES (:id, :owner, 'train', 'j', "
+                    "'succeeded', 'train', 'normal', '{}', 1, 3, 1.0, 0, 0, :t, :t, :t)"), {"id": job_id, "owner": owner, "t": t0})
+            # (job, number, started, ended, device): 90.5 s on CPU (one with no device recorded), 30 s on
+            # CUDA, one still running (not in the totals: readers add it), user 2's job never started.
+            attempts = [(10, 1, "2030-01-01 00:00:00", "2030-01-01 00:01:00.500", "cpu"),
+                        (10, 2, "2030-01-01 00:02:00", "2030-01-01 00:02:30", None),
+                        (11, 1, "2030-01-01 00:00:00", "2030-01-01 00:00:30", "cuda"),
+                        (12, 1, "2030-01-01 00:00:00", None, "cuda")]
+            for job_id, number, started, ended, device in attempts:
+                conn.execute(text(
+                    "INSERT INTO job_attempts (job_id, number, worker, host, pid, started_at, ended_at, device) "
+                    "VALUES (:job, :n, 'w', 'h', 1, :s, :e, :d)"),
+                    {"job": job_id, "n": number, "s": started, "e": ended, "d": device})
+    finally:
+        engine.dispose()
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            totals = {row[0]: tuple(row[1:]) for row in conn.execute(text(
+                "SELECT user_id, jobs, attempts, cpu_seconds, gpu_seconds FROM usage_totals ORDER BY user_id"))}
+    finally:
+        engine.dispose()
+    assert set(totals) == {1, 2}  # a user without jobs has no row yet
+    assert totals[1][:2] == (2, 3) and totals[2][:2] == (2, 1)
+    assert totals[1][2:] == pytest.approx((90.5, 30.0), abs=1e-3) and totals[2][2:] == (0, 0)
+
+
+def test_the_usage_totals_migration_fills_them_on_sqlite(tmp_path):
+    _usage_totals_are_filled_from_the_history(f"sqlite:///{tmp_path / 'history.db'}")
+
+
+def test_the_usage_totals_migration_fills_them_on_postgresql():
+    name = f"kiln_mig_{uuid.uuid4().hex[:8]}"
+    url = create_pg_database(name)
+    try:
+        _usage_totals_are_filled_from_the_history(url)
+    finally:
+        drop_pg_database(name)

@@ -6,7 +6,7 @@ attempt that lost its lease is refused with :class:`StaleAttempt` and changes no
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
@@ -16,6 +16,7 @@ from app import model_registry, webhooks
 from app.jobs import metric_curves, states
 from app.jobs.errors import StaleAttempt
 from app.models import Attempt, Checkpoint, Job, JobEvent, Metric, ModelVersion, utcnow
+from app.usage import Tally
 
 
 def claim(
@@ -63,6 +64,7 @@ def claim(
         device=device,
     )
     session.add(attempt)
+    Tally().add(job.owner_id, attempts=1).apply(session=session)
     if start is not None and resumed:
         record_event(session=session, job_id=job_id, token=number, kind="resumed", message=f"resumed from epoch {start[0]}")
     session.flush()
@@ -195,12 +197,24 @@ def record_event(*, session: Session, job_id: int, token: int | None, kind: str,
     session.add(JobEvent(job_id=job_id, kind=kind, attempt=token, message=message, data=data))
 
 
-def _end_attempt(session: Session, job_id: int, token: int, outcome: str) -> None:
-    session.execute(
+def end_attempt(*, session: Session, job_id: int, owner_id: int, token: int, outcome: str, at: datetime,
+                tally: Tally | None = None) -> None:
+    """End attempt ``token`` of a job at ``at``, if it has not ended, and count its run time in the
+    owner's usage totals: the one place an attempt ends. With ``tally``, the time goes there for the
+    caller to apply once its other job rows are written (:class:`~app.usage.Tally`)."""
+    ended = session.execute(
         update(Attempt)
         .where(Attempt.job_id == job_id, Attempt.number == token, Attempt.ended_at.is_(None))
-        .values(ended_at=utcnow(), outcome=outcome)
-    )
+        .values(ended_at=at, outcome=outcome)
+        .returning(Attempt.started_at, Attempt.device)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if ended is None:
+        return
+    usage = tally or Tally()
+    usage.add(owner_id, device=ended.device, seconds=(at - ended.started_at).total_seconds())
+    if tally is None:
+        usage.apply(session=session)
 
 
 def finish(
@@ -221,7 +235,9 @@ def finish(
     )
     if not ok:
         raise StaleAttempt(f"job {job_id}: attempt {token} may no longer finish it")
-    _end_attempt(session, job_id, token, error_class or to)
+    owner_id = session.execute(select(Job.owner_id).where(Job.id == job_id)).scalar_one()
+    end_attempt(session=session, job_id=job_id, owner_id=owner_id, token=token, outcome=error_class or to,
+                at=utcnow())
 
 
 def register_model_version(

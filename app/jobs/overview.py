@@ -3,23 +3,36 @@
 Read-only queries (a poll writes nothing) shared by ``/admin`` and ``GET /api/v1/admin/overview``;
 ``/metrics`` reads the same tables. There is no worker registry table: the workers online are
 derived from attempts that have not ended (who runs what, and their last heartbeat).
+
+A poll first reads :func:`version` (a few index lookups); an unchanged version is a 304, and a
+changed one is computed once per process by :func:`shared_overview`, however many dashboards poll.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, literal, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.jobs.states import STATES
-from app.models import Attempt, Job, User, utcnow
+from app.jobs.states import RUNNING, STATES
+from app.models import Attempt, Job, JobEvent, UsageTotal, User, utcnow
 from app.settings import DEFAULT_QUEUE, PREDICT_QUEUE, TRAIN_QUEUE, Settings
+from app.usage import device_kind
 
 QUEUES = (TRAIN_QUEUE, PREDICT_QUEUE, DEFAULT_QUEUE)
 RECENT_FAILURES = 10
 RUNNING_SHOWN = 50
+# Figures that grow with the clock alone (waits, heartbeat ages, running time) are recounted at
+# least this often; anything a job does changes the version at once.
+RECOUNT_SECONDS = 30
+
+_shared: dict[str, tuple[tuple, dict[str, Any]]] = {}  # database URL -> (version, overview)
+_shared_lock = threading.Lock()
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -30,13 +43,18 @@ def _age(now: datetime, then: datetime | None) -> float | None:
     return round(max(0.0, (now - then).total_seconds()), 1) if then is not None else None
 
 
+@functools.lru_cache(maxsize=8)
+def _broker(url: str):
+    import redis
+
+    # One client (and connection pool) per broker, kept: each poll reads the depths.
+    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+
+
 def queue_depths(settings: Settings) -> dict[str, int | None]:
     """Messages waiting in each broker queue (Redis LLEN); None for all when the broker does not answer."""
     try:
-        import redis
-
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
-        pipe = client.pipeline(transaction=False)
+        pipe = _broker(settings.redis_url).pipeline(transaction=False)
         for name in QUEUES:
             pipe.llen(name)
         return dict(zip(QUEUES, pipe.execute()))
@@ -44,30 +62,32 @@ def queue_depths(settings: Settings) -> dict[str, int | None]:
         return {name: None for name in QUEUES}
 
 
-def _seconds(session: Session, started, ended):
-    """SQL for ``ended - started`` in seconds, on SQLite and PostgreSQL."""
-    if session.get_bind().dialect.name == "sqlite":
-        return (func.julianday(ended) - func.julianday(started)) * 86400.0
-    return func.extract("epoch", ended - started)
-
-
 def usage(*, session: Session, now: datetime | None = None) -> list[dict[str, Any]]:
-    """Per user: jobs submitted and compute seconds (the sum of their attempts' run times, a running one up to now)."""
+    """Per user with jobs: jobs submitted, attempts started and compute seconds (the sum of their
+    attempts' run times, a running one up to now; CPU and GPU apart), busiest first.
+
+    Read from the per-user totals (:class:`~app.models.UsageTotal`) plus the attempts that have not
+    ended, so the cost follows the number of users and live attempts, not the length of the history.
+    """
     now = now or utcnow()
-    ended = func.coalesce(Attempt.ended_at, literal(now, type_=Attempt.ended_at.type))
-    compute = (select(Job.owner_id, func.sum(_seconds(session, Attempt.started_at, ended)).label("seconds"),
-                      func.count(Attempt.id).label("attempts"))
-               .join(Attempt, Attempt.job_id == Job.id).group_by(Job.owner_id).subquery())
-    jobs = select(Job.owner_id, func.count().label("jobs")).group_by(Job.owner_id).subquery()
-    rows = session.execute(
-        select(User.id, User.email, User.role, jobs.c.jobs, compute.c.seconds, compute.c.attempts)
-        .join(jobs, jobs.c.owner_id == User.id)
-        .outerjoin(compute, compute.c.owner_id == User.id)
-        .order_by(compute.c.seconds.desc().nulls_last(), User.id)
-    ).all()
-    return [{"user_id": uid, "email": email, "role": role, "jobs": n, "attempts": attempts or 0,
-             "compute_seconds": round(float(seconds or 0.0), 1)}
-            for uid, email, role, n, seconds, attempts in rows]
+    running: dict[int, dict[str, float]] = defaultdict(lambda: {"cpu": 0.0, "gpu": 0.0})
+    for owner_id, started, device in session.execute(
+        select(Job.owner_id, Attempt.started_at, Attempt.device)
+        .join(Job, Job.id == Attempt.job_id).where(Attempt.ended_at.is_(None))
+    ):
+        running[owner_id][device_kind(device)] += (now - started).total_seconds()
+    rows = []
+    for uid, email, role, jobs, attempts, cpu, gpu in session.execute(
+        select(User.id, User.email, User.role, UsageTotal.jobs, UsageTotal.attempts, UsageTotal.cpu_seconds,
+               UsageTotal.gpu_seconds).join(UsageTotal, UsageTotal.user_id == User.id).where(UsageTotal.jobs > 0)
+    ):
+        cpu, gpu = cpu + running[uid]["cpu"], gpu + running[uid]["gpu"]
+        rows.append({"user_id": uid, "email": email, "role": role, "jobs": jobs, "attempts": attempts,
+                     "compute_seconds": round(cpu + gpu, 1), "cpu_seconds": round(cpu, 1),
+                     "gpu_seconds": round(gpu, 1), "_seconds": cpu + gpu if attempts else None})
+    # Busiest first; users without any attempt last (as SQL's NULLS LAST put them), then by id.
+    rows.sort(key=lambda r: (r["_seconds"] is None, -(r["_seconds"] or 0.0), r["user_id"]))
+    return [{k: v for k, v in r.items() if k != "_seconds"} for r in rows]
 
 
 def overview(*, session: Session, settings: Settings) -> dict[str, Any]:
@@ -113,3 +133,30 @@ def overview(*, session: Session, settings: Settings) -> dict[str, Any]:
     ]
     return {"generated_at": now.isoformat(), "jobs_by_state": by_state, "queues": queues, "workers": workers,
             "running": running, "recent_failures": failures, "usage": usage(session=session, now=now)}
+
+
+def version(*, session: Session, settings: Settings, now: datetime | None = None) -> tuple:
+    """A cheap version of everything :func:`overview` shows, from index lookups that do not grow with
+    the history: the newest event (every state change, claim and end records one), the newest job,
+    the running jobs' ``updated_at`` (progress writes and heartbeats stamp it), the broker's queue
+    depths, and the current ``RECOUNT_SECONDS`` window of the clock."""
+    now = now or utcnow()
+    newest = session.execute(
+        select(select(func.max(JobEvent.id)).scalar_subquery(), select(func.max(Job.id)).scalar_subquery())
+    ).one()
+    running = session.execute(select(Job.id, Job.updated_at).where(Job.state == RUNNING).order_by(Job.id)).all()
+    return (tuple(newest), tuple(tuple(r) for r in running), tuple(queue_depths(settings).values()),
+            int(now.timestamp() // RECOUNT_SECONDS))
+
+
+def shared_overview(*, session: Session, settings: Settings, version: tuple) -> dict[str, Any]:
+    """:func:`overview` as of ``version`` (from :func:`version`), computed once per version in this
+    process: every open dashboard polling the same version shares one computation. The result is
+    shared: callers must not change it."""
+    with _shared_lock:  # the first poll of a new version computes it; the others wait for it
+        known = _shared.get(settings.database_url)
+        if known is not None and known[0] == version:
+            return known[1]
+        data = overview(session=session, settings=settings)
+        _shared[settings.database_url] = (version, data)
+        return data

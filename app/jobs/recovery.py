@@ -14,8 +14,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.jobs import states
-from app.models import Attempt, Job, ServiceLease, utcnow
+from app.jobs.attempts import end_attempt
+from app.models import Job, ServiceLease, utcnow
 from app.settings import Settings
+from app.usage import Tally
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,12 @@ def acquire_lease(*, session: Session, name: str, owner: str, seconds: float) ->
 
 
 def requeue_or_fail(
-    *, session: Session, job: Job, error_class: str, message: str, now: datetime, retryable: bool = True
+    *, session: Session, job: Job, error_class: str, message: str, now: datetime, retryable: bool = True,
+    tally: Tally | None = None,
 ) -> str:
-    """Return a running job to the queue (attempts left, with backoff) or fail it; returns the new state."""
+    """Return a running job to the queue (attempts left, with backoff) or fail it; returns the new state.
+
+    The attempt's run time goes into ``tally`` when given (the caller applies it), else into the totals now."""
     token = job.attempts
     if job.cancel_requested_at is not None or job.pause_requested_at is not None:
         # The user asked this job to stop: honour that instead of retrying it.
@@ -82,11 +87,8 @@ def requeue_or_fail(
         new_state = states.FAILED
     if not ok:
         return job.state
-    session.execute(
-        update(Attempt)
-        .where(Attempt.job_id == job.id, Attempt.number == token, Attempt.ended_at.is_(None))
-        .values(ended_at=now, outcome=error_class)
-    )
+    end_attempt(session=session, job_id=job.id, owner_id=job.owner_id, token=token, outcome=error_class, at=now,
+                tally=tally)
     return new_state
 
 
@@ -97,9 +99,12 @@ def reap_expired(*, session: Session, now: datetime | None = None) -> list[tuple
         select(Job).where(Job.state == states.RUNNING, Job.lease_expires_at < now).order_by(Job.id)
     ).scalars().all()
     done = []
+    tally = Tally()  # the run times, written after every job row: see Tally for the lock order
     for job in expired:
         message = f"worker {job.lease_owner or '?'} stopped renewing its lease (killed or unreachable)"
-        done.append((job.id, requeue_or_fail(session=session, job=job, error_class="worker_lost", message=message, now=now)))
+        done.append((job.id, requeue_or_fail(session=session, job=job, error_class="worker_lost", message=message,
+                                             now=now, tally=tally)))
+    tally.apply(session=session)
     return done
 
 

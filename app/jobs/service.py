@@ -14,6 +14,7 @@ from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import ARCHITECTURES, GENERATION_FIELDS, DatasetRef, PredictSpec, TrainSpec
 from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, JobListVersion, Metric, ModelVersion, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
+from app.usage import Tally
 
 
 # What a job list shows, read as plain rows (no spec or result JSON, no ORM identity map);
@@ -579,6 +580,7 @@ def submit(
     session.add(job)
     session.flush()
     session.add(JobEvent(job_id=job.id, kind="submitted", to_state=states.QUEUED, message=f"{spec.kind} job submitted"))
+    Tally().add(owner.id, jobs=1).apply(session=session)
     session.flush()
     return job
 

@@ -9,6 +9,7 @@ from app.models.jobs import JOB_LIST_SHARDS, Attempt, Job, JobListVersion
 from app.models.leases import ServiceLease
 from app.models.metrics import Metric, MetricCurveChunk
 from app.models.model_versions import ModelAlias, ModelVersion
+from app.models.usage import UsageTotal
 from app.models.users import ApiToken, User
 from app.models.webhooks import WebhookAttempt, WebhookDelivery
 
@@ -29,6 +30,7 @@ __all__ = [
     "ModelAlias",
     "ModelVersion",
     "ServiceLease",
+    "UsageTotal",
     "User",
     "WebhookAttempt",
     "WebhookDelivery",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, SmallInteger, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, SmallInteger, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, UTCDateTime, utcnow
@@ -74,7 +74,13 @@ class Attempt(Base):
     """One run of a job by one worker process; ``number`` is its fencing token."""
 
     __tablename__ = "job_attempts"
-    __table_args__ = (UniqueConstraint("job_id", "number", name="uq_job_attempts_job_id_number"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "number", name="uq_job_attempts_job_id_number"),
+        # The attempts that have not ended (workers online, running time so far): a few rows
+        # however long the history, found without reading the ended ones.
+        Index("ix_job_attempts_open", "job_id", sqlite_where=text("ended_at IS NULL"),
+              postgresql_where=text("ended_at IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

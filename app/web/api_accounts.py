@@ -11,9 +11,9 @@ from typing import Any
 from flask import Response, jsonify, request, url_for
 
 from app import accounts, datasets
-from app.jobs import overview
 from app.jobs.errors import SpecError
 from app.models import ApiToken, User
+from app.web import conditional
 from app.web.api import api
 from app.web.auth import current_user
 from app.web.context import db, settings
@@ -115,9 +115,11 @@ def update_user(user_id: int):
 
 @api.get("/admin/overview")
 def admin_overview():
-    """The admin dashboard's data: jobs by state, queues, workers, running jobs, failures, usage (admins only)."""
+    """The admin dashboard's data: jobs by state, queues, workers, running jobs, failures, usage (admins only);
+    304 while its version is unchanged (``If-None-Match``)."""
     accounts.require_admin(current_user())
-    return jsonify(overview.overview(session=db(), settings=settings()))
+    tag, version = conditional.overview_tag()
+    return conditional.answer(tag, lambda: jsonify(conditional.shared_overview(version)))
 
 
 @api.delete("/datasets/<int:dataset_id>")

@@ -19,16 +19,24 @@ def duration_text(seconds: float) -> str:
     return f"{secs} s"
 
 
-def elapsed_and_eta(*, state: str, progress: float, started_at: datetime | None,
-                    finished_at: datetime | None, now: datetime) -> tuple[float | None, float | None]:
-    """Seconds elapsed (since start while running, start to finish once ended) and seconds left, or None.
+def elapsed_and_eta(*, state: str, progress: float, started_at: datetime | None, finished_at: datetime | None,
+                    now: datetime, stopped_at: datetime | None = None) -> tuple[float | None, float | None]:
+    """Seconds elapsed and seconds left, or None: since the start up to now while running, up to the
+    finish once ended, and up to ``stopped_at`` (the job's last write: the pause or requeue) while it
+    is paused or waiting in the queue again, so the clock stands still while nothing runs. A page
+    then changes only when its job does, which lets a poll of an unchanged job be a 304.
 
     The ETA assumes the rest runs at the average speed so far: elapsed x (1 - p) / p, only while
     running with 0 < p < 1.
     """
     if started_at is None:
         return None, None
-    end = finished_at if state in TERMINAL and finished_at is not None else now
+    if state in TERMINAL and finished_at is not None:
+        end = finished_at
+    elif state != RUNNING and stopped_at is not None:
+        end = stopped_at
+    else:
+        end = now
     elapsed = max(0.0, (end - started_at).total_seconds())
     if state != RUNNING or not 0 < progress < 1:
         return elapsed, None
@@ -38,7 +46,7 @@ def elapsed_and_eta(*, state: str, progress: float, started_at: datetime | None,
 def timing_text(job, now: datetime) -> str:
     """``2 min 10 s elapsed, about 1 min left`` for a job, or ``""`` before it started."""
     elapsed, eta = elapsed_and_eta(state=job.state, progress=job.progress or 0.0, started_at=job.started_at,
-                                   finished_at=job.finished_at, now=now)
+                                   finished_at=job.finished_at, now=now, stopped_at=job.updated_at)
     if elapsed is None:
         return ""
     text = f"{duration_text(elapsed)} elapsed"

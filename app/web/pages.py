@@ -12,7 +12,7 @@ from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES, TERMINAL, InvalidTransition
 from app.models import MAX_ID, utcnow
-from app.web import serializers, spec_forms
+from app.web import conditional, serializers, spec_forms
 from app.web.job_timing import timing_text
 from app.web.context import db, settings
 from app.web.publishing import publish
@@ -143,18 +143,21 @@ def jobs():
 @pages.get("/jobs/<int:job_id>/row")
 @login_required
 def job_row(job_id: int):
-    """One row of the jobs list (htmx polls it while the job runs)."""
-    job = service.get_job(session=db(), user=web_user(), job_id=job_id)
-    return render_template("jobs/_row.html", job=job)
+    """One row of the jobs list (htmx polls it while the job runs; 304 while the job is unchanged)."""
+    tag = conditional.job_tag("row", job_id)
+    return conditional.answer(tag, lambda: render_template(
+        "jobs/_row.html", job=service.get_job(session=db(), user=web_user(), job_id=job_id), version=tag))
 
 
 @pages.get("/jobs/<int:job_id>")
 @login_required
 def job(job_id: int):
     """Everything about one job: spec, state, progress, events, attempts, checkpoints, result, loss curves, log."""
+    # The status panel's ETag, read before the job: a poll that finds it unchanged keeps the panel as is.
+    version = conditional.job_tag("status", job_id)
     found = service.get_job(session=db(), user=web_user(), job_id=job_id)
     return render_template(
-        "jobs/detail.html", job=found, detail=serializers.job_detail(db(), found),
+        "jobs/detail.html", job=found, detail=serializers.job_detail(db(), found), version=version,
         events=service.list_events(session=db(), user=web_user(), job_id=job_id),
         log=job_log.tail(session=db(), user=web_user(), job_id=job_id, lines=LOG_LINES), log_lines=LOG_LINES,
     )
@@ -163,9 +166,15 @@ def job(job_id: int):
 @pages.get("/jobs/<int:job_id>/status")
 @login_required
 def job_status(job_id: int):
-    """The state/progress panel of a job's page (htmx polls it while the job runs)."""
-    found = service.get_job(session=db(), user=web_user(), job_id=job_id)
-    return render_template("jobs/_status.html", job=found, detail=serializers.job_detail(db(), found))
+    """The state/progress panel of a job's page (htmx polls it while the job runs; 304 while the job is
+    unchanged). The panel carries its ETag as ``data-version``: the charts refetch when it changes."""
+    tag = conditional.job_tag("status", job_id)
+
+    def body() -> str:
+        found = service.get_job(session=db(), user=web_user(), job_id=job_id)
+        return render_template("jobs/_status.html", job=found, detail=serializers.job_detail(db(), found), version=tag)
+
+    return conditional.answer(tag, body)
 
 
 @pages.post("/jobs/<int:job_id>/<action>")

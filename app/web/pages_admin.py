@@ -10,7 +10,8 @@ from flask import Blueprint, flash, redirect, render_template, url_for
 from app import accounts
 from app.jobs import overview
 from app.jobs.errors import Conflict, SpecError
-from app.web.context import db, settings
+from app.web import conditional
+from app.web.context import db
 from app.web.forms_accounts import NewUserForm, UserUpdateForm
 from app.web.login import admin_required, web_user
 from app.web.page_errors import install
@@ -25,16 +26,20 @@ POLL_SECONDS = 5
 @admin_required
 def dashboard():
     """Jobs by state, queues, workers, running jobs, recent failures and usage per user."""
-    data = overview.overview(session=db(), settings=settings())
-    return render_template("admin/dashboard.html", data=data, poll=POLL_SECONDS)
+    tag, version = conditional.overview_tag()
+    return render_template("admin/dashboard.html", data=conditional.shared_overview(version), poll=POLL_SECONDS,
+                           recount=overview.RECOUNT_SECONDS, version=tag)
 
 
 @admin_pages.get("/admin/overview")
 @admin_required
 def overview_panel():
-    """The dashboard's panel alone (htmx polls it every few seconds; a read-only request)."""
-    data = overview.overview(session=db(), settings=settings())
-    return render_template("admin/_overview.html", data=data, poll=POLL_SECONDS)
+    """The dashboard's panel alone (htmx polls it every few seconds; a read-only request, 304 while
+    nothing changed, and one computation per change shared by every open dashboard)."""
+    tag, version = conditional.overview_tag()
+    return conditional.answer(tag, lambda: render_template(
+        "admin/_overview.html", data=conditional.shared_overview(version), poll=POLL_SECONDS,
+        recount=overview.RECOUNT_SECONDS, version=tag))
 
 
 def _users_page(form: NewUserForm, *, error: str | None = None, new_token: str | None = None,

@@ -445,7 +445,9 @@ class UserCompute(Resource):
     role: str
     jobs: int
     attempts: int
-    compute_seconds: float
+    compute_seconds: float = Field(description="run time of all their attempts (a running one up to now)")
+    cpu_seconds: float = Field(description="the part on CPU (attempts whose device was not recorded included)")
+    gpu_seconds: float = Field(description="the part on a CUDA device")
 
 
 class Overview(Resource):

@@ -12,6 +12,7 @@ import pytest
 from app.accounts import create_user
 from app.db import session_scope
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.conftest import submit_unpublished
 
 pytestmark = pytest.mark.browser
 
@@ -176,3 +177,63 @@ def test_a_person_cancels_a_running_job_from_its_page(web, settings, start_worke
         finally:
             browser.close()
             worker.stop()
+
+
+def test_polls_of_an_unchanged_job_are_304s_and_a_change_still_shows(web, settings, tmp_path):
+    """The browser revalidates the htmx polls on its own (If-None-Match from its cache): the server
+    answers an unchanged row or status panel with 304, and a change still reaches the page."""
+    from playwright.sync_api import expect, sync_playwright
+
+    email = f"polls-{uuid.uuid4().hex[:8]}@example.com"
+    with session_scope(settings.database_url) as s:
+        user, token = create_user(session=s, email=email, role="user", password=PASSWORD)
+        s.flush()
+        user_id = user.id
+    job_id = submit_unpublished(settings, user_id, SPEC)  # stays queued: nothing changes it until we do
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.set_default_timeout(30_000)
+            # What went over the wire, from Chromium's network layer (a page sees a revalidated 304 as a 200).
+            urls: dict[str, str] = {}
+            codes: dict[str, int] = {}
+            network = page.context.new_cdp_session(page)
+            network.send("Network.enable")
+            network.on("Network.requestWillBeSent", lambda e: urls.__setitem__(e["requestId"], e["request"]["url"]))
+            network.on("Network.responseReceivedExtraInfo", lambda e: codes.__setitem__(e["requestId"], e["statusCode"]))
+
+            def answered(url: str, status: int, count: int) -> None:
+                """Wait until ``url`` got ``count`` answers with ``status`` on the wire."""
+                for _ in range(240):
+                    if sum(1 for rid, u in urls.items() if u == url and codes.get(rid) == status) >= count:
+                        return
+                    page.wait_for_timeout(250)
+                seen = [(u.rsplit("/", 2)[-1], codes.get(rid)) for rid, u in urls.items() if u == url]
+                raise AssertionError(f"{url}: wanted {count} x {status}, the wire saw {seen}")
+
+            page.goto(f"{web}/login?next=/jobs")
+            page.get_by_label("Email").fill(email)
+            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+            expect(page.locator(f"#job-{job_id} .badge")).to_have_text("queued")
+            answered(f"{web}/jobs/{job_id}/row", 304, 2)  # the list's row, polled every 2 s
+
+            page.get_by_role("link", name=f"#{job_id} browser-mlp").click()
+            badge = page.locator("#job-status .badge")
+            expect(badge).to_have_text("queued")
+            answered(f"{web}/jobs/{job_id}/status", 304, 2)
+            page.evaluate("window.__noReload = true")
+
+            # The job changes (paused through the API): the next poll brings it, without a reload.
+            request = urllib.request.Request(web + f"/api/v1/jobs/{job_id}/pause", method="POST",
+                                             headers={"Authorization": f"Bearer {token}"})
+            assert urllib.request.urlopen(request, timeout=30).status == 202
+            expect(badge).to_have_text("paused")
+            expect(page.locator("#job-status").get_by_role("button", name="Resume")).to_be_visible()
+            assert page.evaluate("window.__noReload === true"), "the page was reloaded"
+            answered(f"{web}/jobs/{job_id}/status", 200, 2)  # the first poll, then the changed one
+            page.screenshot(path=str(tmp_path / "job-paused-by-poll.png"), full_page=True)
+        finally:
+            browser.close()

@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from app.db import session_scope
+from app.jobs.attempts import claim
+from app.jobs.states import transition
 from app.models import Attempt, Job, JobEvent, User, utcnow
 from tests.conftest import submit_unpublished
 from tests.web.test_pages import MLP, PASSWORD, person, sign_in  # noqa: F401 - person is a fixture
@@ -15,27 +17,27 @@ from tests.web.test_polls import WRITES, statements
 
 
 @pytest.fixture
-def running_job(database_url):
-    """Factory: a job a worker is running (its row and live attempt, as a claim leaves them) and a
-    failed one. The rows are removed afterwards: the database is shared with the reaper's tests,
-    which must not find a foreign live lease."""
+def running_job(database_url, settings):
+    """Factory: a job a worker is running (submitted and claimed through the services, then moved
+    on 90 s) and a failed one. The rows are removed afterwards: the database is shared with the
+    reaper's tests, which must not find a foreign live lease."""
     created: list[int] = []
 
     def _make(email: str) -> int:
         now = utcnow()
         with session_scope(database_url) as s:
-            owner = s.execute(select(User).where(User.email == email)).scalar_one()
-            job = Job(owner_id=owner.id, kind="train", name="busy-mlp", state="running", queue="train", spec={},
-                      attempts=1, progress=0.42, epoch=3, step=120, lease_owner="gpu0@host-a",
-                      started_at=now - timedelta(seconds=90), lease_expires_at=now + timedelta(seconds=60))
-            failed = Job(owner_id=owner.id, kind="train", name="broken", state="failed", queue="train", spec={},
-                         error_class="user_error", error_message="column 'y' is not numeric", finished_at=now)
-            s.add_all([job, failed])
-            s.flush()
-            s.add(Attempt(job_id=job.id, number=1, worker="gpu0@host-a", host="host-a", pid=4242,
-                          started_at=now - timedelta(seconds=90), heartbeat_at=now - timedelta(seconds=2)))
-            created.extend([job.id, failed.id])
-            return job.id
+            owner_id = s.execute(select(User.id).where(User.email == email)).scalar_one()
+        job_id, failed_id = submit_unpublished(settings, owner_id, MLP), submit_unpublished(settings, owner_id, MLP)
+        created.extend([job_id, failed_id])
+        with session_scope(database_url, write=True) as s:
+            claim(session=s, job_id=job_id, token=0, worker="gpu0@host-a", host="host-a", pid=4242, lease_seconds=60)
+            s.execute(update(Job).where(Job.id == job_id).values(
+                name="busy-mlp", progress=0.42, epoch=3, step=120, started_at=now - timedelta(seconds=90)))
+            s.execute(update(Attempt).where(Attempt.job_id == job_id).values(
+                started_at=now - timedelta(seconds=90), heartbeat_at=now - timedelta(seconds=2)))
+            transition(s, failed_id, to="failed", expect="queued", values={
+                "name": "broken", "error_class": "user_error", "error_message": "column 'y' is not numeric"})
+        return job_id
 
     yield _make
     with session_scope(database_url) as s:

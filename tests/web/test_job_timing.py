@@ -19,6 +19,14 @@ def test_no_eta_without_progress_or_once_ended_and_nothing_before_start():
     now = START + timedelta(seconds=90)
     assert elapsed_and_eta(state="running", progress=0.0, started_at=START, finished_at=None, now=now) == (90, None)
     assert elapsed_and_eta(state="paused", progress=0.5, started_at=START, finished_at=None, now=now) == (90, None)
+    # Paused (or queued again) at START + 40 s: the clock stands there, however late the page asks.
+    for state in ("paused", "queued"):
+        stopped = elapsed_and_eta(state=state, progress=0.5, started_at=START, finished_at=None, now=now,
+                                  stopped_at=START + timedelta(seconds=40))
+        assert stopped == (40, None), state
+    running = elapsed_and_eta(state="running", progress=0.5, started_at=START, finished_at=None, now=now,
+                              stopped_at=START + timedelta(seconds=40))
+    assert running == (90, 90)  # a running job's clock runs up to now
     ended = elapsed_and_eta(state="succeeded", progress=1.0, started_at=START,
                             finished_at=START + timedelta(seconds=30), now=now)
     assert ended == (30, None)  # start to finish, not start to now

@@ -1,6 +1,7 @@
 // The loss charts of a job's page, from the JSON API (the session cookie reads it): one point per
 // finished epoch, and the per-step curve the server downsamples (?scope=step&points=N), shown only
-// when the job reports step metrics. Both redraw after each htmx refresh of the status panel.
+// when the job reports step metrics. Both redraw when htmx swaps in a changed status panel (an
+// unchanged one is not swapped: static/polling.js).
 (function () {
   "use strict";
   if (typeof uPlot === "undefined") return;
@@ -80,6 +81,6 @@
   }
   function drawAll() { draws.forEach(function (d) { d(); }); }
   drawAll();
-  // Only the status panel polls on this page; redraws are deduplicated, so each swap may refetch.
+  // Only the status panel polls on this page, and it is swapped only when the job changed.
   document.body.addEventListener("htmx:afterSwap", drawAll);
 })();
