@@ -19,7 +19,8 @@ from typing import Any
 from flask import Response, current_app, make_response, session
 
 from app.jobs import overview, service
-from app.web.api import _etag as etag, _not_modified as not_modified
+from app.jobs.service import etag
+from app.web.api import _not_modified as not_modified
 from app.web.context import db, settings
 from app.web.login import web_user
 
