@@ -43,20 +43,26 @@ class Member:
     problem: JobFailure | None = None
 
 
-def claim_more(*, lead_id: int, model_version_id: int, worker: str, settings: Settings) -> list[Member]:
-    """Claim up to ``predict_max_batch_size - 1`` queued predictions of the model version (may be none).
+def claim_more(*, lead_id: int, model_version_id: int, worker: str, settings: Settings,
+               max_batch_size: int | None = None, max_delay_ms: int | None = None) -> list[Member]:
+    """Claim up to ``max_batch_size - 1`` queued predictions of the model version (may be none).
 
-    With fewer found than fit, it looks once more after ``predict_max_delay_ms``.
+    The limits default to ``predict_max_batch_size`` and ``predict_max_delay_ms``. A batch that
+    found company but is not full looks once more after ``max_delay_ms``; a lone request (nothing
+    else queued for its model) runs at once: with no requests arriving together there is no batch
+    to wait for, and under load the queue fills while the worker is busy.
     """
-    limit = settings.predict_max_batch_size - 1
+    size = settings.predict_max_batch_size if max_batch_size is None else max_batch_size
+    delay = settings.predict_max_delay_ms if max_delay_ms is None else max_delay_ms
+    limit = size - 1
     members: list[Member] = []
     if limit <= 0:
         return members
     for look in range(2):
         if look == 1:
-            if settings.predict_max_delay_ms <= 0:
+            if delay <= 0 or not members:
                 break
-            time.sleep(settings.predict_max_delay_ms / 1000)
+            time.sleep(delay / 1000)
         members += _claim_queued(lead_id, model_version_id, limit - len(members), worker, settings)
         if len(members) >= limit:
             break
