@@ -29,7 +29,8 @@ def _pool(url: str, pid: int) -> redis.ConnectionPool:
     return redis.ConnectionPool.from_url(url, socket_connect_timeout=3, health_check_interval=30)
 
 
-def _client(settings: Settings) -> redis.Redis:
+def client(settings: Settings) -> redis.Redis:
+    """A client on this process's pool for ``settings.redis_url`` (the signals' connection)."""
     return redis.Redis(connection_pool=_pool(settings.redis_url, os.getpid()))
 
 
@@ -37,7 +38,7 @@ def notify_finished(settings: Settings, job_id: int) -> None:
     """Wake whoever waits on ``job_id`` (call after the finishing transaction committed); never raises."""
     key = KEY.format(job_id=job_id)
     try:
-        with _client(settings).pipeline(transaction=True) as pipe:
+        with client(settings).pipeline(transaction=True) as pipe:
             pipe.lpush(key, 1).expire(key, EXPIRE_SECONDS).execute()
     except redis.RedisError as exc:  # a waiter then answers 202 at its deadline: nothing is lost
         log.warning("event=finish_signal_failed job_id=%s error=%r", job_id, exc)
@@ -49,7 +50,7 @@ def wait_finished(settings: Settings, job_id: int, timeout: float) -> bool:
         return False
     try:
         # BLPOP's timeout has millisecond resolution; 0 would mean "forever".
-        return _client(settings).blpop([KEY.format(job_id=job_id)], timeout=max(timeout, 0.01)) is not None
+        return client(settings).blpop([KEY.format(job_id=job_id)], timeout=max(timeout, 0.01)) is not None
     except redis.RedisError as exc:
         log.warning("event=finish_wait_failed job_id=%s error=%r", job_id, exc)
         return False

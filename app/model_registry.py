@@ -297,6 +297,22 @@ def resolve_alias(*, session: Session, owner: User, name: str, alias: str) -> Mo
     ).scalar_one_or_none()
 
 
+def checkpoint_digest(*, session: Session, model: ModelVersion) -> str:
+    """The sha256 of the checkpoint a version serves (what prediction workers cache it under)."""
+    return session.execute(select(Checkpoint.sha256).where(Checkpoint.id == model.checkpoint_id)).scalar_one()
+
+
+def deleted_digests(*, session: Session, digests: list[str]) -> list[str]:
+    """Those of ``digests`` that only deleted versions serve (a worker's cache may drop them)."""
+    if not digests:
+        return []
+    rows = session.execute(select(Checkpoint.sha256, ModelVersion.deleted_at)
+                           .join(ModelVersion, ModelVersion.checkpoint_id == Checkpoint.id)
+                           .where(Checkpoint.sha256.in_(digests))).all()
+    live = {digest for digest, deleted_at in rows if deleted_at is None}
+    return sorted({digest for digest, deleted_at in rows if deleted_at is not None} - live)
+
+
 def delete_version(*, session: Session, owner: User, name: str, number: int) -> ModelVersion:
     """Delete a version: refused (Conflict) while an alias points at it or a queued or running job uses it."""
     target = version(session=session, owner=owner, name=name, number=number)

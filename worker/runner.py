@@ -170,7 +170,7 @@ def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
     prepared.start = (epoch, step)
     if prepared.resume is None and base is not None:
         try:
-            prepared.init_from = _model_checkpoint(base, settings)
+            prepared.init_from = model_checkpoint(base, settings)
         except UserError as exc:
             prepared.problem = exc
     return prepared
@@ -248,7 +248,7 @@ def _load_resume(job_id: int, candidates: list[tuple], skipped: list[str],
     return None, 0, 0
 
 
-def _model_checkpoint(model: tuple[str, str, str], settings: Settings) -> bytes:
+def model_checkpoint(model: tuple[str, str, str], settings: Settings) -> bytes:
     """A model version's checkpoint bytes, verified and parsable; a bad one is the user's (never retried)."""
     from worker.ml import checkpoints
 
@@ -348,7 +348,7 @@ def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, setting
     prediction.configure_cache(models=settings.predict_cache_models, max_bytes=settings.predict_cache_bytes)
 
     def load() -> bytes:
-        return _model_checkpoint(prepared.model, settings)
+        return model_checkpoint(prepared.model, settings)
 
     if spec.dataset is not None:
         return batch_files.run(spec, prepared, recorder, settings, load=load)

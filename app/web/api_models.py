@@ -10,14 +10,14 @@ from typing import Any
 
 from flask import Response, jsonify, request
 
-from app import model_registry
+from app import model_registry, model_signals
 from app.jobs.errors import SpecError
 from app.jobs.schemas import parse_serving
 from app.models import MAX_ID, ModelAlias, ModelVersion
 from app.web import serializers
 from app.web.api import api
 from app.web.auth import current_user
-from app.web.context import db
+from app.web.context import db, settings
 
 
 def _version_number(body: Any) -> int:
@@ -101,6 +101,8 @@ def delete_model_alias(name: str, alias: str):
 @api.delete("/models/<name>/versions/<int:number>")
 def delete_model_version(name: str, number: int):
     """Delete a version; 409 while an alias points at it or a queued or running job uses it."""
-    model_registry.delete_version(session=db(), owner=current_user(), name=name, number=number)
+    deleted = model_registry.delete_version(session=db(), owner=current_user(), name=name, number=number)
+    digest = model_registry.checkpoint_digest(session=db(), model=deleted)
     db().commit()
+    model_signals.announce_deleted(settings(), digest)  # every prediction worker drops it from its cache
     return Response(status=204)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import login_required
 
-from app import catalog, datasets, model_registry
+from app import catalog, datasets, model_registry, model_signals
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import parse_serving
 from app.web.context import db, settings
@@ -147,11 +147,13 @@ def delete_model_version(name: str, number: int):
     """Delete one of the user's model versions (refused while an alias or an unfinished job uses it)."""
     session = db()
     try:
-        model_registry.delete_version(session=session, owner=web_user(), name=name, number=number)
+        deleted = model_registry.delete_version(session=session, owner=web_user(), name=name, number=number)
+        digest = model_registry.checkpoint_digest(session=session, model=deleted)
     except (Conflict, NotFound) as exc:
         session.rollback()
         flash(str(exc), "error")
         return redirect(url_for("datasets_pages.models"), 303)
     session.commit()
+    model_signals.announce_deleted(settings(), digest)
     flash(f"{name}@{number} deleted.")
     return redirect(url_for("datasets_pages.models"), 303)
