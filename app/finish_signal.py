@@ -29,10 +29,11 @@ READ_MARGIN_SECONDS = 5.0
 
 
 @lru_cache(maxsize=8)
-def _pool(url: str, pid: int, read_timeout: float | None) -> redis.ConnectionPool:
+def _client(url: str, pid: int, read_timeout: float | None) -> redis.Redis:
     # Keyed by pid too: a forked child (gunicorn, prefork) must not share its parent's sockets.
-    return redis.ConnectionPool.from_url(url, socket_connect_timeout=3, socket_timeout=read_timeout,
-                                         health_check_interval=30)
+    # One client per pool (thread-safe), made once: building a client costs about a millisecond.
+    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(
+        url, socket_connect_timeout=3, socket_timeout=read_timeout, health_check_interval=30))
 
 
 def client(settings: Settings, *, blocking_for: float = 0.0) -> redis.Redis:
@@ -42,17 +43,20 @@ def client(settings: Settings, *, blocking_for: float = 0.0) -> redis.Redis:
     ``blocking_for`` seconds needs a client from a pool whose reads wait that long and a margin.
     """
     read_timeout = 5.0 if blocking_for <= 0 else blocking_for + READ_MARGIN_SECONDS
-    return redis.Redis(connection_pool=_pool(settings.redis_url, os.getpid(), read_timeout))
+    return _client(settings.redis_url, os.getpid(), read_timeout)
 
 
-def notify_finished(settings: Settings, job_id: int) -> None:
-    """Wake whoever waits on ``job_id`` (call after the finishing transaction committed); never raises."""
-    key = KEY.format(job_id=job_id)
+def notify_finished(settings: Settings, *job_ids: int) -> None:
+    """Wake whoever waits on each of ``job_ids`` (call after their finishing transaction committed),
+    in one round trip; never raises."""
     try:
         with client(settings).pipeline(transaction=True) as pipe:
-            pipe.lpush(key, 1).expire(key, EXPIRE_SECONDS).execute()
+            for job_id in job_ids:
+                key = KEY.format(job_id=job_id)
+                pipe.lpush(key, 1).expire(key, EXPIRE_SECONDS)
+            pipe.execute()
     except redis.RedisError as exc:  # a waiter then answers 202 at its deadline: nothing is lost
-        log.warning("event=finish_signal_failed job_id=%s error=%r", job_id, exc)
+        log.warning("event=finish_signal_failed job_ids=%s error=%r", list(job_ids), exc)
 
 
 def wait_finished(settings: Settings, job_id: int, timeout: float) -> bool:
