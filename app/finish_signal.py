@@ -23,24 +23,40 @@ KEY = "kiln:done:{job_id}"
 EXPIRE_SECONDS = 120
 
 
+# Seconds a blocking wait's socket read may take beyond the wait itself before the connection is
+# given up (a Redis that vanished without closing it).
+READ_MARGIN_SECONDS = 5.0
+
+
 @lru_cache(maxsize=8)
-def _pool(url: str, pid: int) -> redis.ConnectionPool:
+def _client(url: str, pid: int, read_timeout: float | None) -> redis.Redis:
     # Keyed by pid too: a forked child (gunicorn, prefork) must not share its parent's sockets.
-    return redis.ConnectionPool.from_url(url, socket_connect_timeout=3, health_check_interval=30)
+    # One client per pool (thread-safe), made once: building a client costs about a millisecond.
+    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(
+        url, socket_connect_timeout=3, socket_timeout=read_timeout, health_check_interval=30))
 
 
-def _client(settings: Settings) -> redis.Redis:
-    return redis.Redis(connection_pool=_pool(settings.redis_url, os.getpid()))
+def client(settings: Settings, *, blocking_for: float = 0.0) -> redis.Redis:
+    """A client on this process's pool for ``settings.redis_url`` (the signals' connection).
+
+    A read gives up after 5 s (redis-py's default), so a blocking command (``BLPOP``) of up to
+    ``blocking_for`` seconds needs a client from a pool whose reads wait that long and a margin.
+    """
+    read_timeout = 5.0 if blocking_for <= 0 else blocking_for + READ_MARGIN_SECONDS
+    return _client(settings.redis_url, os.getpid(), read_timeout)
 
 
-def notify_finished(settings: Settings, job_id: int) -> None:
-    """Wake whoever waits on ``job_id`` (call after the finishing transaction committed); never raises."""
-    key = KEY.format(job_id=job_id)
+def notify_finished(settings: Settings, *job_ids: int) -> None:
+    """Wake whoever waits on each of ``job_ids`` (call after their finishing transaction committed),
+    in one round trip; never raises."""
     try:
-        with _client(settings).pipeline(transaction=True) as pipe:
-            pipe.lpush(key, 1).expire(key, EXPIRE_SECONDS).execute()
+        with client(settings).pipeline(transaction=True) as pipe:
+            for job_id in job_ids:
+                key = KEY.format(job_id=job_id)
+                pipe.lpush(key, 1).expire(key, EXPIRE_SECONDS)
+            pipe.execute()
     except redis.RedisError as exc:  # a waiter then answers 202 at its deadline: nothing is lost
-        log.warning("event=finish_signal_failed job_id=%s error=%r", job_id, exc)
+        log.warning("event=finish_signal_failed job_ids=%s error=%r", list(job_ids), exc)
 
 
 def wait_finished(settings: Settings, job_id: int, timeout: float) -> bool:
@@ -49,7 +65,10 @@ def wait_finished(settings: Settings, job_id: int, timeout: float) -> bool:
         return False
     try:
         # BLPOP's timeout has millisecond resolution; 0 would mean "forever".
-        return _client(settings).blpop([KEY.format(job_id=job_id)], timeout=max(timeout, 0.01)) is not None
+        # One pool for every wait, sized for the longest one allowed.
+        longest = max(settings.max_inline_wait_seconds, timeout)
+        return client(settings, blocking_for=longest).blpop([KEY.format(job_id=job_id)],
+                                                            timeout=max(timeout, 0.01)) is not None
     except redis.RedisError as exc:
         log.warning("event=finish_wait_failed job_id=%s error=%r", job_id, exc)
         return False

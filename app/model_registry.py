@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from app import images, task_rules
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
+from app.jobs.schemas import AliasServing, ServingSettings
 from app.models import Checkpoint, Dataset, Job, ModelAlias, ModelVersion, User, utcnow
 
 # An alias looks like a model name, but is neither ``latest`` nor a number (those name versions).
@@ -38,6 +39,7 @@ class ModelName:
     name: str
     versions: list[ModelVersion] = field(default_factory=list)
     aliases: dict[int, list[str]] = field(default_factory=dict)  # version id -> its aliases
+    warm: set[str] = field(default_factory=set)  # the aliases prediction workers load at start
 
     @property
     def latest(self) -> ModelVersion:
@@ -58,10 +60,12 @@ def versions_by_name(*, session: Session, user: User) -> list[ModelName]:
         groups.setdefault(key, ModelName(version.owner_id, email, version.name)).versions.append(version)
     by_version = {v.id: group for group in groups.values() for v in group.versions}
     if by_version:
-        rows = session.execute(select(ModelAlias.model_version_id, ModelAlias.alias)
+        rows = session.execute(select(ModelAlias.model_version_id, ModelAlias.alias, ModelAlias.warm)
                                .where(ModelAlias.model_version_id.in_(list(by_version))).order_by(ModelAlias.alias))
-        for version_id, alias in rows:
+        for version_id, alias, warm in rows:
             by_version[version_id].aliases.setdefault(version_id, []).append(alias)
+            if warm:
+                by_version[version_id].warm.add(alias)
     return list(groups.values())
 
 
@@ -202,19 +206,76 @@ def check_alias(alias: str, field: str = "alias") -> str:
     return alias
 
 
-def set_alias(*, session: Session, owner: User, name: str, alias: str, number: int) -> ModelAlias:
-    """Point ``name@alias`` at version ``number`` (creating the alias or moving it)."""
+def set_alias(*, session: Session, owner: User, name: str, alias: str, number: int,
+              serving: AliasServing | None = None) -> ModelAlias:
+    """Point ``name@alias`` at version ``number`` (creating the alias or moving it).
+
+    With ``serving`` the alias's serving settings are replaced; without, a moved alias keeps its own.
+    """
     check_alias(alias)
     target = version(session=session, owner=owner, name=name, number=number)
     row = session.execute(select(ModelAlias).where(ModelAlias.owner_id == owner.id, ModelAlias.name == name,
                                                    ModelAlias.alias == alias)).scalar_one_or_none()
     if row is None:
-        row = ModelAlias(owner_id=owner.id, name=name, alias=alias, model_version_id=target.id)
+        row = ModelAlias(owner_id=owner.id, name=name, alias=alias, model_version_id=target.id, warm=False)
         session.add(row)
     else:
         row.model_version_id = target.id
+    if serving is not None:
+        row.max_batch_size, row.max_delay_ms, row.warm = serving.max_batch_size, serving.max_delay_ms, serving.warm
     session.flush()
     return row
+
+
+def aliases_of(*, session: Session, owner: User, name: str) -> list[ModelAlias]:
+    """The stored aliases of one of ``owner``'s models (``latest`` is not stored), A to Z."""
+    return list(session.execute(select(ModelAlias).where(ModelAlias.owner_id == owner.id, ModelAlias.name == name)
+                                .order_by(ModelAlias.alias)).scalars())
+
+
+def set_serving(*, session: Session, owner: User, name: str, number: int, serving: ServingSettings) -> ModelVersion:
+    """Replace the micro-batch limits of version ``number`` (null fields: the global settings)."""
+    target = version(session=session, owner=owner, name=name, number=number)
+    target.max_batch_size, target.max_delay_ms = serving.max_batch_size, serving.max_delay_ms
+    session.flush()
+    return target
+
+
+def alias_in(ref: str) -> str | None:
+    """The alias a model reference names (``name@production`` -> ``production``), else None."""
+    label = ref.rpartition("/")[2].partition("@")[2]
+    return None if not label or label == "latest" or label.isdecimal() else label
+
+
+def batch_limits(*, session: Session, model: ModelVersion, ref: str) -> tuple[int | None, int | None]:
+    """``(max_batch_size, max_delay_ms)`` for a prediction of ``model`` named by ``ref``: the alias's
+    (when ``ref`` names one that still points at ``model``), else the version's; None where neither says."""
+    size, delay = model.max_batch_size, model.max_delay_ms
+    label = alias_in(ref)
+    if label is not None:
+        row = session.execute(select(ModelAlias.max_batch_size, ModelAlias.max_delay_ms).where(
+            ModelAlias.owner_id == model.owner_id, ModelAlias.name == model.name, ModelAlias.alias == label,
+            ModelAlias.model_version_id == model.id)).one_or_none()
+        if row is not None:
+            size = row.max_batch_size if row.max_batch_size is not None else size
+            delay = row.max_delay_ms if row.max_delay_ms is not None else delay
+    return size, delay
+
+
+def warm_versions(*, session: Session) -> list[tuple[str, str, str]]:
+    """What prediction workers load at start: ``(ref, checkpoint path, sha256)`` of each live version
+    a warm alias names (every owner's), one entry per version, most recently set alias first."""
+    rows = session.execute(
+        select(ModelVersion.id, ModelVersion.name, ModelVersion.version, Checkpoint.path, Checkpoint.sha256)
+        .join(ModelAlias, ModelAlias.model_version_id == ModelVersion.id)
+        .join(Checkpoint, Checkpoint.id == ModelVersion.checkpoint_id)
+        .where(ModelAlias.warm.is_(True), ModelVersion.deleted_at.is_(None))
+        .order_by(ModelAlias.updated_at.desc(), ModelAlias.id.desc())
+    ).all()
+    seen: dict[int, tuple[str, str, str]] = {}
+    for row in rows:
+        seen.setdefault(row.id, (f"{row.name}@{row.version}", row.path, row.sha256))
+    return list(seen.values())
 
 
 def remove_alias(*, session: Session, owner: User, name: str, alias: str) -> None:
@@ -234,6 +295,22 @@ def resolve_alias(*, session: Session, owner: User, name: str, alias: str) -> Mo
         .where(ModelAlias.owner_id == owner.id, ModelAlias.name == name, ModelAlias.alias == alias,
                ModelVersion.deleted_at.is_(None))
     ).scalar_one_or_none()
+
+
+def checkpoint_digest(*, session: Session, model: ModelVersion) -> str:
+    """The sha256 of the checkpoint a version serves (what prediction workers cache it under)."""
+    return session.execute(select(Checkpoint.sha256).where(Checkpoint.id == model.checkpoint_id)).scalar_one()
+
+
+def deleted_digests(*, session: Session, digests: list[str]) -> list[str]:
+    """Those of ``digests`` that only deleted versions serve (a worker's cache may drop them)."""
+    if not digests:
+        return []
+    rows = session.execute(select(Checkpoint.sha256, ModelVersion.deleted_at)
+                           .join(ModelVersion, ModelVersion.checkpoint_id == Checkpoint.id)
+                           .where(Checkpoint.sha256.in_(digests))).all()
+    live = {digest for digest, deleted_at in rows if deleted_at is None}
+    return sorted({digest for digest, deleted_at in rows if deleted_at is not None} - live)
 
 
 def delete_version(*, session: Session, owner: User, name: str, number: int) -> ModelVersion:

@@ -6,6 +6,7 @@ import logging
 import os
 import weakref
 
+from billiard.process import current_process
 from celery import Celery, bootsteps
 from celery.signals import setup_logging, worker_process_init, worker_shutting_down
 
@@ -99,6 +100,21 @@ def _after_fork(**_kwargs) -> None:
         from worker.ml import configure_threads
 
         configure_threads(int(threads))
+    if _takes_predictions():
+        from app.settings import SETTINGS
+        from worker import model_cache
+
+        # A prefork child reports to its parent within seconds, so it warms up in the background;
+        # a solo worker (this is its main process) warms up before it takes its first job.
+        model_cache.start(SETTINGS, in_background=current_process().name != "MainProcess")
+
+
+def _takes_predictions() -> bool:
+    """Whether this worker consumes the predict queue (``--queues``; every queue when none is chosen)."""
+    from app.settings import PREDICT_QUEUE
+
+    chosen = celery.amqp.queues.consume_from
+    return not chosen or PREDICT_QUEUE in chosen
 
 
 @worker_shutting_down.connect

@@ -1,12 +1,13 @@
 """Micro-batching: one forward pass for several queued predictions of the same model version.
 
-The prediction task, once it has claimed its own job, claims up to ``predict_max_batch_size - 1``
-further queued predictions of the same model version straight from the database (each with the
+The prediction task, once it has claimed its own job, claims up to ``max_batch_size - 1`` further
+queued predictions of the same model version straight from the database (each with the
 conditional UPDATE of :func:`app.jobs.attempts.claim`, so each gets its own attempt and fencing
-token), runs all their inputs as one forward pass, and finishes each job with its own token.
-Their own broker messages arrive later, find the jobs unclaimable and are dropped, as duplicates
-are. A failure is per job: a job's bad inputs fail that job, a stale token refuses only that
-job's finish, and a failed forward pass fails each job through its own attempt.
+token), runs all their inputs as one forward pass, and finishes them in one transaction, each job
+through the state machine with its own token. Their own broker messages arrive later, find the
+jobs unclaimable and are dropped, as duplicates are. A failure is per job: a job's bad inputs
+fail that job, a stale token refuses only that job's finish (the shared transaction rolls back
+and each job finishes on its own), and a failed forward pass fails each job through its own attempt.
 """
 
 from __future__ import annotations
@@ -43,20 +44,26 @@ class Member:
     problem: JobFailure | None = None
 
 
-def claim_more(*, lead_id: int, model_version_id: int, worker: str, settings: Settings) -> list[Member]:
-    """Claim up to ``predict_max_batch_size - 1`` queued predictions of the model version (may be none).
+def claim_more(*, lead_id: int, model_version_id: int, worker: str, settings: Settings,
+               max_batch_size: int | None = None, max_delay_ms: int | None = None) -> list[Member]:
+    """Claim up to ``max_batch_size - 1`` queued predictions of the model version (may be none).
 
-    With fewer found than fit, it looks once more after ``predict_max_delay_ms``.
+    The limits default to ``predict_max_batch_size`` and ``predict_max_delay_ms``. A batch that
+    found company but is not full looks once more after ``max_delay_ms``; a lone request (nothing
+    else queued for its model) runs at once: with no requests arriving together there is no batch
+    to wait for, and under load the queue fills while the worker is busy.
     """
-    limit = settings.predict_max_batch_size - 1
+    size = settings.predict_max_batch_size if max_batch_size is None else max_batch_size
+    delay = settings.predict_max_delay_ms if max_delay_ms is None else max_delay_ms
+    limit = size - 1
     members: list[Member] = []
     if limit <= 0:
         return members
     for look in range(2):
         if look == 1:
-            if settings.predict_max_delay_ms <= 0:
+            if delay <= 0 or not members:
                 break
-            time.sleep(settings.predict_max_delay_ms / 1000)
+            time.sleep(delay / 1000)
         members += _claim_queued(lead_id, model_version_id, limit - len(members), worker, settings)
         if len(members) >= limit:
             break
@@ -131,11 +138,14 @@ def run(lead: Member, others: list[Member], *, model: tuple[str, str, str], load
                                    "in the job's log")
             m.problem.detail = detail
     else:
+        done = []
         for m, result in zip(ready, outcome.results):
             if isinstance(result, UserError):
                 m.problem = result
             else:
-                outcomes[m.job_id] = _finish(m, result, model_ref, batch_id, len(members), outcome.forward_passes)
+                done.append((m, result))
+        batch = {"batch_id": batch_id, "batch_size": len(members), "forward_passes": outcome.forward_passes}
+        outcomes.update(_finish_together(done, model_ref, batch, settings))
     for m in members:
         if m.problem is not None:
             outcomes[m.job_id] = fail(m.job_id, m.recorder.token, m.recorder, m.problem.failure_class,
@@ -143,27 +153,50 @@ def run(lead: Member, others: list[Member], *, model: tuple[str, str, str], load
                                       detail=getattr(m.problem, "detail", None))
     for m in others:
         m.recorder.close()
-        notify_finished(settings, m.job_id)
         log.info("event=batched_job_done job_id=%s attempt=%s outcome=%s", m.job_id, m.recorder.token,
                  outcomes.get(m.job_id))
+    if others:
+        notify_finished(settings, *(m.job_id for m in others))  # the lead's comes from the runner
     return outcomes[lead.job_id]
 
 
-def _finish(member: Member, result: dict, model_ref: str, batch_id: str, size: int, passes: int) -> str:
-    """Finish one member with its own token; a stale one is refused alone."""
-    from worker.runner import _finite
+def _finish_together(done: list[tuple[Member, dict]], model_ref: str, batch: dict, settings: Settings) -> dict[int, str]:
+    """Finish the members that got a result in one transaction, each through the state machine with
+    its own token; if one token turns out stale, that rolls back, and each is finished on its own,
+    so the stale one alone is refused."""
+    if len(done) > 1:
+        for m, _ in done:
+            m.recorder.close()  # no lease renewal runs inside the shared transaction; the token is the fence
+        try:
+            with session_scope(settings.database_url, write=True) as session:
+                for m, result in done:
+                    _record_finish(session, m, result, model_ref, batch)
+            return {m.job_id: states.SUCCEEDED for m, _ in done}
+        except StaleAttempt:
+            log.info("event=batch_finish_split batch_id=%s jobs=%s", batch["batch_id"], [m.job_id for m, _ in done])
+    return {m.job_id: _finish(m, result, model_ref, batch) for m, result in done}
 
+
+def _finish(member: Member, result: dict, model_ref: str, batch: dict) -> str:
+    """Finish one member with its own token in its own transaction; a stale one is refused alone."""
     try:
         with member.recorder.final("finish") as session:
-            attempts.record_event(
-                session=session, job_id=member.job_id, token=member.recorder.token, kind="batched",
-                message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
-                data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes},
-            )
-            attempts.finish(session=session, job_id=member.job_id, token=member.recorder.token, to=states.SUCCEEDED,
-                            result=_finite({"model": model_ref, **result}),
-                            message=f"predicted {len(member.spec.inputs)} inputs with {model_ref}")
+            _record_finish(session, member, result, model_ref, batch)
     except StaleAttempt as exc:
         log.warning("event=stale_attempt job_id=%s attempt=%s detail=%s", member.job_id, member.recorder.token, exc)
         return "stale"
     return states.SUCCEEDED
+
+
+def _record_finish(session, member: Member, result: dict, model_ref: str, batch: dict) -> None:
+    """The ``batched`` event and the move to succeeded, fenced by the member's token (StaleAttempt if stale)."""
+    from worker.runner import _finite
+
+    attempts.record_event(
+        session=session, job_id=member.job_id, token=member.recorder.token, kind="batched",
+        message=f"predicted in a batch of {batch['batch_size']} job(s), {batch['forward_passes']} forward pass(es)",
+        data=batch,
+    )
+    attempts.finish(session=session, job_id=member.job_id, token=member.recorder.token, to=states.SUCCEEDED,
+                    result=_finite({"model": model_ref, **result}),
+                    message=f"predicted {len(member.spec.inputs)} inputs with {model_ref}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from app import finish_signal, storage
+from app import finish_signal, model_registry, storage
 from app.catalog import GENERATIVE_TASKS
 from app.db import session_scope
 from app.jobs import attempts, recovery, states
@@ -56,6 +56,7 @@ class _Prepared:
     model: tuple[str, str, str] | None = None  # prediction: model ref, checkpoint path, its sha256
     model_version_id: int | None = None  # prediction: the version other queued predictions batch with
     model_task: str | None = None  # prediction: the model's task (text generators run alone)
+    batch_limits: tuple[int | None, int | None] = (None, None)  # prediction: the alias's or version's, if set
     worker: str = "worker"
     batch_file: object | None = None  # batch-file prediction: a worker.batch_files.Plan
 
@@ -140,6 +141,8 @@ def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
                 prepared.model = (f"{model.name}@{model.version}", ckpt.path, ckpt.sha256)
                 prepared.model_version_id = model.id
                 prepared.model_task = model.task
+                prepared.batch_limits = model_registry.batch_limits(session=session, model=model,
+                                                                    ref=prepared.spec.model)
                 if prepared.spec.dataset is not None:
                     batch_files.locate(session, job, prepared, settings)
                 return prepared
@@ -167,7 +170,7 @@ def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
     prepared.start = (epoch, step)
     if prepared.resume is None and base is not None:
         try:
-            prepared.init_from = _model_checkpoint(base, settings)
+            prepared.init_from = model_checkpoint(base, settings)
         except UserError as exc:
             prepared.problem = exc
     return prepared
@@ -245,7 +248,7 @@ def _load_resume(job_id: int, candidates: list[tuple], skipped: list[str],
     return None, 0, 0
 
 
-def _model_checkpoint(model: tuple[str, str, str], settings: Settings) -> bytes:
+def model_checkpoint(model: tuple[str, str, str], settings: Settings) -> bytes:
     """A model version's checkpoint bytes, verified and parsable; a bad one is the user's (never retried)."""
     from worker.ml import checkpoints
 
@@ -348,7 +351,7 @@ def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, setting
     prediction.configure_cache(models=settings.predict_cache_models, max_bytes=settings.predict_cache_bytes)
 
     def load() -> bytes:
-        return _model_checkpoint(prepared.model, settings)
+        return model_checkpoint(prepared.model, settings)
 
     if spec.dataset is not None:
         return batch_files.run(spec, prepared, recorder, settings, load=load)
@@ -360,8 +363,10 @@ def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, setting
     # Other queued predictions of the same model version join this one's forward pass, each
     # claimed and finished with its own token. A model served recently is in the process's cache
     # under its checkpoint's sha256: no file read, hash or parse.
+    max_batch_size, max_delay_ms = prepared.batch_limits
     others = micro_batch.claim_more(lead_id=recorder.job_id, model_version_id=prepared.model_version_id,
-                                    worker=prepared.worker, settings=settings)
+                                    worker=prepared.worker, settings=settings, max_batch_size=max_batch_size,
+                                    max_delay_ms=max_delay_ms)
     lead = micro_batch.Member(recorder.job_id, spec, recorder)
     return micro_batch.run(lead, others, model=prepared.model, load=load, settings=settings, fail=fail_attempt)
 

@@ -10,7 +10,8 @@ import math
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from app.jobs.errors import SpecError
 from app.models.base import MAX_ID
@@ -478,4 +479,35 @@ def parse_spec(payload: Any) -> TrainSpec | PredictSpec:
     except ValidationError as exc:
         raise SpecError(
             [{"field": _field_path(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        ) from None
+
+
+# --- serving settings of a model version or alias -------------------------------------------
+
+
+class ServingSettings(Strict):
+    """Micro-batch limits of one model version's predictions (null: the global KILN_PREDICT_* setting)."""
+
+    max_batch_size: StrictInt | None = Field(default=None, ge=1, le=1024,
+                                             description="predictions run in one forward pass at most")
+    max_delay_ms: StrictInt | None = Field(default=None, ge=0, le=1000,
+                                           description="how long a batch that found company waits for more")
+
+
+class AliasServing(ServingSettings):
+    """An alias's limits (null: its version's, then the global setting) and whether workers load it at start."""
+
+    warm: StrictBool = Field(default=False, description="prediction workers load this alias's version when they start")
+
+
+def parse_serving(payload: Any, *, alias: bool, prefix: str = "") -> ServingSettings:
+    """Validate serving settings (an alias's carry ``warm`` too), or raise :class:`SpecError` naming each field."""
+    if not isinstance(payload, dict):
+        raise SpecError.at(prefix or "(body)", "serving settings must be a JSON object like {\"max_batch_size\": 16}")
+    try:
+        return (AliasServing if alias else ServingSettings).model_validate(payload)
+    except ValidationError as exc:
+        raise SpecError(
+            [{"field": ".".join(filter(None, [prefix, _field_path(tuple(e["loc"]))])), "message": e["msg"]}
+             for e in exc.errors()]
         ) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, String, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, UTCDateTime, utcnow
@@ -39,6 +39,9 @@ class ModelVersion(Base):
     # Deleted versions keep their row (and number, which is never reused) so a job's history still
     # names them; nothing resolves to them any more.
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Micro-batch limits of this version's predictions (NULL: the global KILN_PREDICT_* setting).
+    max_batch_size: Mapped[int | None] = mapped_column(nullable=True)
+    max_delay_ms: Mapped[int | None] = mapped_column(nullable=True)
 
 
 class ModelAlias(Base):
@@ -53,3 +56,8 @@ class ModelAlias(Base):
     alias: Mapped[str] = mapped_column(String(100))
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"), index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # Micro-batch limits of predictions that name this alias (NULL: the version's, else the global).
+    max_batch_size: Mapped[int | None] = mapped_column(nullable=True)
+    max_delay_ms: Mapped[int | None] = mapped_column(nullable=True)
+    # Prediction workers load the version this alias names when they start.
+    warm: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

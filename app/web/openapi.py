@@ -170,8 +170,10 @@ ROUTES: dict[tuple[str, str], Op] = {
     ("GET", "/models/<name>/versions/<int:number>"): Op(
         "One live version of a model", {200: Answer("the version", r.ModelVersion)}, cookie=True),
     ("PUT", "/models/<name>/aliases/<alias>"): Op(
-        "Set or move an alias to a version", {200: Answer("the model", r.Model)}, body="AliasRequest",
+        "Set or move an alias to a version (and its serving settings)", {200: Answer("the model", r.Model)}, body="AliasRequest",
         errors=(404, 409)),
+    ("PUT", "/models/<name>/versions/<int:number>/serving"): Op(
+        "Set a version's micro-batch limits", {200: Answer("the version", r.ModelVersion)}, body="ServingRequest"),
     ("DELETE", "/models/<name>/aliases/<alias>"): Op("Remove an alias", {204: Answer("removed")}, errors=(404,)),
     ("DELETE", "/models/<name>/versions/<int:number>"): Op(
         "Delete a version (409 while an alias or a queued or running job uses it)", {204: Answer("deleted")},
@@ -341,7 +343,7 @@ ANSWER_MODELS: tuple[type[BaseModel], ...] = (
     r.ModelList, r.Dataset, r.DatasetList, r.DatasetRows, r.Token, r.CreatedToken, r.TokenList, r.User,
     r.CreatedUser, r.UserList, r.WebhookSecret, r.CreatedWebhookSecret, r.WebhookDeliveryList, r.PretrainedList,
     r.Overview, r.Usage, r.Problem, r.TokenRequest, r.UserRequest, r.UserUpdate, r.DatasetUpload,
-    r.Model, r.AliasRequest,
+    r.Model, r.AliasRequest, r.ServingRequest,
 )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import login_required
 
-from app import catalog, datasets, model_registry
+from app import catalog, datasets, model_registry, model_signals
 from app.jobs.errors import Conflict, NotFound, SpecError
+from app.jobs.schemas import parse_serving
 from app.web.context import db, settings
 from app.web.forms_accounts import DatasetUploadForm
 from app.web.login import web_user, writer_required
@@ -99,7 +100,14 @@ def set_model_alias(name: str):
     try:
         if not version.isascii() or not version.isdecimal():
             raise SpecError.at("version", "choose a version number")
-        model_registry.set_alias(session=session, owner=web_user(), name=name, alias=alias, number=int(version))
+        # The form sets where the alias points and whether workers load it at start; its limits stay.
+        current = {a.alias: a for a in model_registry.aliases_of(session=session, owner=web_user(), name=name)}
+        kept = current.get(alias)
+        serving = parse_serving({"max_batch_size": kept.max_batch_size if kept else None,
+                                 "max_delay_ms": kept.max_delay_ms if kept else None,
+                                 "warm": request.form.get("warm") == "on"}, alias=True)
+        model_registry.set_alias(session=session, owner=web_user(), name=name, alias=alias, number=int(version),
+                                 serving=serving)
     except (SpecError, NotFound) as exc:
         session.rollback()
         flash(str(exc), "error")
@@ -109,17 +117,43 @@ def set_model_alias(name: str):
     return redirect(url_for("datasets_pages.models"), 303)
 
 
+def _number_field(name: str):
+    """A form's number field: None when blank, an int when it is digits, else the text (which validation refuses)."""
+    text = request.form.get(name, "").strip()
+    return None if text == "" else int(text) if text.isascii() and text.isdecimal() else text
+
+
+@datasets_pages.post("/models/<name>/versions/<int:number>/serving")
+@writer_required
+def set_model_serving(name: str, number: int):
+    """Set a version's micro-batch limits (blank fields: the global settings)."""
+    session = db()
+    try:
+        serving = parse_serving({"max_batch_size": _number_field("max_batch_size"),
+                                 "max_delay_ms": _number_field("max_delay_ms")}, alias=False)
+        model_registry.set_serving(session=session, owner=web_user(), name=name, number=number, serving=serving)
+    except (SpecError, NotFound) as exc:
+        session.rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("datasets_pages.models"), 303)
+    session.commit()
+    flash(f"Batching of {name}@{number} saved.")
+    return redirect(url_for("datasets_pages.models"), 303)
+
+
 @datasets_pages.post("/models/<name>/versions/<int:number>/delete")
 @writer_required
 def delete_model_version(name: str, number: int):
     """Delete one of the user's model versions (refused while an alias or an unfinished job uses it)."""
     session = db()
     try:
-        model_registry.delete_version(session=session, owner=web_user(), name=name, number=number)
+        deleted = model_registry.delete_version(session=session, owner=web_user(), name=name, number=number)
+        digest = model_registry.checkpoint_digest(session=session, model=deleted)
     except (Conflict, NotFound) as exc:
         session.rollback()
         flash(str(exc), "error")
         return redirect(url_for("datasets_pages.models"), 303)
     session.commit()
+    model_signals.announce_deleted(settings(), digest)
     flash(f"{name}@{number} deleted.")
     return redirect(url_for("datasets_pages.models"), 303)

@@ -81,6 +81,19 @@ class Attempt(Resource):
     outcome: str | None
 
 
+class VersionServing(Resource):
+    """A version's micro-batch limits; null: the global KILN_PREDICT_MAX_BATCH_SIZE / _MAX_DELAY_MS."""
+
+    max_batch_size: int | None = Field(description="predictions run in one forward pass at most (1: no batching)")
+    max_delay_ms: int | None = Field(description="how long a batch that found company waits for more")
+
+
+class AliasServing(VersionServing):
+    """An alias's serving settings; null limits: its version's, then the global ones."""
+
+    warm: bool = Field(description="prediction workers load this alias's version when they start")
+
+
 class ModelVersion(Resource):
     """A registered model version."""
 
@@ -97,6 +110,7 @@ class ModelVersion(Resource):
     input_schema: Object | None = Field(description="what a prediction must send (kind numbers, text, image...)")
     lineage: Object | None = Field(description="base version, dataset and its sha256, spec of the training job")
     deleted_at: Time | None
+    serving: VersionServing
 
 
 class RegistryVersion(ModelVersion):
@@ -110,6 +124,7 @@ class Model(Resource):
 
     name: str
     aliases: dict[str, int] = Field(description="alias -> version number (latest is implicit)")
+    alias_serving: dict[str, AliasServing] = Field(description="alias -> its serving settings (stored aliases)")
     versions: list[RegistryVersion]
 
 
@@ -535,10 +550,28 @@ class TokenRequest(BaseModel):
     expires_at: str | None = Field(default=None, description="YYYY-MM-DD (through that day, UTC) or an ISO datetime")
 
 
+class ServingRequest(BaseModel):
+    """A version's micro-batch limits (null or left out: the global setting)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    max_delay_ms: int | None = Field(default=None, ge=0, le=1000)
+
+
+class AliasServingRequest(ServingRequest):
+    """An alias's serving settings (null limits: its version's, then the global ones)."""
+
+    warm: bool = False
+
+
 class AliasRequest(BaseModel):
-    """Which version an alias points at."""
+    """Which version an alias points at, and optionally its serving settings (left out: kept as they are)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     version: int = Field(ge=1, le=2**31 - 1)
+    serving: AliasServingRequest | None = None
 
 
 class UserRequest(BaseModel):

@@ -102,7 +102,13 @@ def model_version(m: ModelVersion) -> dict[str, Any]:
         "id": m.id, "name": m.name, "version": m.version, "ref": f"{m.name}@{m.version}", "job_id": m.job_id,
         "arch": m.arch, "task": m.task, "signature": m.signature, "metrics": m.metrics, "created_at": iso(m.created_at),
         "input_schema": model_registry.schema_of(m), "lineage": m.lineage, "deleted_at": iso(m.deleted_at),
+        "serving": {"max_batch_size": m.max_batch_size, "max_delay_ms": m.max_delay_ms},
     }
+
+
+def alias_serving(a: Any) -> dict[str, Any]:
+    """A stored alias's serving settings (null limits: its version's, then the global ones)."""
+    return {"max_batch_size": a.max_batch_size, "max_delay_ms": a.max_delay_ms, "warm": a.warm}
 
 
 # A page of reports reads ``values`` as the JSON text it is stored as and ``at`` formatted by the

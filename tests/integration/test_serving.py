@@ -56,12 +56,12 @@ def stop_workers(cluster: Cluster) -> None:
     cluster.workers = [w for w in cluster.workers if w.proc.poll() is None]
 
 
-def unbatched(cluster: Cluster, inputs: list) -> list[dict]:
-    """What the model predicts for ``inputs`` alone, computed here, outside any worker."""
+def unbatched(cluster: Cluster, inputs: list, model: str | None = None) -> list[dict]:
+    """What the model (default: the cluster's) predicts for ``inputs`` alone, computed here, outside any worker."""
     from worker.ml import prediction
 
     with session_scope(cluster.settings.database_url) as s:
-        name, version = cluster.model.split("@")
+        name, version = (model or cluster.model).split("@")
         mv = s.query(ModelVersion).filter_by(name=name, version=int(version)).one()
         ckpt = s.get(Checkpoint, mv.checkpoint_id)
         data = storage.read_verified(cluster.settings.storage_root, ckpt.path, ckpt.sha256)
@@ -198,3 +198,71 @@ def test_batch_file_of_10000_rows_survives_sigkill_with_every_row_once(cluster):
     assert all("prediction" in rec for rec in records if rec["row"] not in bad)
     # Without a valid token there is no file.
     assert cluster.client.get(f"/api/v1/jobs/{job_id}/output", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def _train_version(cluster: Cluster, name: str, seed: int) -> tuple[str, Checkpoint]:
+    """Train a model version here, through the runner; its ref and its checkpoint row."""
+    from worker import runner
+
+    job_id = cluster.submit({**TRAIN, "name": name, "hyperparameters": {"epochs": 2, "seed": seed}})
+    assert runner.run(job_id, 0, worker="trainer", settings=cluster.settings) == "succeeded"
+    ref = cluster.job(job_id)["result"]["model"]
+    with session_scope(cluster.settings.database_url) as s:
+        ckpt = s.get(Checkpoint, s.query(ModelVersion).filter_by(job_id=job_id).one().checkpoint_id)
+        s.expunge(ckpt)
+    return ref, ckpt
+
+
+def _wait_for_log(worker, text: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = worker.log_path.read_text(errors="replace")
+        if text in log:
+            return log
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared in the worker's log:\n{worker.log()}")
+
+
+def test_a_warm_alias_is_loaded_at_worker_start_so_its_first_prediction_reads_no_file(cluster):
+    stop_workers(cluster)
+    warm_ref, warm = _train_version(cluster, "svc-warm", seed=2)
+    cold_ref, cold = _train_version(cluster, "svc-cold", seed=3)
+    name, version = warm_ref.split("@")
+    r = cluster.client.put(f"/api/v1/models/{name}/aliases/production", headers=cluster.auth,
+                           json={"version": int(version), "serving": {"warm": True}})
+    assert r.status_code == 200, r.get_json()
+    inputs = rows(2)
+    expected = unbatched(cluster, inputs, warm_ref)
+    worker = cluster.start_worker(queues="predict")
+    log = _wait_for_log(worker, "event=warm_up_done")
+    assert f"event=model_warmed model={warm_ref} sha256={warm.sha256}" in log
+    assert cold_ref not in log
+    # Garbage in place of both checkpoint files: any read would fail its sha256 check.
+    for ckpt in (warm, cold):
+        storage.resolve(cluster.settings.storage_root, ckpt.path).write_bytes(b"not a checkpoint")
+    r = cluster.client.post(f"/api/v1/models/{name}@production/predict?wait=60", json={"inputs": inputs},
+                            headers=cluster.auth)
+    assert r.status_code == 200 and r.get_json()["state"] == "succeeded", r.get_json()
+    assert r.get_json()["result"]["model"] == warm_ref
+    for got, want in zip(r.get_json()["result"]["predictions"], expected, strict=True):
+        assert got["class"] == want["class"]
+        assert np.allclose(got["probabilities"], want["probabilities"], atol=1e-6, rtol=0)
+    # The version no warm alias names was not loaded: its first prediction must read the file, and fails.
+    r = cluster.client.post(f"/api/v1/models/{cold_ref}/predict?wait=60", json={"inputs": inputs},
+                            headers=cluster.auth)
+    assert r.status_code == 200 and r.get_json()["state"] == "failed", r.get_json()
+    assert r.get_json()["error"]["class"] == "user_error" and "cannot be loaded" in r.get_json()["error"]["message"]
+
+
+def test_deleting_a_version_evicts_it_from_a_running_workers_cache(cluster):
+    stop_workers(cluster)
+    ref, ckpt = _train_version(cluster, "svc-delete", seed=4)
+    worker = cluster.start_worker(queues="predict")
+    r = cluster.client.post(f"/api/v1/models/{ref}/predict?wait=60", json={"inputs": rows(1)}, headers=cluster.auth)
+    assert r.status_code == 200 and r.get_json()["state"] == "succeeded", r.get_json()  # now in the worker's cache
+    name, version = ref.split("@")
+    assert cluster.client.delete(f"/api/v1/models/{name}/versions/{version}", headers=cluster.auth).status_code == 204
+    # The worker process (not this one, which handled the delete) drops the one model it held.
+    _wait_for_log(worker, f"event=model_evicted sha256={ckpt.sha256} models=1 how=signal")
+    r = cluster.client.post(f"/api/v1/models/{ref}/predict?wait=5", json={"inputs": rows(1)}, headers=cluster.auth)
+    assert r.status_code == 422 and "was deleted" in r.get_json()["detail"]

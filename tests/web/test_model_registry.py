@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from app.db import session_scope
-from app.models import Checkpoint, ModelVersion
+from app.models import Checkpoint, JobEvent, ModelVersion
 from tests.conftest import run_inline
 from tests.web.test_pages import PASSWORD, csrf_token, person, sign_in  # noqa: F401 - person is a fixture
 
@@ -185,3 +185,94 @@ def test_the_pages_move_aliases_delete_versions_and_draw_explanations_as_a_heat_
     assert 'class="heatmap"' in html and "completeness error" in html
     assert html.count("background-color: rgba(") == 4  # one cell per iris feature
 
+
+
+def _batch_size(settings, job_id: int) -> int:
+    """How many jobs ran in the forward pass of ``job_id`` (its ``batched`` event)."""
+    with session_scope(settings.database_url) as s:
+        (event,) = s.query(JobEvent).filter_by(job_id=job_id, kind="batched").all()
+        return event.data["batch_size"]
+
+
+def _queue(client, auth, model: str, count: int) -> list[int]:
+    ids = []
+    for _ in range(count):
+        r = client.post("/api/v1/jobs", json={"kind": "predict", "model": model, "inputs": IRIS[:1]}, headers=auth)
+        assert r.status_code == 201, r.get_json()
+        ids.append(r.get_json()["id"])
+    return ids
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"max_batch_size": 0}, "max_batch_size"), ({"max_batch_size": 1025}, "max_batch_size"),
+    ({"max_batch_size": True}, "max_batch_size"), ({"max_batch_size": "4"}, "max_batch_size"),
+    ({"max_delay_ms": -1}, "max_delay_ms"), ({"max_delay_ms": 1001}, "max_delay_ms"),
+    ({"max_delay_ms": 2.5}, "max_delay_ms"), ({"batch": 4}, "batch"), ([4], "(body)"),
+])
+def test_bad_serving_settings_answer_422_naming_the_field(client, auth, two_versions, body, field):
+    r = client.put(f"/api/v1/models/{two_versions}/versions/1/serving", json=body, headers=auth)
+    assert r.status_code == 422 and r.mimetype == "application/problem+json", r.get_json()
+    assert [e["field"] for e in r.get_json()["errors"]] == [field]
+    wrapped = {"serving": body} if isinstance(body, dict) else {"serving": 4}
+    r = client.put(f"/api/v1/models/{two_versions}/aliases/production", json={"version": 1, **wrapped}, headers=auth)
+    assert r.status_code == 422, r.get_json()
+    assert r.get_json()["errors"][0]["field"].startswith("serving")
+    # Nothing was half-written: the version keeps the global settings, the alias was not created.
+    model = client.get(f"/api/v1/models/{two_versions}", headers=auth).get_json()
+    assert model["versions"][1]["serving"] == {"max_batch_size": None, "max_delay_ms": None}
+    assert "production" not in model["aliases"]
+
+
+def test_a_versions_and_an_aliass_batch_limits_override_the_global_one(client, auth, settings, two_versions):
+    name = two_versions
+    assert settings.predict_max_batch_size > 4  # the global limit would put every queued job in one batch
+    assert client.put(f"/api/v1/models/{name}/versions/9/serving", json={}, headers=auth).status_code == 404
+    r = client.put(f"/api/v1/models/{name}/versions/1/serving", json={"max_batch_size": 2, "max_delay_ms": 0},
+                   headers=auth)
+    assert r.status_code == 200 and r.get_json()["serving"] == {"max_batch_size": 2, "max_delay_ms": 0}
+    ids = _queue(client, auth, f"{name}@1", 5)
+    _run(settings, ids[0])
+    assert _batch_size(settings, ids[0]) == 2  # the version's limit, not the global 32
+    for job_id in ids[2:]:
+        _run(settings, job_id)
+
+    # An alias's own limit wins for predictions that name the alias; moving it keeps its settings.
+    r = client.put(f"/api/v1/models/{name}/aliases/production",
+                   json={"version": 2, "serving": {"max_batch_size": 3, "warm": True}}, headers=auth)
+    assert r.status_code == 200
+    r = client.put(f"/api/v1/models/{name}/aliases/production", json={"version": 1}, headers=auth)
+    assert r.get_json()["alias_serving"] == {"production": {"max_batch_size": 3, "max_delay_ms": None, "warm": True}}
+    ids = _queue(client, auth, f"{name}@production", 4)
+    _run(settings, ids[0])
+    assert _batch_size(settings, ids[0]) == 3
+    ids += _queue(client, auth, f"{name}@1", 3)
+    _run(settings, ids[-3])  # named by number: the version's limit (2), with the oldest queued job
+    assert _batch_size(settings, ids[-3]) == 2
+    for job_id in ids:
+        _run(settings, job_id)
+
+    # Null limits give the global settings back.
+    r = client.put(f"/api/v1/models/{name}/versions/1/serving", json={"max_batch_size": None}, headers=auth)
+    assert r.get_json()["serving"] == {"max_batch_size": None, "max_delay_ms": None}
+
+
+def test_the_models_page_sets_batching_and_warm_aliases(client, settings, person):
+    email, headers = person()
+    name = f"page-{uuid.uuid4().hex[:8]}"
+    _train(client, headers, settings, name)
+    assert sign_in(client, email, PASSWORD).status_code in (302, 303)
+    token = csrf_token(client.get("/models").get_data(as_text=True))
+    saved = client.post(f"/models/{name}/versions/1/serving", follow_redirects=True,
+                        data={"csrf_token": token, "max_batch_size": "8", "max_delay_ms": ""})
+    assert f"Batching of {name}@1 saved." in saved.get_data(as_text=True)
+    assert "at most 8 per forward pass, waiting at most the global ms" in saved.get_data(as_text=True)
+    refused = client.post(f"/models/{name}/versions/1/serving", follow_redirects=True,
+                          data={"csrf_token": token, "max_batch_size": "0", "max_delay_ms": "x"})
+    assert refused.status_code == 200 and "max_batch_size: Input should be greater than or equal to 1" in \
+        refused.get_data(as_text=True)
+    warm = client.post(f"/models/{name}/aliases", follow_redirects=True,
+                       data={"csrf_token": token, "alias": "production", "version": "1", "warm": "on"})
+    assert "production (loaded at worker start)" in warm.get_data(as_text=True)
+    model = client.get(f"/api/v1/models/{name}", headers=headers).get_json()
+    assert model["versions"][0]["serving"] == {"max_batch_size": 8, "max_delay_ms": None}
+    assert model["alias_serving"]["production"]["warm"] is True

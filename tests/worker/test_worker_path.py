@@ -234,3 +234,54 @@ def test_a_periodic_checkpoint_that_cannot_be_stored_fails_the_attempt_and_the_r
     with session_scope(settings.database_url) as s:
         job = s.get(Job, job_id)
         assert job.resumed_from_epoch == 1 and job.result["epochs_completed"] == 3
+
+
+IRIS_ROW = [[5.1, 3.5, 1.4, 0.2]]
+
+
+def _batched_events(settings, job_id: int) -> list[JobEvent]:
+    with session_scope(settings.database_url) as s:
+        rows = s.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.id).all()
+        s.expunge_all()
+    return rows
+
+
+def test_a_batch_is_claimed_in_one_transaction_and_finished_in_one(settings, trained):
+    owner_id, model = trained
+    ids = [_submit(settings, {"kind": "predict", "model": model, "inputs": IRIS_ROW}, owner_id) for _ in range(5)]
+    with WriteTransactions(get_engine(settings.database_url)) as writes:
+        assert runner.run(ids[0], 0, worker="inline", settings=settings) == "succeeded"
+    # The lead's claim, the claim of the four others, then one finish for all five.
+    assert writes.by_thread[threading.current_thread().name] == 3, writes.by_thread
+    for job_id in ids:
+        events = _batched_events(settings, job_id)
+        (batched,) = [e for e in events if e.kind == "batched"]
+        assert batched.data["batch_size"] == 5 and batched.attempt == 1
+        assert [e.to_state for e in events if e.kind == "state"] == ["running", "succeeded"]
+    assert all(runner.run(job_id, 0, worker="inline", settings=settings) == "dropped" for job_id in ids[1:])
+
+
+def test_a_batch_member_whose_token_went_stale_is_refused_alone(settings, trained, monkeypatch):
+    from worker.ml import prediction
+
+    owner_id, model = trained
+    ids = [_submit(settings, {"kind": "predict", "model": model, "inputs": IRIS_ROW}, owner_id) for _ in range(4)]
+    victim = ids[2]
+    forward = prediction.predict_many
+
+    def forward_then_lose_one(*args, **kwargs):
+        outcome = forward(*args, **kwargs)
+        # The victim's lease is taken back meanwhile (as the reaper would): its token no longer finishes it.
+        with session_scope(settings.database_url, write=True) as s:
+            assert states.transition(s, victim, to=states.QUEUED, expect=states.RUNNING, message="taken back (test)")
+        return outcome
+
+    monkeypatch.setattr(prediction, "predict_many", forward_then_lose_one)
+    assert runner.run(ids[0], 0, worker="inline", settings=settings) == "succeeded"
+    with session_scope(settings.database_url) as s:
+        by_id = {job.id: (job.state, job.result) for job in s.query(Job).filter(Job.id.in_(ids))}
+    assert by_id[victim] == ("queued", None)
+    assert all(by_id[j][0] == "succeeded" and len(by_id[j][1]["predictions"]) == 1 for j in ids if j != victim)
+    victim_events = _batched_events(settings, victim)
+    assert not [e for e in victim_events if e.kind == "batched"]
+    assert [e.kind for e in victim_events if e.kind == "write_refused"] == ["write_refused"]
