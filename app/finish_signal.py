@@ -33,14 +33,19 @@ def _client(settings: Settings) -> redis.Redis:
     return redis.Redis(connection_pool=_pool(settings.redis_url, os.getpid()))
 
 
-def notify_finished(settings: Settings, job_id: int) -> None:
-    """Wake whoever waits on ``job_id`` (call after the finishing transaction committed); never raises."""
-    key = KEY.format(job_id=job_id)
+def notify_finished(settings: Settings, *job_ids: int) -> None:
+    """Wake whoever waits on each of ``job_ids`` (call after the finishing transaction committed), in
+    one round trip; never raises."""
+    if not job_ids:
+        return
     try:
         with _client(settings).pipeline(transaction=True) as pipe:
-            pipe.lpush(key, 1).expire(key, EXPIRE_SECONDS).execute()
+            for job_id in job_ids:
+                key = KEY.format(job_id=job_id)
+                pipe.lpush(key, 1).expire(key, EXPIRE_SECONDS)
+            pipe.execute()
     except redis.RedisError as exc:  # a waiter then answers 202 at its deadline: nothing is lost
-        log.warning("event=finish_signal_failed job_id=%s error=%r", job_id, exc)
+        log.warning("event=finish_signal_failed job_ids=%s error=%r", list(job_ids), exc)
 
 
 def wait_finished(settings: Settings, job_id: int, timeout: float) -> bool:

@@ -3,8 +3,8 @@
 The prediction task, once it has claimed its own job, claims up to ``predict_max_batch_size - 1``
 further queued predictions of the same model version straight from the database (each with the
 conditional UPDATE of :func:`app.jobs.attempts.claim`, so each gets its own attempt and fencing
-token), runs all their inputs as one forward pass, and finishes each job with its own token.
-Their own broker messages arrive later, find the jobs unclaimable and are dropped, as duplicates
+token), runs all their inputs as one forward pass, and finishes them in one transaction, each
+job with its own token (one compare-and-set each). Their own broker messages arrive later, find the jobs unclaimable and are dropped, as duplicates
 are. A failure is per job: a job's bad inputs fail that job, a stale token refuses only that
 job's finish, and a failed forward pass fails each job through its own attempt.
 """
@@ -24,7 +24,7 @@ from sqlalchemy import or_, select
 from app.db import session_scope
 from app.finish_signal import notify_finished
 from app.jobs import attempts, states
-from app.jobs.errors import JobFailure, SpecError, StaleAttempt, UserError
+from app.jobs.errors import JobFailure, SpecError, UserError
 from app.jobs.schemas import PredictSpec, parse_spec
 from app.models import Job, utcnow
 from app.settings import Settings
@@ -81,14 +81,11 @@ def _claim_queued(lead_id: int, model_version_id: int, limit: int, worker: str, 
         return []
     from worker.ml.devices import device_kind  # torch loads only where predictions run
 
-    claimed: list[tuple[int, int, str, dict]] = []
+    specs = {row.id: row.spec for row in rows}
     with session_scope(settings.database_url, write=True) as session:
-        for row in rows:
-            attempt = attempts.claim(session=session, job_id=row.id, token=row.attempts, worker=worker,
-                                     host=socket.gethostname(), pid=os.getpid(), lease_seconds=settings.lease_seconds,
-                                     device=device_kind("auto"))
-            if attempt is not None:
-                claimed.append((row.id, attempt.number, attempts.lease_owner(attempt), row.spec))
+        claimed = [(a.job_id, a.number, attempts.lease_owner(a), specs[a.job_id]) for a in attempts.claim_many(
+            session=session, jobs=[(row.id, row.attempts) for row in rows], worker=worker, host=socket.gethostname(),
+            pid=os.getpid(), lease_seconds=settings.lease_seconds, device=device_kind("auto"))]
     members = []
     for job_id, number, owner, raw in claimed:
         spec, problem = None, None
@@ -131,11 +128,13 @@ def run(lead: Member, others: list[Member], *, model: tuple[str, str, str], load
                                    "in the job's log")
             m.problem.detail = detail
     else:
+        done = []
         for m, result in zip(ready, outcome.results):
             if isinstance(result, UserError):
                 m.problem = result
             else:
-                outcomes[m.job_id] = _finish(m, result, model_ref, batch_id, len(members), outcome.forward_passes)
+                done.append((m, result))
+        outcomes.update(_finish_all(done, model_ref, batch_id, len(members), outcome.forward_passes, settings))
     for m in members:
         if m.problem is not None:
             outcomes[m.job_id] = fail(m.job_id, m.recorder.token, m.recorder, m.problem.failure_class,
@@ -143,27 +142,41 @@ def run(lead: Member, others: list[Member], *, model: tuple[str, str, str], load
                                       detail=getattr(m.problem, "detail", None))
     for m in others:
         m.recorder.close()
-        notify_finished(settings, m.job_id)
+    notify_finished(settings, *(m.job_id for m in others))  # the lead's is sent by the runner
+    for m in others:
         log.info("event=batched_job_done job_id=%s attempt=%s outcome=%s", m.job_id, m.recorder.token,
                  outcomes.get(m.job_id))
     return outcomes[lead.job_id]
 
 
-def _finish(member: Member, result: dict, model_ref: str, batch_id: str, size: int, passes: int) -> str:
-    """Finish one member with its own token; a stale one is refused alone."""
+def _finish_all(done: list[tuple[Member, dict]], model_ref: str, batch_id: str, size: int, passes: int,
+                settings: Settings) -> dict[int, str]:
+    """Finish the members that got a result, in one transaction, each with its own token: a stale
+    one is refused alone (its compare-and-set matches nothing, so nothing of it is written)."""
     from worker.runner import _finite
 
-    try:
-        with member.recorder.final("finish") as session:
+    for m, _ in done:
+        # Off the heartbeat first: a lease renewal racing the finish would find the job ended.
+        # The finish takes milliseconds; the lease runs for ``lease_seconds``.
+        m.recorder.close()
+    if not done:
+        return {}
+    with session_scope(settings.database_url, write=True) as session:
+        ended = set(attempts.finish_many(session=session, to=states.SUCCEEDED, jobs=[
+            (m.job_id, m.recorder.token, _finite({"model": model_ref, **result}),
+             f"predicted {len(m.spec.inputs)} inputs with {model_ref}") for m, result in done]))
+        outcomes: dict[int, str] = {}
+        for m, _ in done:
+            if m.job_id not in ended:
+                log.warning("event=stale_attempt job_id=%s attempt=%s", m.job_id, m.recorder.token)
+                attempts.record_refused_write(session=session, job_id=m.job_id, token=m.recorder.token,
+                                              what="finish", detail="the attempt may no longer finish the job")
+                outcomes[m.job_id] = "stale"
+                continue
             attempts.record_event(
-                session=session, job_id=member.job_id, token=member.recorder.token, kind="batched",
+                session=session, job_id=m.job_id, token=m.recorder.token, kind="batched",
                 message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
                 data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes},
             )
-            attempts.finish(session=session, job_id=member.job_id, token=member.recorder.token, to=states.SUCCEEDED,
-                            result=_finite({"model": model_ref, **result}),
-                            message=f"predicted {len(member.spec.inputs)} inputs with {model_ref}")
-    except StaleAttempt as exc:
-        log.warning("event=stale_attempt job_id=%s attempt=%s detail=%s", member.job_id, member.recorder.token, exc)
-        return "stale"
-    return states.SUCCEEDED
+            outcomes[m.job_id] = states.SUCCEEDED
+    return outcomes
