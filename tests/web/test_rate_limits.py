@@ -39,3 +39,26 @@ def test_reads_and_writes_have_separate_budgets_and_429_says_when_to_retry(limit
     # Another token has budgets of its own.
     _, other = make_user()
     assert limited.get("/api/v1/jobs", headers={"Authorization": f"Bearer {other}"}).status_code == 200
+
+
+def test_a_limited_request_asks_redis_once_and_its_headers_stay_exact(limited, make_user, monkeypatch):
+    import redis
+
+    _, token = make_user()
+    calls = []
+    original = redis.Redis.execute_command
+
+    def counting(self, *args, **options):
+        if any(isinstance(a, str) and a.startswith("LIMITS:") for a in args):  # the limiter's keys
+            calls.append(args[0])
+        return original(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counting)
+    for remaining in (2, 1, 0):
+        calls.clear()
+        r = limited.get("/api/v1/jobs", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.headers["RateLimit-Remaining"] == str(remaining)
+        assert 0 <= int(r.headers["RateLimit-Reset"]) <= 61
+        assert len(calls) == 1, calls  # the hit, which also returns the window: no GET, no TTL
+    r = limited.get("/api/v1/jobs", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 429 and 0 < int(r.headers["Retry-After"]) <= 61
