@@ -13,9 +13,10 @@ import secrets
 from datetime import date, datetime, time, timedelta, timezone
 
 from sqlalchemy import bindparam, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from app import token_cache
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.models import ApiToken, User, utcnow
 
@@ -104,35 +105,56 @@ def issue_token(*, session: Session, user: User, name: str = "default", expires_
     return token
 
 
-# Built once (every API request runs it): the active owner of a live, unexpired token.
+# Built once (every API request not answered from the cache runs it): a live token and its active owner.
 _TOKEN_OWNER = (
-    select(ApiToken.id, ApiToken.last_used_at, User)
+    select(ApiToken.id, ApiToken.expires_at, ApiToken.last_used_at,
+           User.id, User.email, User.role, User.active, User.created_at)
     .join(User, User.id == ApiToken.user_id)
-    .where(ApiToken.token_sha256 == bindparam("sha256"), ApiToken.revoked_at.is_(None), User.active.is_(True),
-           or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > bindparam("now")))
+    .where(ApiToken.token_sha256 == bindparam("sha256"), ApiToken.revoked_at.is_(None), User.active.is_(True))
 )
 
 
-def authenticate(*, session: Session, token: str) -> tuple[User, bool] | None:
-    """The active user owning an unrevoked ``token`` and whether its use was recorded (a pending UPDATE
-    the caller commits), or None. Use is recorded at most once per ``TOKEN_USE_RESOLUTION``, so
-    a poll normally writes nothing."""
+def authenticate(
+    *, session: Session, token: str, lookup: Session | None = None, cache_seconds: float = 0.0,
+) -> tuple[User, bool] | None:
+    """The active user owning an unrevoked, unexpired ``token`` (attached to ``session``) and whether
+    its use was recorded (a pending UPDATE in ``session`` the caller commits), or None.
+
+    The lookup runs in ``lookup`` (default ``session``), or not at all while :mod:`app.token_cache`
+    holds the token's entry, for at most ``cache_seconds``. Use is recorded at most once per
+    ``TOKEN_USE_RESOLUTION``, so a poll normally writes nothing.
+    """
     if not token or len(token) > 200:
         return None
+    digest = hash_token(token)
+    entry = token_cache.CACHE.get(digest, cache_seconds) if cache_seconds > 0 else None
+    if entry is None:
+        generation = token_cache.CACHE.generation
+        row = (lookup or session).execute(_TOKEN_OWNER, {"sha256": digest}).first()
+        if row is None:
+            return None
+        entry = token_cache.Entry(
+            token_id=row[0], expires_at=row[1], last_used_at=row[2],
+            user=dict(id=row[3], email=row[4], role=row[5], active=row[6], created_at=row[7]),
+        )
+        if cache_seconds > 0:
+            token_cache.CACHE.put(digest, entry, generation)
     now = utcnow()
-    row = session.execute(_TOKEN_OWNER, {"sha256": hash_token(token), "now": now}).one_or_none()
-    if row is None:
+    if entry.expires_at is not None and entry.expires_at <= now:
         return None
-    token_id, last_used_at, user = row
-    if last_used_at is not None and now - last_used_at < TOKEN_USE_RESOLUTION:
+    user = User(**entry.user)
+    make_transient_to_detached(user)  # as if loaded by a query: clean; other columns load when read
+    user = session.merge(user, load=False)
+    if entry.last_used_at is not None and now - entry.last_used_at < TOKEN_USE_RESOLUTION:
         return user, False
     # Conditional, so concurrent requests of one token record its use once.
     due = now - TOKEN_USE_RESOLUTION
     session.execute(
         update(ApiToken)
-        .where(ApiToken.id == token_id, or_(ApiToken.last_used_at.is_(None), ApiToken.last_used_at < due))
+        .where(ApiToken.id == entry.token_id, or_(ApiToken.last_used_at.is_(None), ApiToken.last_used_at < due))
         .values(last_used_at=now)
     )
+    entry.last_used_at = now
     return user, True
 
 

@@ -49,6 +49,8 @@ def client(settings: Settings, *, blocking_for: float = 0.0) -> redis.Redis:
 def notify_finished(settings: Settings, *job_ids: int) -> None:
     """Wake whoever waits on each of ``job_ids`` (call after their finishing transaction committed),
     in one round trip; never raises."""
+    if not job_ids:
+        return
     try:
         with client(settings).pipeline(transaction=True) as pipe:
             for job_id in job_ids:

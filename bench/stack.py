@@ -24,7 +24,10 @@ from app.migrate import upgrade
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("KILN_BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 # The flags `kiln web` passes to gunicorn (app/cli.py); the bare baseline is served with the same.
-GUNICORN_FLAGS = ["--workers", "2", "--threads", "4", "--access-logfile", "-", "--graceful-timeout", "20"]
+GUNICORN_FLAGS = ["--workers", "2", "--threads", "4", "--access-logfile", "-", "--graceful-timeout", "10",
+                  "--no-control-socket"]
+# Kiln's API rate limits stay on in the bench, counted in Redis as always, with a budget no run spends.
+RATE_BUDGET = "100000000/minute"
 
 
 class Stack:
@@ -67,6 +70,8 @@ class Stack:
             os.environ, KILN_DATABASE_URL=self.database_url, KILN_REDIS_URL=self.redis_url,
             KILN_STORAGE_ROOT=str(self.tmp / "storage"), KILN_TORCH_THREADS="1", PYTHONUNBUFFERED="1",
             BENCH_REDIS_URL=self.redis_url,
+            # The limiter still counts every request (its cost is Kiln's), with budgets wrk cannot spend.
+            KILN_RATE_LIMIT_READ=RATE_BUDGET, KILN_RATE_LIMIT_WRITE=RATE_BUDGET,
         )
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:

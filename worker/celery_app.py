@@ -8,7 +8,7 @@ import weakref
 
 from billiard.process import current_process
 from celery import Celery, bootsteps
-from celery.signals import setup_logging, worker_process_init, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_shutting_down
 
 from app.settings import CELERY
 
@@ -87,6 +87,15 @@ def _logging(**_kwargs) -> None:
     from app.settings import SETTINGS
 
     configure(SETTINGS.log_level, SETTINGS.log_format)
+
+
+@worker_init.connect
+def _load_ml(**_kwargs) -> None:
+    # The ML modules (torch, pandas, the architectures) take seconds to import: load them before the
+    # worker consumes, not in its first job. Importing torch initialises no CUDA, so a prefork
+    # pool may still fork after this.
+    import worker.ml.prediction  # noqa: F401
+    import worker.ml.training  # noqa: F401
 
 
 @worker_process_init.connect

@@ -1,13 +1,12 @@
 """Micro-batching: one forward pass for several queued predictions of the same model version.
 
-The prediction task, once it has claimed its own job, claims up to ``max_batch_size - 1`` further
-queued predictions of the same model version straight from the database (each with the
+The prediction task, once it has claimed its own job, claims up to ``max_batch_size - 1``
+further queued predictions of the same model version straight from the database (each with the
 conditional UPDATE of :func:`app.jobs.attempts.claim`, so each gets its own attempt and fencing
-token), runs all their inputs as one forward pass, and finishes them in one transaction, each job
-through the state machine with its own token. Their own broker messages arrive later, find the
-jobs unclaimable and are dropped, as duplicates are. A failure is per job: a job's bad inputs
-fail that job, a stale token refuses only that job's finish (the shared transaction rolls back
-and each job finishes on its own), and a failed forward pass fails each job through its own attempt.
+token), runs all their inputs as one forward pass, and finishes them in one transaction, each
+job with its own token (one compare-and-set each). Their own broker messages arrive later, find
+the jobs unclaimable and are dropped, as duplicates are. A failure is per job: a job's bad inputs fail that job, a stale token refuses only that
+job's finish, and a failed forward pass fails each job through its own attempt.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from sqlalchemy import or_, select
 from app.db import session_scope
 from app.finish_signal import notify_finished
 from app.jobs import attempts, states
-from app.jobs.errors import JobFailure, SpecError, StaleAttempt, UserError
+from app.jobs.errors import JobFailure, SpecError, UserError
 from app.jobs.schemas import PredictSpec, parse_spec
 from app.models import Job, utcnow
 from app.settings import Settings
@@ -88,14 +87,11 @@ def _claim_queued(lead_id: int, model_version_id: int, limit: int, worker: str, 
         return []
     from worker.ml.devices import device_kind  # torch loads only where predictions run
 
-    claimed: list[tuple[int, int, str, dict]] = []
+    specs = {row.id: row.spec for row in rows}
     with session_scope(settings.database_url, write=True) as session:
-        for row in rows:
-            attempt = attempts.claim(session=session, job_id=row.id, token=row.attempts, worker=worker,
-                                     host=socket.gethostname(), pid=os.getpid(), lease_seconds=settings.lease_seconds,
-                                     device=device_kind("auto"))
-            if attempt is not None:
-                claimed.append((row.id, attempt.number, attempts.lease_owner(attempt), row.spec))
+        claimed = [(a.job_id, a.number, attempts.lease_owner(a), specs[a.job_id]) for a in attempts.claim_many(
+            session=session, jobs=[(row.id, row.attempts) for row in rows], worker=worker, host=socket.gethostname(),
+            pid=os.getpid(), lease_seconds=settings.lease_seconds, device=device_kind("auto"))]
     members = []
     for job_id, number, owner, raw in claimed:
         spec, problem = None, None
@@ -144,8 +140,7 @@ def run(lead: Member, others: list[Member], *, model: tuple[str, str, str], load
                 m.problem = result
             else:
                 done.append((m, result))
-        batch = {"batch_id": batch_id, "batch_size": len(members), "forward_passes": outcome.forward_passes}
-        outcomes.update(_finish_together(done, model_ref, batch, settings))
+        outcomes.update(_finish_all(done, model_ref, batch_id, len(members), outcome.forward_passes, settings))
     for m in members:
         if m.problem is not None:
             outcomes[m.job_id] = fail(m.job_id, m.recorder.token, m.recorder, m.problem.failure_class,
@@ -153,50 +148,41 @@ def run(lead: Member, others: list[Member], *, model: tuple[str, str, str], load
                                       detail=getattr(m.problem, "detail", None))
     for m in others:
         m.recorder.close()
+    notify_finished(settings, *(m.job_id for m in others))  # the lead's is sent by the runner
+    for m in others:
         log.info("event=batched_job_done job_id=%s attempt=%s outcome=%s", m.job_id, m.recorder.token,
                  outcomes.get(m.job_id))
-    if others:
-        notify_finished(settings, *(m.job_id for m in others))  # the lead's comes from the runner
     return outcomes[lead.job_id]
 
 
-def _finish_together(done: list[tuple[Member, dict]], model_ref: str, batch: dict, settings: Settings) -> dict[int, str]:
-    """Finish the members that got a result in one transaction, each through the state machine with
-    its own token; if one token turns out stale, that rolls back, and each is finished on its own,
-    so the stale one alone is refused."""
-    if len(done) > 1:
-        for m, _ in done:
-            m.recorder.close()  # no lease renewal runs inside the shared transaction; the token is the fence
-        try:
-            with session_scope(settings.database_url, write=True) as session:
-                for m, result in done:
-                    _record_finish(session, m, result, model_ref, batch)
-            return {m.job_id: states.SUCCEEDED for m, _ in done}
-        except StaleAttempt:
-            log.info("event=batch_finish_split batch_id=%s jobs=%s", batch["batch_id"], [m.job_id for m, _ in done])
-    return {m.job_id: _finish(m, result, model_ref, batch) for m, result in done}
-
-
-def _finish(member: Member, result: dict, model_ref: str, batch: dict) -> str:
-    """Finish one member with its own token in its own transaction; a stale one is refused alone."""
-    try:
-        with member.recorder.final("finish") as session:
-            _record_finish(session, member, result, model_ref, batch)
-    except StaleAttempt as exc:
-        log.warning("event=stale_attempt job_id=%s attempt=%s detail=%s", member.job_id, member.recorder.token, exc)
-        return "stale"
-    return states.SUCCEEDED
-
-
-def _record_finish(session, member: Member, result: dict, model_ref: str, batch: dict) -> None:
-    """The ``batched`` event and the move to succeeded, fenced by the member's token (StaleAttempt if stale)."""
+def _finish_all(done: list[tuple[Member, dict]], model_ref: str, batch_id: str, size: int, passes: int,
+                settings: Settings) -> dict[int, str]:
+    """Finish the members that got a result, in one transaction, each with its own token: a stale
+    one is refused alone (its compare-and-set matches nothing, so nothing of it is written)."""
     from worker.runner import _finite
 
-    attempts.record_event(
-        session=session, job_id=member.job_id, token=member.recorder.token, kind="batched",
-        message=f"predicted in a batch of {batch['batch_size']} job(s), {batch['forward_passes']} forward pass(es)",
-        data=batch,
-    )
-    attempts.finish(session=session, job_id=member.job_id, token=member.recorder.token, to=states.SUCCEEDED,
-                    result=_finite({"model": model_ref, **result}),
-                    message=f"predicted {len(member.spec.inputs)} inputs with {model_ref}")
+    for m, _ in done:
+        # Off the heartbeat first: a lease renewal racing the finish would find the job ended.
+        # The finish takes milliseconds; the lease runs for ``lease_seconds``.
+        m.recorder.close()
+    if not done:
+        return {}
+    with session_scope(settings.database_url, write=True) as session:
+        ended = set(attempts.finish_many(session=session, to=states.SUCCEEDED, jobs=[
+            (m.job_id, m.recorder.token, _finite({"model": model_ref, **result}),
+             f"predicted {len(m.spec.inputs)} inputs with {model_ref}") for m, result in done]))
+        outcomes: dict[int, str] = {}
+        for m, _ in done:
+            if m.job_id not in ended:
+                log.warning("event=stale_attempt job_id=%s attempt=%s", m.job_id, m.recorder.token)
+                attempts.record_refused_write(session=session, job_id=m.job_id, token=m.recorder.token,
+                                              what="finish", detail="the attempt may no longer finish the job")
+                outcomes[m.job_id] = "stale"
+                continue
+            attempts.record_event(
+                session=session, job_id=m.job_id, token=m.recorder.token, kind="batched",
+                message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
+                data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes},
+            )
+            outcomes[m.job_id] = states.SUCCEEDED
+    return outcomes

@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,19 @@ log = logging.getLogger(__name__)
 # running jobs then checkpoint and go back to the queue.
 _active: set[Recorder] = set()
 _shutting_down = False
+# The newest attempt number this process claimed, by database and job (the most recent jobs only).
+_claimed_here: OrderedDict[tuple[str, int], int] = OrderedDict()
+CLAIMED_HERE_KEPT = 100_000
+
+
+def note_claimed(settings: Settings, job_id: int, number: int) -> None:
+    """Remember that this process claimed attempt ``number`` of ``job_id``: a message carrying an
+    older token is then dropped without reading the database."""
+    key = (settings.database_url, job_id)
+    _claimed_here[key] = number
+    _claimed_here.move_to_end(key)
+    while len(_claimed_here) > CLAIMED_HERE_KEPT:
+        _claimed_here.popitem(last=False)
 
 
 def request_shutdown() -> None:
@@ -67,6 +81,11 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
     Everything the attempt needs is read (and its files verified) before the claim, so the claim
     and the record of where the attempt starts are one short write transaction.
     """
+    if _claimed_here.get((settings.database_url, job_id), -1) > token:
+        # This process claimed an attempt after ``token`` itself (a micro-batch took the job before
+        # its message arrived): attempts only grow, so the job is not claimable with it.
+        log.info("event=dropped job_id=%s token=%s reason=claimed_here", job_id, token)
+        return "dropped"
     prepared = _prepare(job_id, token, settings)
     if prepared is None:
         log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
@@ -86,6 +105,7 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
     if attempt is None:
         log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
         return "dropped"
+    note_claimed(settings, job_id, number)
     prepared.worker = worker
     with bind_job(job_id, number):
         log.info("event=claimed job_id=%s attempt=%s worker=%s", job_id, number, worker)
@@ -111,9 +131,20 @@ def _device_kind(spec: TrainSpec | PredictSpec | None) -> str | None:
 def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
     """Read the job and what it refers to, then verify its files; None if it is not claimable."""
     with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        if job is None or job.state != states.QUEUED or job.attempts != token:
+        # Reads only, each a statement of its own: without a transaction around them (PostgreSQL
+        # reads at READ COMMITTED statement by statement anyway) they cost no BEGIN and COMMIT.
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        # One query for the job and a prediction's model version and checkpoint (the lookups
+        # below find them in the session); a duplicate or stale message finds no row, loading none.
+        found = session.execute(
+            select(Job, ModelVersion, Checkpoint)
+            .outerjoin(ModelVersion, ModelVersion.id == Job.model_version_id)
+            .outerjoin(Checkpoint, Checkpoint.id == ModelVersion.checkpoint_id)
+            .where(Job.id == job_id, Job.state == states.QUEUED, Job.attempts == token)
+        ).first()
+        if found is None:
             return None
+        job = found[0]
         prepared = _Prepared(raw_spec=job.spec)
         try:
             prepared.spec = parse_spec(job.spec)
@@ -367,6 +398,8 @@ def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, setting
     others = micro_batch.claim_more(lead_id=recorder.job_id, model_version_id=prepared.model_version_id,
                                     worker=prepared.worker, settings=settings, max_batch_size=max_batch_size,
                                     max_delay_ms=max_delay_ms)
+    for member in others:
+        note_claimed(settings, member.job_id, member.recorder.token)
     lead = micro_batch.Member(recorder.job_id, spec, recorder)
     return micro_batch.run(lead, others, model=prepared.model, load=load, settings=settings, fail=fail_attempt)
 

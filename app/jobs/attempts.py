@@ -6,10 +6,11 @@ attempt that lost its lease is refused with :class:`StaleAttempt` and changes no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import model_registry, webhooks
@@ -29,46 +30,73 @@ def claim(
     claiming, or (0, 0)); given, it is recorded in the same transaction, as :func:`mark_start` would.
     ``device`` (``cpu``, ``cuda``) is the kind of device it runs on, for usage accounting.
     """
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.state != states.QUEUED or job.attempts != token:
-        return None
+    claimed = claim_many(session=session, jobs=[(job_id, token)], worker=worker, host=host, pid=pid,
+                         lease_seconds=lease_seconds, start=start, resumed=resumed, device=device)
+    return claimed[0] if claimed else None
+
+
+def claim_many(
+    *, session: Session, jobs: Sequence[tuple[int, int]], worker: str, host: str, pid: int, lease_seconds: float,
+    start: tuple[int, int] | None = None, resumed: bool = False, device: str | None = None,
+) -> list[Attempt]:
+    """Take each queued job of ``jobs`` (id, token) for one new attempt, as :func:`claim` does, with
+    one compare-and-set each and no read before it; returns the attempts, in the order of ``jobs``,
+    of the ones that were claimable."""
+    if not jobs:
+        return []
     now = utcnow()
-    if job.cancel_requested_at is not None or job.pause_requested_at is not None:
-        # Requeued (say, by a worker shutting down) after the user asked it to stop: honour that now.
-        to = states.CANCELLED if job.cancel_requested_at is not None else states.PAUSED
-        states.transition(session, job_id, to=to, expect=states.QUEUED, token=token, message=f"{to} as requested")
-        return None
-    if job.not_before is not None and job.not_before > now:
-        return None
-    number = token + 1
-    owner = f"{worker}:{pid}:{number}"
-    values: dict[str, Any] = {
-        "attempts": number, "lease_owner": owner,
+    moves = [states.Move(job_id, token, {"attempts": token + 1, "lease_owner": f"{worker}:{pid}:{token + 1}"},
+                         message=f"attempt {token + 1} started on {worker}") for job_id, token in jobs]
+    shared: dict[str, Any] = {
         "lease_expires_at": now + timedelta(seconds=lease_seconds),
         "started_at": func.coalesce(Job.started_at, now), "error_class": None, "error_message": None,
     }
     if start is not None:
-        values.update(epoch=start[0], step=start[1])
+        shared.update(epoch=start[0], step=start[1])
         if resumed:
-            values["resumed_from_epoch"] = start[0]
-    ok = states.transition(
-        session, job_id, to=states.RUNNING, expect=states.QUEUED, token=token, values=values,
-        message=f"attempt {number} started on {worker}",
-    )
-    if not ok:
-        return None
-    # Without ``start``, start_epoch/start_step stay NULL until mark_start knows where it began.
-    attempt = Attempt(
-        job_id=job_id, number=number, worker=worker, host=host, pid=pid, started_at=now, heartbeat_at=now,
-        start_epoch=start[0] if start is not None else None, start_step=start[1] if start is not None else None,
-        device=device,
-    )
-    session.add(attempt)
-    Tally().add(job.owner_id, attempts=1).apply(session=session)
-    if start is not None and resumed:
-        record_event(session=session, job_id=job_id, token=number, kind="resumed", message=f"resumed from epoch {start[0]}")
+            shared["resumed_from_epoch"] = start[0]
+    # Claimable: queued with the token (the compare-and-set), no stop asked for, past its backoff;
+    # all in the UPDATE, so a claim reads nothing first.
+    claimable = (Job.cancel_requested_at.is_(None), Job.pause_requested_at.is_(None),
+                 or_(Job.not_before.is_(None), Job.not_before <= now))
+    won = states.transition_all(session, moves, to=states.RUNNING, expect=states.QUEUED, values=shared,
+                                where=claimable)
+    _honour_stop_requests(session, [m for m in moves if m.job_id not in {w.move.job_id for w in won}])
+    claimed = []
+    for moved in won:
+        # Without ``start``, start_epoch/start_step stay NULL until mark_start knows where it began.
+        claimed.append(Attempt(
+            job_id=moved.move.job_id, number=moved.attempt, worker=worker, host=host, pid=pid, started_at=now,
+            heartbeat_at=now, start_epoch=start[0] if start is not None else None,
+            start_step=start[1] if start is not None else None, device=device,
+        ))
+        if start is not None and resumed:
+            record_event(session=session, job_id=moved.move.job_id, token=moved.attempt, kind="resumed",
+                         message=f"resumed from epoch {start[0]}")
+    session.add_all(claimed)
+    tally = Tally()
+    for moved in won:
+        tally.add(moved.owner_id, attempts=1)
+    tally.apply(session=session)
     session.flush()
-    return attempt
+    return claimed
+
+
+def _honour_stop_requests(session: Session, unclaimed: list[states.Move]) -> None:
+    """Of the jobs a claim did not take, cancel or pause those still queued with their token whose
+    user asked them to stop (requeued, say, by a worker shutting down, after the request)."""
+    if not unclaimed:
+        return
+    tokens = {m.job_id: m.token for m in unclaimed}
+    rows = session.execute(
+        select(Job.id, Job.attempts, Job.cancel_requested_at, Job.pause_requested_at)
+        .where(Job.id.in_(tokens), Job.state == states.QUEUED)
+    ).all()
+    for job_id, token, cancel_requested_at, pause_requested_at in rows:
+        if token != tokens[job_id] or (cancel_requested_at is None and pause_requested_at is None):
+            continue
+        to = states.CANCELLED if cancel_requested_at is not None else states.PAUSED
+        states.transition(session, job_id, to=to, expect=states.QUEUED, token=token, message=f"{to} as requested")
 
 
 def lease_owner(attempt: Attempt) -> str:
@@ -222,22 +250,40 @@ def finish(
     message: str | None = None, result: dict[str, Any] | None = None, values: dict[str, Any] | None = None,
 ) -> None:
     """End the attempt by moving the job to ``to``; refused (StaleAttempt) if the token is stale."""
-    changes = dict(values or {})
-    if to == states.SUCCEEDED:
-        changes["progress"] = 1.0
-    if result is not None:
-        changes["result"] = result
-    if error_class is not None:
-        changes.update(error_class=error_class, error_message=message)
-    ok = states.transition(
-        session, job_id, to=to, expect=states.RUNNING, token=token, values=changes,
-        message=message, data={"error_class": error_class} if error_class else None,
-    )
-    if not ok:
+    if not finish_many(session=session, jobs=[(job_id, token, result, message)], to=to, error_class=error_class,
+                       values=values):
         raise StaleAttempt(f"job {job_id}: attempt {token} may no longer finish it")
-    owner_id = session.execute(select(Job.owner_id).where(Job.id == job_id)).scalar_one()
-    end_attempt(session=session, job_id=job_id, owner_id=owner_id, token=token, outcome=error_class or to,
-                at=utcnow())
+
+
+def finish_many(
+    *, session: Session, jobs: Sequence[tuple[int, int, dict[str, Any] | None, str | None]], to: str,
+    error_class: str | None = None, values: dict[str, Any] | None = None,
+) -> list[int]:
+    """End each attempt of ``jobs`` (job id, token, result, message) by moving its job to ``to``, as
+    :func:`finish` does, one compare-and-set each; returns the ids of the jobs that ended (a stale
+    token ends nothing of its job)."""
+    shared = dict(values or {})
+    if to == states.SUCCEEDED:
+        shared["progress"] = 1.0
+    if error_class is not None:
+        shared["error_class"] = error_class
+    moves = []
+    for job_id, token, result, message in jobs:
+        own: dict[str, Any] = {}
+        if result is not None:
+            own["result"] = result
+        if error_class is not None:
+            own["error_message"] = message
+        moves.append(states.Move(job_id, token, own, message=message,
+                                 data={"error_class": error_class} if error_class else None))
+    moved = states.transition_all(session, moves, to=to, expect=states.RUNNING, values=shared)
+    if moved:
+        now, tally = utcnow(), Tally()
+        for m in moved:
+            end_attempt(session=session, job_id=m.move.job_id, owner_id=m.owner_id, token=m.move.token,
+                        outcome=error_class or to, at=now, tally=tally)
+        tally.apply(session=session)
+    return [m.move.job_id for m in moved]
 
 
 def register_model_version(

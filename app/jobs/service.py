@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
 
-from sqlalchemy import Row, String, bindparam, cast, func, select, update
+from sqlalchemy import Row, String, bindparam, cast, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 
 from app import catalog, images, model_registry, pretrained, sizing, task_rules, webhook_security
@@ -545,44 +548,86 @@ def _check_webhook(owner: User, spec: TrainSpec | PredictSpec, settings: Setting
                                       "(it signs every delivery)")
 
 
-def submit(
-    *, session: Session, owner: User, spec: TrainSpec | PredictSpec, settings: Settings,
-    published_at: datetime | None = None,
-) -> Job:
-    """Validate cross-references and insert the job as queued (the caller commits, then publishes).
+@dataclass(frozen=True)
+class SubmitPlan:
+    """A validated submit: the new job's column values, and the model versions it names."""
 
-    A caller that publishes right after the commit passes ``published_at`` (now), so the submit
-    is one write transaction; if that publish never happens (a crash), the reconciler republishes
-    the job once ``published_at`` is older than ``requeue_after_seconds``."""
-    from app import quotas  # quotas read usage, which reads these models: imported when first needed
+    values: dict[str, Any]
+    model: ModelVersion | None = None  # a prediction's model version
+    base: ModelVersion | None = None  # the version a fine-tune starts from (``init_from``)
 
-    quotas.check_submit(session=session, user=owner, settings=settings)
-    model_version_id = init_model_version_id = None
+
+# Built once: executed with a dict of values, their compiled form is cached by the columns given.
+_INSERT_JOB = insert(Job.__table__)
+_INSERT_EVENT = insert(JobEvent.__table__)
+
+
+class SubmittedJob(SimpleNamespace):
+    """A job as :func:`record_submit` inserted it: every column of the new row (``id`` included) as an
+    attribute, like a row of :data:`DETAIL_COLUMNS`, plus ``model`` and ``base`` from its plan."""
+
+
+def check_submit(*, session: Session, owner: User, spec: TrainSpec | PredictSpec, settings: Settings) -> SubmitPlan:
+    """Validate a spec's cross-references (reads only, so no write lock is needed) and plan its row."""
+    model = base = None
     if isinstance(spec, TrainSpec):
         # Pinned here, so "name@latest" means the version the person saw at submit, not a newer one.
         base = _check_train(session, owner, spec, settings)
-        init_model_version_id = base.id if base is not None else None
         queue, name = TRAIN_QUEUE, spec.name
     else:
         model = _check_predict(session, owner, spec)
-        model_version_id = model.id if model is not None else None
         queue, name = PREDICT_QUEUE, spec.name or f"predict-{model.name if model is not None else spec.model.split(':', 1)[1]}"
     if spec.webhook is not None:
         _check_webhook(owner, spec, settings)
-    job = Job(
-        owner_id=owner.id, kind=spec.kind, name=name, state=states.QUEUED, queue=queue,
-        priority=spec.priority, spec=spec.model_dump(mode="json"),
-        max_attempts=spec.max_attempts or settings.max_attempts, model_version_id=model_version_id,
-        published_at=published_at,
-        init_model_version_id=init_model_version_id,
+    values = dict(
+        owner_id=owner.id, kind=spec.kind, name=name, queue=queue, priority=spec.priority,
+        spec=spec.model_dump(mode="json"), max_attempts=spec.max_attempts or settings.max_attempts,
+        model_version_id=model.id if model is not None else None,
+        init_model_version_id=base.id if base is not None else None,
         webhook=spec.webhook.model_dump(mode="json") if spec.webhook is not None else None,
     )
-    session.add(job)
-    session.flush()
-    session.add(JobEvent(job_id=job.id, kind="submitted", to_state=states.QUEUED, message=f"{spec.kind} job submitted"))
+    return SubmitPlan(values=values, model=model, base=base)
+
+
+def record_submit(
+    *, session: Session, owner: User, plan: SubmitPlan, settings: Settings, published_at: datetime | None = None,
+) -> SubmittedJob:
+    """Check the owner's quotas and insert the planned job as queued with its ``submitted`` event.
+
+    The caller commits, then publishes: the quota check and the two INSERTs are the submit's one
+    write transaction. Every column is given here, so the caller answers from the returned
+    values without reading the row back. A caller that publishes right after the commit passes
+    ``published_at`` (now); if that publish never happens (a crash), the reconciler republishes
+    the job once ``published_at`` is older than ``requeue_after_seconds``.
+    """
+    from app import quotas  # quotas read usage, which reads these models: imported when first needed
+
+    quotas.check_submit(session=session, user=owner, settings=settings)
+    now = utcnow()
+    values = dict(
+        plan.values, state=states.QUEUED, attempts=0, progress=0.0, epoch=0, step=0, created_at=now,
+        queued_at=now, updated_at=now, published_at=published_at, lease_owner=None, lease_expires_at=None,
+        cancel_requested_at=None, pause_requested_at=None, resumed_from_epoch=None, error_class=None,
+        error_message=None, not_before=None, started_at=None, finished_at=None,
+    )
+    # Core statements on the session's connection: no unit of work, no identity map, no read-back.
+    # ``result`` is left out (SQL NULL, as the ORM writes it; an explicit None would store JSON null).
+    conn = session.connection()
+    job_id = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]
+    conn.execute(_INSERT_EVENT, dict(job_id=job_id, at=now, kind="submitted", to_state=states.QUEUED,
+                                     message=f"{values['kind']} job submitted"))
     Tally().add(owner.id, jobs=1).apply(session=session)
-    session.flush()
-    return job
+    return SubmittedJob(id=job_id, **values, result=None, model=plan.model, base=plan.base)
+
+
+def submit(
+    *, session: Session, owner: User, spec: TrainSpec | PredictSpec, settings: Settings,
+    published_at: datetime | None = None,
+) -> SubmittedJob:
+    """Validate cross-references and insert the job as queued (the caller commits, then publishes);
+    :func:`check_submit` then :func:`record_submit` in one session."""
+    plan = check_submit(session=session, owner=owner, spec=spec, settings=settings)
+    return record_submit(session=session, owner=owner, plan=plan, settings=settings, published_at=published_at)
 
 
 def mark_published(*, session: Session, job_id: int, at: datetime | None = None) -> None:

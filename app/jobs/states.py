@@ -6,9 +6,11 @@ given, the fencing token), so two writers can never both win; each records a ``J
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from app import webhooks
@@ -34,6 +36,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
+_INSERT_EVENT = insert(JobEvent.__table__)
+
+
 class InvalidTransition(ValueError):
     """A transition the table does not allow."""
 
@@ -41,6 +46,28 @@ class InvalidTransition(ValueError):
 def allowed(from_state: str, to_state: str) -> bool:
     """Whether the table allows ``from_state -> to_state``."""
     return to_state in TRANSITIONS.get(from_state, frozenset())
+
+
+@dataclass(frozen=True)
+class Move:
+    """One job of :func:`transition_all`: its id, fencing token (None: not checked), the column
+    values of its own (plain values, bound per job), and its event's message and data."""
+
+    job_id: int
+    token: int | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    message: str | None = None
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A move that won: the state the job left, its attempt number after the change and its owner."""
+
+    move: Move
+    from_state: str
+    attempt: int
+    owner_id: int
 
 
 def transition(
@@ -60,6 +87,27 @@ def transition(
     ``values`` are extra column updates applied in the same statement (SQL expressions allowed).
     The caller owns the transaction.
     """
+    move = Move(job_id, token, message=message, data=data)
+    return bool(transition_all(session, [move], to=to, expect=expect, values=values, event=event))
+
+
+def transition_all(
+    session: Session,
+    moves: Sequence[Move],
+    *,
+    to: str,
+    expect: str | tuple[str, ...],
+    values: dict[str, Any] | None = None,
+    event: str = "state",
+    where: Sequence[Any] = (),
+) -> list[Moved]:
+    """Move each job of ``moves`` to ``to`` if it is in ``expect`` (and holds its token), one
+    compare-and-set each, in the caller's transaction; returns the moves that won.
+
+    ``values`` are column updates shared by every move (SQL expressions allowed), applied in the
+    same statements as each move's own ``values``; ``where`` are further conditions every job must
+    meet. A move that loses changes nothing of its job.
+    """
     expected = (expect,) if isinstance(expect, str) else tuple(expect)
     now = utcnow()
     changes: dict[str, Any] = {"state": to, "updated_at": now}
@@ -72,28 +120,53 @@ def transition(
     changes.update(values or {})
     # The conditional UPDATE is the only guard, with no read before it: whatever a writer saw
     # earlier, only one UPDATE can match the row in a given state (and with the fencing token).
-    # One statement per allowed source state, so the event knows which state the job left.
-    for current in (s for s in expected if allowed(s, to)):
-        stmt = update(Job).where(Job.id == job_id, Job.state == current)
-        if token is not None:
-            stmt = stmt.where(Job.attempts == token)
-        result = session.execute(stmt.values(**changes).execution_options(synchronize_session=False))
-        if result.rowcount == 1:
-            break
-    else:
-        current = session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
-        if current in expected and not allowed(current, to):
-            raise InvalidTransition(f"{current} -> {to} is not a job transition")
-        return False
-    attempt, webhook = session.execute(select(Job.attempts, Job.webhook).where(Job.id == job_id)).one()
-    session.add(
-        JobEvent(
-            job_id=job_id, at=now, kind=event, from_state=current, to_state=to,
-            attempt=attempt or None, message=message, data=data,
-        )
-    )
-    # The outbox row, in this transaction: committed with the event or not at all.
-    webhooks.record_transition(session=session, job_id=job_id, webhook=webhook, to=to, from_state=current,
-                               attempt=attempt or None, message=message)
+    # One statement per allowed source state, so the event knows which state the job left; it
+    # returns what the event and the outbox need. Core statements, each built once for all the
+    # moves of its shape: no ORM bookkeeping per change. After a flush, so that what the caller
+    # added to the session is written first, as before.
     session.flush()
-    return True
+    conn = session.connection()
+    won: list[tuple[Moved, Any]] = []
+    pending = list(moves)
+    statements: dict[tuple, Any] = {}
+    for current in (s for s in expected if allowed(s, to)):
+        left = []
+        for move in pending:
+            shape = (current, move.token is None, tuple(move.values))
+            stmt = statements.get(shape)
+            if stmt is None:
+                stmt = statements[shape] = _compare_and_set(current, move, changes, where)
+            row = conn.execute(stmt, {"kiln_job_id": move.job_id, "kiln_token": move.token,
+                                      **{f"kiln_value_{k}": v for k, v in move.values.items()}}).first()
+            if row is None:
+                left.append(move)
+            else:
+                won.append((Moved(move, current, row.attempts, row.owner_id), row.webhook))
+        pending = left
+        if not pending:
+            break
+    if pending and not all(allowed(s, to) for s in expected):
+        found = dict(conn.execute(select(Job.id, Job.state).where(Job.id.in_([m.job_id for m in pending]))).all())
+        for move in pending:
+            current = found.get(move.job_id)
+            if current in expected and not allowed(current, to):
+                raise InvalidTransition(f"{current} -> {to} is not a job transition")
+    if won:
+        conn.execute(_INSERT_EVENT, [
+            dict(job_id=m.move.job_id, at=now, kind=event, from_state=m.from_state, to_state=to,
+                 attempt=m.attempt or None, message=m.move.message, data=m.move.data) for m, _ in won])
+    for m, webhook in won:
+        # The outbox row, in this transaction: committed with the event or not at all.
+        webhooks.record_transition(session=session, job_id=m.move.job_id, webhook=webhook, to=to,
+                                   from_state=m.from_state, attempt=m.attempt or None, message=m.move.message)
+    return [m for m, _ in won]
+
+
+def _compare_and_set(current: str, move: Move, changes: dict[str, Any], where: Sequence[Any]):
+    """``UPDATE jobs SET <changes and the move's own values> WHERE id, state (and token) RETURNING``."""
+    table = Job.__table__
+    stmt = update(table).where(table.c.id == bindparam("kiln_job_id"), table.c.state == current, *where)
+    if move.token is not None:
+        stmt = stmt.where(table.c.attempts == bindparam("kiln_token"))
+    own = {k: bindparam(f"kiln_value_{k}", type_=table.c[k].type) for k in move.values}
+    return stmt.values({**changes, **own}).returning(table.c.attempts, table.c.webhook, table.c.owner_id)

@@ -21,7 +21,7 @@ from app.jobs.states import STATES
 from app.models import MAX_ID, JobEvent, Metric, ModelVersion, utcnow
 from app.web import inline, serializers
 from app.web.auth import current_user
-from app.web.context import db, settings
+from app.web.context import db, reader, settings
 from app.web import idempotency
 from app.web.idempotency import json_view as idempotent
 from app.web.publishing import publish
@@ -107,16 +107,15 @@ def submit_job():
     """Validate a spec and record the job as queued (one write transaction), then publish its wake-up message."""
     spec = parse_spec(_json_body())
     wait = inline.wait_arg(default=None)
+    user = current_user()
+    plan = service.check_submit(session=reader(), owner=user, spec=spec, settings=settings())
     session = db()
-    job = service.submit(session=session, owner=current_user(), spec=spec, settings=settings(), published_at=utcnow())
-    if wait is not None:  # ?wait=N: 200 with the finished job, or 202 to poll
-        session.commit()
-        publish(job, recorded=True)
-        return inline.answer(job.id, wait)
-    body = serializers.job_detail(session, job)  # read inside the transaction: no second one after the commit
+    job = service.record_submit(session=session, owner=user, plan=plan, settings=settings(), published_at=utcnow())
     session.commit()
     publish(job, recorded=True)
-    response = jsonify(body)
+    if wait is not None:  # ?wait=N: 200 with the finished job, or 202 to poll
+        return inline.answer(job.id, wait)
+    response = jsonify(serializers.submitted_job_detail(job))  # from the inserted values: nothing read back
     response.status_code = 201
     response.headers["Location"] = url_for("api.get_job", job_id=job.id)
     return response

@@ -6,7 +6,7 @@ from flask import g, request
 
 from app.accounts import authenticate
 from app.models import User
-from app.web.context import db
+from app.web.context import db, reader, settings
 from app.web.problems import problem
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -16,7 +16,11 @@ def load_user():
     """``before_request`` hook: set ``g.user`` from ``Authorization: Bearer``, else answer 401."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    found = authenticate(session=db(), token=token.strip()) if scheme.lower() == "bearer" else None
+    found = None
+    if scheme.lower() == "bearer":
+        # The lookup (when the token is not cached) takes no write lock: see ``context.reader``.
+        found = authenticate(session=db(), token=token.strip(), lookup=reader(),
+                             cache_seconds=settings().token_cache_seconds)
     if found is None:
         response = problem(401, "Unauthorized", "send a valid API token as 'Authorization: Bearer <token>'")
         response.headers["WWW-Authenticate"] = 'Bearer realm="kiln"'

@@ -26,9 +26,24 @@ def db() -> Session:
     return g.db_session
 
 
+def reader() -> Session:
+    """A session for reads that need no write lock (a token lookup, a submit's validation).
+
+    It is the request's own session, except on SQLite in a request that may write: there it is a
+    read session of its own, so the write session's ``BEGIN IMMEDIATE`` (the database-wide write
+    lock) is taken by the first write, not by the reads before it, and held only until the commit.
+    """
+    if request.method in ("GET", "HEAD", "OPTIONS") or not settings().database_url.startswith("sqlite"):
+        return db()
+    if "read_session" not in g:
+        g.read_session = session_factory(settings().database_url)()
+    return g.read_session
+
+
 def close_session(_exc: BaseException | None = None) -> None:
-    """Roll back anything uncommitted and close the request's session."""
-    session = g.pop("db_session", None)
-    if session is not None:
-        session.rollback()
-        session.close()
+    """Roll back anything uncommitted and close the request's sessions."""
+    for name in ("db_session", "read_session"):
+        session = g.pop(name, None)
+        if session is not None:
+            session.rollback()
+            session.close()

@@ -55,6 +55,17 @@ def job_detail(session: Session, job: Any) -> dict[str, Any]:
     model = session.get(ModelVersion, job.model_version_id) if job.model_version_id else None
     base = session.get(ModelVersion, job.init_model_version_id) if job.init_model_version_id else None
     history = session.execute(select(Attempt.__table__).where(Attempt.job_id == job.id).order_by(Attempt.number))
+    return _detail(job, latest=latest, checkpoints=checkpoints, history=history, model=model, base=base)
+
+
+def submitted_job_detail(job: Any) -> dict[str, Any]:
+    """:func:`job_detail` of a job just inserted (``app.jobs.service.SubmittedJob``), built from its
+    values without reading anything back: a new job has no metrics, checkpoints or attempts yet."""
+    return _detail(job, latest=None, checkpoints=(), history=(), model=job.model, base=job.base)
+
+
+def _detail(job: Any, *, latest: Any, checkpoints: Iterable[Any], history: Iterable[Any],
+            model: ModelVersion | None, base: ModelVersion | None) -> dict[str, Any]:
     body = job_summary(job)
     body.update(
         {

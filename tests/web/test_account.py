@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
+from app import token_cache
 from app.db import session_scope
 from app.models import ApiToken, utcnow
 from tests.web.test_pages import PASSWORD, csrf_token, person, sign_in  # noqa: F401 - person is a fixture
@@ -53,6 +54,7 @@ def test_tokens_api_creates_lists_and_revokes_and_an_expired_token_answers_401(c
     # Expiry passes: the same token answers 401 at its next request.
     with session_scope(database_url) as s:
         s.execute(update(ApiToken).where(ApiToken.id == body["id"]).values(expires_at=utcnow() - timedelta(seconds=1)))
+    token_cache.clear()  # a bulk UPDATE, not the unit of work: as if token_cache_seconds had passed
     assert client.get("/api/v1/jobs", headers=bearer(body["token"])).status_code == 401
     assert client.get("/api/v1/tokens", headers=headers).get_json()["items"][0]["status"] == "expired"
     second = client.post("/api/v1/tokens", json={"name": "short"}, headers=headers).get_json()
@@ -113,6 +115,7 @@ def test_self_disable_and_removing_the_last_admin_are_refused(client, person, da
         # Only this test's admin is left active, whatever other tests made.
         s.execute(update(User).where(User.role == "admin", User.id != me.id).values(active=False))
         my_id = me.id
+    token_cache.clear()  # a bulk UPDATE, not the unit of work: as if token_cache_seconds had passed
     refused = client.patch(f"/api/v1/users/{my_id}", json={"active": False}, headers=admin)
     assert refused.status_code == 409 and "your own account" in refused.get_json()["detail"]
     last = client.patch(f"/api/v1/users/{my_id}", json={"role": "user"}, headers=admin)

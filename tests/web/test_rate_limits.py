@@ -56,3 +56,26 @@ def test_a_counted_request_makes_one_redis_round_trip(limited, auth, monkeypatch
     assert r.status_code == 201 and r.headers["RateLimit-Limit"] == "2" and r.headers["RateLimit-Remaining"] == "1"
     assert 0 < int(r.headers["RateLimit-Reset"]) <= 61
     assert len(sent) == 1, sent
+
+
+def test_a_limited_request_asks_redis_once_and_its_headers_stay_exact(limited, make_user, monkeypatch):
+    import redis
+
+    _, token = make_user()
+    calls = []
+    original = redis.Redis.execute_command
+
+    def counting(self, *args, **options):
+        if any(isinstance(a, str) and a.startswith("LIMITS:") for a in args):  # the limiter's keys
+            calls.append(args[0])
+        return original(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counting)
+    for remaining in (2, 1, 0):
+        calls.clear()
+        r = limited.get("/api/v1/jobs", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.headers["RateLimit-Remaining"] == str(remaining)
+        assert 0 <= int(r.headers["RateLimit-Reset"]) <= 61
+        assert len(calls) == 1, calls  # the hit, which also returns the window: no GET, no TTL
+    r = limited.get("/api/v1/jobs", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 429 and 0 < int(r.headers["Retry-After"]) <= 61
