@@ -19,7 +19,7 @@ from app import queue
 from app.db import session_scope
 from app.jobs import service
 from app.jobs.schemas import parse_spec
-from app.models import Checkpoint, JobEvent, Metric, User
+from app.models import Checkpoint, JobEvent, Metric, User, utcnow
 from tests.integration.cluster import Cluster, assert_no_overlap
 
 pytestmark = pytest.mark.integration
@@ -185,6 +185,27 @@ def test_a_crash_between_commit_and_publish_still_runs_the_job(cluster):
     job_id = _submit_without_publishing(cluster, slow("unpublished", epochs=2))
     job = cluster.wait(job_id, timeout=60)
     assert job["state"] == "succeeded" and job["attempts"] == 1
+
+
+def test_a_publish_lost_after_the_commit_stamped_it_is_republished_and_runs_exactly_once(cluster):
+    # What the web does: the commit stamps published_at (one write transaction), then the LPUSH is
+    # lost (the process died, or Redis dropped it). Nothing else will ever publish this job but the
+    # reconciler, once the stamp is older than requeue_after_seconds.
+    with session_scope(cluster.settings.database_url, write=True) as s:
+        owner = s.query(User).order_by(User.id).first()
+        job_id = service.submit(session=s, owner=owner, spec=parse_spec(slow("stamped", epochs=1)),
+                                settings=cluster.settings, published_at=utcnow()).id
+    job = cluster.wait(job_id, timeout=90)
+    assert job["state"] == "succeeded" and job["attempts"] == 1
+    # The wake-up the web would have sent arrives late, as a duplicate: harmless (the claim is a
+    # compare-and-set on the token it carries).
+    assert queue.publish(cluster.settings, job_id=job_id, kind="train", token=0)
+    deadline = time.monotonic() + 30
+    while not any(f"event=dropped job_id={job_id} " in w.log() for w in cluster.workers):
+        assert time.monotonic() < deadline, "the duplicate never reached a worker"
+        time.sleep(0.2)
+    assert [a.number for a in cluster.attempts(job_id)] == [1]
+    assert sum(1 for e in cluster.rows(JobEvent, job_id) if e.to_state == "running") == 1
 
 
 def test_a_cancelled_queued_job_never_starts_even_when_its_message_arrives(cluster):

@@ -1,0 +1,172 @@
+"""The submit path at the speed of its parts: a short write transaction, an answer built from what was
+inserted, and bearer tokens resolved from a cache that a revocation empties."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import event, update
+
+from app import token_cache
+from app.db import get_engine
+from app.models import ApiToken, utcnow
+from tests.conftest import run_inline
+from tests.web.test_polls import statements
+
+READS = ("SELECT",)
+WRITES = ("INSERT", "UPDATE", "DELETE")
+TRAIN = {"kind": "train", "model": {"arch": "mlp", "hidden_sizes": [8]}, "dataset": {"id": "builtin:iris"},
+         "hyperparameters": {"epochs": 1, "learning_rate": 0.05}}
+IRIS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def model(app, settings, make_user_module):
+    """A tiny trained iris model: (its owner's bearer headers, its reference)."""
+    _, token = make_user_module()
+    client = app.test_client()
+    r = client.post("/api/v1/jobs", json={**TRAIN, "name": f"submit-{uuid.uuid4().hex[:8]}"}, headers=bearer(token))
+    assert r.status_code == 201, r.get_json()
+    assert run_inline(settings, r.get_json()["id"]) == "succeeded"
+    ref = client.get(f"/api/v1/jobs/{r.get_json()['id']}", headers=bearer(token)).get_json()["result"]["model"]
+    return bearer(token), ref
+
+
+@pytest.fixture(scope="module")
+def make_user_module(settings):
+    """Like ``make_user``, for module fixtures."""
+    from app.accounts import create_user
+    from app.db import session_scope
+
+    def _make(role: str = "user") -> tuple[int, str]:
+        with session_scope(settings.database_url) as s:
+            user, token = create_user(session=s, email=f"s{uuid.uuid4().hex[:12]}@example.com", role=role)
+            return user.id, token
+
+    return _make
+
+
+@pytest.mark.parametrize("kind", ["train", "predict", "fine-tune"])
+def test_the_201_answer_is_the_job_as_a_read_of_it_answers(client, model, kind):
+    headers, ref = model
+    spec = {"train": {**TRAIN, "name": "answered"}, "predict": {"kind": "predict", "model": ref, "inputs": IRIS},
+            "fine-tune": {**TRAIN, "name": "tuned", "init_from": ref}}[kind]
+    created = client.post("/api/v1/jobs", json=spec, headers=headers)
+    assert created.status_code == 201, created.get_json()
+    read = client.get(created.headers["Location"], headers=headers)
+    assert read.status_code == 200
+    assert created.get_json() == read.get_json()  # every field, though nothing was read back to build it
+    if kind == "predict":
+        assert created.get_json()["model"]["ref"] == ref
+    if kind == "fine-tune":
+        assert created.get_json()["init_from"] == ref
+
+
+def test_a_submit_takes_the_write_lock_only_for_its_inserts(client, settings, model, make_user):
+    headers, ref = model
+    _, token = make_user()
+    client.get("/api/v1/jobs", headers=bearer(token))  # its first use recorded (a write of its own)
+    token_cache.clear()  # not cached: its lookup is one of the submit's reads
+    for spec in ({**TRAIN, "name": "locked"}, {"kind": "predict", "model": ref, "inputs": IRIS}):
+        use = bearer(token) if spec["kind"] == "train" else headers
+        with statements(settings) as (seen, commits):
+            r = client.post("/api/v1/jobs", json=spec, headers=use)
+        assert r.status_code == 201, r.get_json()
+        assert len(commits) == 1, seen
+        first_write = next(i for i, s in enumerate(seen) if s in WRITES)
+        transaction = seen[first_write:commits[0]]
+        # Validation and the token lookup read before the transaction writes; after its first write
+        # it only inserts the job and its event (nothing is read back for the answer).
+        assert transaction == ["INSERT", "INSERT"], seen
+        assert any(s in READS for s in seen[:first_write]), seen
+        if settings.database_url.startswith("sqlite"):
+            # The database-wide write lock is taken by the first write, after every read.
+            assert seen[first_write - 1] == "BEGIN", seen
+            assert all(s not in READS for s in seen[first_write:]), seen
+
+
+@pytest.fixture(scope="module")
+def cached_app(settings):
+    """The API with a long token cache, so a cached lookup is certain within a test."""
+    from app import create_app
+
+    return create_app({"TESTING": True, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
+                       "STORAGE_ROOT": settings.storage_root, "TOKEN_CACHE_SECONDS": 300})
+
+
+def _token_id(client, token: str) -> int:
+    return client.get("/api/v1/tokens", headers=bearer(token)).get_json()["items"][-1]["id"]
+
+
+def test_a_cached_token_is_resolved_without_a_query(cached_app, settings, make_user):
+    _, token = make_user()
+    client = cached_app.test_client()
+    assert client.get("/api/v1/jobs", headers=bearer(token)).status_code == 200
+    engine, seen = get_engine(settings.database_url), []
+
+    def on_execute(_conn, _cursor, statement, *_args):
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        assert client.get("/api/v1/jobs", headers=bearer(token)).status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+    assert seen, "the list ran no SQL at all?"
+    assert not [s for s in seen if "api_tokens" in s or "FROM users" in s], seen
+
+
+def test_a_revoked_token_is_refused_at_once_by_the_process_that_revoked_it(cached_app, make_user):
+    client = cached_app.test_client()
+    _, token = make_user()
+    second = client.post("/api/v1/tokens", json={"name": "second"}, headers=bearer(token)).get_json()
+    assert client.get("/api/v1/jobs", headers=bearer(second["token"])).status_code == 200  # cached now
+    assert client.delete(f"/api/v1/tokens/{second['id']}", headers=bearer(token)).status_code in (200, 204)
+    assert client.get("/api/v1/jobs", headers=bearer(second["token"])).status_code == 401
+
+
+def test_a_disabled_or_demoted_user_is_refused_at_once_by_the_process_that_changed_them(cached_app, make_user):
+    client = cached_app.test_client()
+    _, admin = make_user(admin=True)
+    user_id, token = make_user()
+    assert client.post("/api/v1/jobs", json={**TRAIN, "name": "before"}, headers=bearer(token)).status_code == 201
+    assert client.patch(f"/api/v1/users/{user_id}", json={"role": "viewer"}, headers=bearer(admin)).status_code == 200
+    assert client.post("/api/v1/jobs", json={**TRAIN, "name": "viewer"}, headers=bearer(token)).status_code == 403
+    assert client.patch(f"/api/v1/users/{user_id}", json={"active": False}, headers=bearer(admin)).status_code == 200
+    assert client.get("/api/v1/jobs", headers=bearer(token)).status_code == 401
+
+
+def test_a_token_revoked_by_another_process_is_refused_within_the_cache_bound(settings, make_user):
+    from app import create_app
+
+    bound = 0.5
+    app = create_app({"TESTING": True, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
+                      "STORAGE_ROOT": settings.storage_root, "TOKEN_CACHE_SECONDS": bound})
+    client = app.test_client()
+    user_id, token = make_user()
+    assert client.get("/api/v1/jobs", headers=bearer(token)).status_code == 200  # cached now
+    # Another process revokes it: a plain UPDATE this process's sessions never see.
+    with get_engine(settings.database_url).begin() as conn:
+        conn.execute(update(ApiToken.__table__).where(ApiToken.user_id == user_id).values(revoked_at=utcnow()))
+    time.sleep(bound + 0.2)
+    assert client.get("/api/v1/jobs", headers=bearer(token)).status_code == 401
+
+
+def test_a_cached_token_expires_at_its_expiry(cached_app, make_user):
+    client = cached_app.test_client()
+    _, token = make_user()
+    expires = utcnow() + timedelta(seconds=2)
+    made = client.post("/api/v1/tokens", json={"name": "brief", "expires_at": expires.isoformat()},
+                       headers=bearer(token))
+    assert made.status_code == 201, made.get_json()
+    short = made.get_json()["token"]
+    assert client.get("/api/v1/jobs", headers=bearer(short)).status_code == 200  # cached now
+    time.sleep(max(0.0, (expires - utcnow()).total_seconds()) + 0.2)
+    assert client.get("/api/v1/jobs", headers=bearer(short)).status_code == 401
