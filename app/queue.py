@@ -67,8 +67,9 @@ def task_message(settings: "Settings", name: str, args: list, priority: int) -> 
     """
     celery = client(settings)
     task_id = str(uuid.uuid4())
+    # The reprs a plain list of ids needs no saferepr for (Celery's default walks it object by object).
     headers, properties, body, _ = celery.amqp.create_task_message(
-        task_id, name, args, {}, reply_to=celery.thread_oid, ignore_result=None)
+        task_id, name, args, {}, reply_to=celery.thread_oid, ignore_result=None, argsrepr=repr(args), kwargsrepr="{}")
     content_type, content_encoding, data = serialize(body, serializer="json")
     queue = celery.conf.task_routes[name]["queue"]
     properties.update(
