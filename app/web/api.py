@@ -212,11 +212,13 @@ def job_metrics(job_id: int):
     after = _int_arg("after", None, lo=0)
     since = _time_arg("since")
     latest = request.args.get("latest") in ("1", "true")
+    # points=N alone draws the curves kept as reports arrive; with a filter, from the reports it selects.
+    kept_curves = bool(points) and after is None and since is None and not latest and "limit" not in request.args
     newest = service.metrics_version(session=db(), user=current_user(), job_id=job_id, scope=scope)
-    etag = service.etag("metrics", job_id, newest, scope, points, limit, after, since, latest)
+    etag = service.etag("metrics", job_id, newest, scope, points, limit, after, since, latest, kept_curves)
     if (unchanged := _not_modified(etag)) is not None:
         return unchanged
-    if points and after is None and since is None and not latest and "limit" not in request.args:
+    if kept_curves:
         # The whole series, from the curves kept as reports arrive: no report is read or parsed.
         curves = metric_curves.read(session=db(), job_id=job_id, scope=scope, points=points)
         return _tagged({"points": points, "series": serializers.metric_series(curves), "next_after": None}, etag)
