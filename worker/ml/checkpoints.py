@@ -52,6 +52,16 @@ class Checkpoint:
     # A text generator's tokenizer as its JSON document (its sha256 is in the signature).
     tokenizer: str | None = None
 
+    @property
+    def served_weights(self) -> dict[str, torch.Tensor]:
+        """The weights a model version registered from this checkpoint serves: the best epoch's.
+
+        A model version names its job's best checkpoint; when the best epoch was not checkpointed
+        (``every_epochs`` above 1, early stopping), that is the last one, which carries the best
+        weights apart (``best_model``) from the weights training ended with (``model``).
+        """
+        return self.best_model if self.best_model is not None else self.model
+
 
 class _Packed(dict):
     """Tensors as safetensors accepts them: on the CPU, contiguous, no two sharing storage.

@@ -98,7 +98,7 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
     if sig["input_kind"] == pretrained.INPUT_KIND:
         pretrained.check_base(sig)
     network = build_model(config, ModelShape.from_signature(sig))
-    load_weights(network, saved.model, "prediction")
+    load_weights(network, saved.served_weights, "prediction")
     tokenizer = Tokenizer(saved.vocabulary, int(sig["max_tokens"])) if saved.vocabulary is not None else None
     if sig.get("tokenizer_sha256"):  # a text generator: its codec, checked against the signature
         if saved.tokenizer is None:

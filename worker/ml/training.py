@@ -110,7 +110,7 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     # Every job states its size: the counts travel in the signature to the model version and result.
     signature.update(parameter_counts(model))
     if init_from is not None:
-        load_weights(model, checkpoints.decode(init_from).model, "init_from")
+        load_weights(model, checkpoints.decode(init_from).served_weights, "init_from")
     tensors = {name: (torch.from_numpy(x), torch.from_numpy(y)) for name, (x, y) in data.splits.items()}
     num_batches = -(-len(tensors["train"][0]) // hp.batch_size)
     optimizer = build_optimizer(hp, model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,7 +12,8 @@ from safetensors.torch import load as load_tensors
 
 from app.jobs.errors import UserError
 from worker.ml import checkpoints
-from worker.ml.prediction import signature
+from worker.ml.datasets import load_builtin_raw, split_indices
+from worker.ml.prediction import clear_cache, predict, signature
 from worker.ml.training import train
 
 
@@ -129,3 +131,32 @@ def test_a_finished_runs_last_checkpoint_drops_the_optimizer_and_a_resume_from_i
     resumed = train(spec, hooks=again, resume=hooks.checkpoints[-1].data)
     assert resumed.steps == done.steps and again.stop_checks == 0  # no step was trained
     assert resumed.test_metrics == done.test_metrics
+
+
+def test_a_model_whose_best_epoch_was_not_checkpointed_serves_the_best_weights(spec_for, fake_hooks):
+    # Checkpoints every 2 epochs of 3, and the best epoch is the first (the highest train loss is
+    # "best" here on purpose): the job's model version is served from the last checkpoint, which
+    # must serve the weights the test metrics were computed with, not the ones training ended with.
+    spec = spec_for(model={"hidden_sizes": [16]}, epochs=3, batch_size=16, learning_rate=0.05,
+                    checkpoint={"every_epochs": 2},
+                    early_stopping={"metric": "train_loss", "mode": "max", "patience": 100})
+    hooks = fake_hooks()
+    result = train(spec, hooks=hooks)
+    assert result.best_epoch == 1 and [c.epoch for c in hooks.checkpoints] == [2, 3]
+    assert not any(c.is_best for c in hooks.checkpoints)
+    last = hooks.checkpoints[-1].data
+    features, labels = load_builtin_raw("iris")
+    _, _, test = split_indices(len(labels), spec.dataset.split)
+
+    def test_loss(checkpoint: bytes) -> float:
+        clear_cache()
+        out = predict(checkpoint, features[test].tolist())
+        chosen = [p["probabilities"][int(y)] for p, y in zip(out["predictions"], labels[test])]
+        return float(-np.mean(np.log(chosen)))
+
+    assert test_loss(last) == pytest.approx(result.test_metrics["test_loss"], abs=1e-5)
+    # The weights training ended with give another loss: the check above can tell them apart.
+    decoded = checkpoints.decode(last)
+    ended_with = checkpoints.encode(checkpoints.Checkpoint(
+        model=decoded.model, signature=decoded.signature, spec=decoded.spec, normalizer=decoded.normalizer))
+    assert abs(test_loss(ended_with) - result.test_metrics["test_loss"]) > 1e-3
