@@ -106,8 +106,9 @@ class Attempt(Base):
 class JobListVersion(Base):
     """How many times the jobs of an owner changed, counted by the database: triggers on ``jobs``
     (migration ``0013_job_list_versions``) add one, in the transaction of the change, for every
-    inserted, updated or deleted job, to its owner's row and to owner 0's (every owner's), in
-    shard ``job id % JOB_LIST_SHARDS`` so that concurrent writers seldom wait on one row. A list's
+    inserted, updated or deleted job (on PostgreSQL once per transaction and counter), to its
+    owner's row and to owner 0's (every owner's), in shard ``job id % JOB_LIST_SHARDS`` so that
+    concurrent writers seldom wait on one row. A list's
     version is the sum of its owner's shards: it grows with every change, so a list's ETag can be
     decided without reading a job. No foreign key: the rows outlive a deleted user, so sums never
     shrink back to a value they had."""
@@ -118,6 +119,8 @@ class JobListVersion(Base):
     owner_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
     version: Mapped[int] = mapped_column(BigInteger)
+    # PostgreSQL: the transaction that last bumped it (each bumps a counter once); NULL on SQLite.
+    changed_by: Mapped[int | None] = mapped_column(BigInteger)
 
 
 # Shards per owner of JobListVersion; the triggers of migration 0013 use the same number.
