@@ -84,8 +84,8 @@ def plain_loop(spec_dict: dict, csv_path: Path, *, device: str = "cpu", bf16: bo
     encoder = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).to(device)
     dropout = nn.Dropout(config.dropout)
     head = nn.Linear(encoder.config.hidden_size, len(classes)).to(device)
-    optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=hp.learning_rate,
-                                  weight_decay=hp.weight_decay)
+    network = nn.ModuleList([encoder, dropout, head])  # train() and eval() reach the head's dropout too
+    optimizer = torch.optim.AdamW(network.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
 
     def batch_of(rows) -> dict[str, torch.Tensor]:
         padded = tokenizer.pad({"input_ids": [input_ids[i] for i in rows]}, return_tensors="pt")
@@ -97,19 +97,19 @@ def plain_loop(spec_dict: dict, csv_path: Path, *, device: str = "cpu", bf16: bo
 
     @torch.no_grad()
     def evaluate(rows: np.ndarray) -> tuple[float, float]:
-        encoder.eval()
+        network.eval()
         total, right = 0.0, 0
         for start in range(0, len(rows), max(hp.batch_size, 256)):
             part = rows[start:start + max(hp.batch_size, 256)]
             logits, truth = forward(part).float(), labels[part].to(device)
             total += float(F.cross_entropy(logits, truth, reduction="sum"))
             right += int((logits.argmax(dim=1) == truth).sum())
-        encoder.train()
+        network.train()
         return total / max(len(rows), 1), right / max(len(rows), 1)
 
     epoch_loss, seen, training = 0.0, 0, 0.0
     for epoch in range(hp.epochs):
-        encoder.train()
+        network.train()
         if device != "cpu":
             torch.cuda.synchronize()
         started = time.perf_counter()
