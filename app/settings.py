@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     # How long a web process may answer from its cache of bearer-token lookups (app/token_cache.py):
     # a token revoked, or a user disabled or demoted, by another process is refused here within
     # this many seconds (at once in the process that made the change). 0 looks every token up.
-    token_cache_seconds: float = Field(10.0, ge=0, le=300)
+    token_cache_seconds: float = Field(0.0, ge=0, le=300)
     # Per-user quotas, 0 = unlimited: queued + running jobs, attempt run time per UTC day,
     # bytes of checkpoints + uploaded datasets.
     quota_active_jobs: int = Field(0, ge=0)

@@ -68,8 +68,7 @@ class Stack:
         """Environment for a child: Kiln's settings pointing at this stack, one torch thread, and
         rate limits no benchmark reaches (one token sends every request)."""
         return dict(
-            os.environ, KILN_RATE_LIMIT_READ="1000000/minute", KILN_RATE_LIMIT_WRITE="1000000/minute",
-            KILN_DATABASE_URL=self.database_url, KILN_REDIS_URL=self.redis_url,
+            os.environ, KILN_DATABASE_URL=self.database_url, KILN_REDIS_URL=self.redis_url,
             KILN_STORAGE_ROOT=str(self.tmp / "storage"), KILN_TORCH_THREADS="1", PYTHONUNBUFFERED="1",
             BENCH_REDIS_URL=self.redis_url,
             # The limiter still counts every request (its cost is Kiln's), with budgets wrk cannot spend.

@@ -83,6 +83,8 @@ def put_model_alias(name: str, alias: str):
 def put_model_version_serving(name: str, number: int):
     """Replace a version's micro-batch limits (``{"max_batch_size": N, "max_delay_ms": M}``; null or
     left out: the global setting)."""
+    # The version first: another user's model is missing (404) whatever the body holds.
+    model_registry.version(session=db(), owner=current_user(), name=name, number=number)
     serving = parse_serving(request.get_json(silent=True), alias=False)
     found = model_registry.set_serving(session=db(), owner=current_user(), name=name, number=number, serving=serving)
     answer = serializers.model_version(found)
