@@ -21,7 +21,7 @@ from app.jobs.states import STATES
 from app.models import MAX_ID, JobEvent, Metric, ModelVersion, utcnow
 from app.web import inline, serializers
 from app.web.auth import current_user
-from app.web.context import db, reader, settings
+from app.web.context import db, reader, release, settings
 from app.web import idempotency
 from app.web.idempotency import json_view as idempotent
 from app.web.publishing import publish
@@ -286,10 +286,12 @@ def upload_dataset():
     """
     if request.mimetype != "multipart/form-data":
         raise SpecError.at("file", "send the dataset as a multipart/form-data field named 'file'")
+    owner_id = current_user().id
+    release()  # no transaction stays open while the body streams in
     writers: list[storage.AtomicWriter] = []
 
     def to_storage(**_: object) -> storage.AtomicWriter:
-        writers.append(storage.AtomicWriter(settings().storage_root, f"datasets/{current_user().id}"))
+        writers.append(storage.AtomicWriter(settings().storage_root, f"datasets/{owner_id}"))
         return writers[-1]
 
     try:

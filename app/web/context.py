@@ -40,6 +40,20 @@ def reader() -> Session:
     return g.read_session
 
 
+def release() -> None:
+    """End the request's open transactions before a long wait on the client (streaming an upload).
+
+    What the request wrote so far (a token's use) is committed; the sessions stay usable and begin
+    a new transaction at their next statement. Without this, the transaction of the sign-in lookup
+    would stay open while the body streams in: on PostgreSQL a connection idle in a transaction
+    (and killed by ``idle_in_transaction_session_timeout``), on SQLite possibly the write lock.
+    """
+    for name in ("db_session", "read_session"):
+        session = g.get(name)
+        if session is not None:
+            session.commit()
+
+
 def close_session(_exc: BaseException | None = None) -> None:
     """Roll back anything uncommitted and close the request's sessions."""
     for name in ("db_session", "read_session"):

@@ -8,7 +8,7 @@ from flask_login import login_required
 from app import catalog, datasets, model_registry, model_signals
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import parse_serving
-from app.web.context import db, settings
+from app.web.context import db, release, settings
 from app.web.forms_accounts import DatasetUploadForm
 from app.web.login import web_user, writer_required
 from app.web.page_errors import human_bytes, install
@@ -37,6 +37,7 @@ def datasets_list():
 @writer_required
 def upload():
     """Store an uploaded file through the same service as ``POST /api/v1/datasets``; on to its page."""
+    release()  # no transaction stays open while the body streams in (the form reads it)
     form = DatasetUploadForm()
     if not form.validate_on_submit():
         first = next(iter(form.errors.values()), ["the form is incomplete"])[0]

@@ -100,3 +100,70 @@ def test_single_class_target_is_refused_at_submit(client, auth):
             "dataset": {"id": ds, "target": "y", "task": "classification"}}
     r = client.post("/api/v1/jobs", json=spec, headers=auth)
     assert r.status_code == 422 and "single class" in r.get_json()["detail"]
+
+
+class ProbingBody(io.BytesIO):
+    """A request body that, when the server first reads it, checks that no transaction is held open.
+
+    On PostgreSQL no connection of this database may sit idle in a transaction (the sign-in's lookup
+    would, and ``idle_in_transaction_session_timeout`` ends such a connection during a long upload);
+    on SQLite another writer must be able to take the write lock at once.
+    """
+
+    def __init__(self, data: bytes, database_url: str):
+        super().__init__(data)
+        self.database_url = database_url
+        self.held: list[str] | None = None
+
+    def _probe(self) -> None:
+        if self.held is None:
+            self.held = self._open_transactions()
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._probe()
+        return super().read(size)
+
+    def read1(self, size: int = -1) -> bytes:
+        self._probe()
+        return super().read1(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        self._probe()
+        return super().readline(size)
+
+    def readinto(self, buffer) -> int:
+        self._probe()
+        return super().readinto(buffer)
+
+    def _open_transactions(self) -> list[str]:
+        import sqlalchemy as sa
+
+        if self.database_url.startswith("postgresql"):
+            engine = sa.create_engine(self.database_url, poolclass=sa.pool.NullPool)
+            with engine.connect() as conn:
+                return [q for (q,) in conn.execute(sa.text(
+                    "SELECT query FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"))]
+        import sqlite3
+
+        conn = sqlite3.connect(sa.engine.make_url(self.database_url).database, timeout=0, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return []
+        except sqlite3.OperationalError as exc:
+            return [f"write lock held: {exc}"]
+        finally:
+            conn.close()
+
+
+def test_no_transaction_stays_open_while_an_upload_streams_in(client, auth, settings):
+    from werkzeug.datastructures import FileStorage
+    from werkzeug.test import encode_multipart
+
+    boundary, data = encode_multipart({"file": FileStorage(io.BytesIO(CSV), filename="train.csv")})
+    body = ProbingBody(data, settings.database_url)
+    r = client.post("/api/v1/datasets", headers=auth, content_length=len(data),
+                    content_type=f"multipart/form-data; boundary={boundary}", input_stream=body)
+    assert r.status_code == 201, r.get_json()
+    assert body.held == [], body.held
