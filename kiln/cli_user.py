@@ -274,19 +274,75 @@ def models_list(client: KilnClient, as_json: bool, limit: int | None = None) -> 
     ])
 
 
+def _limits(serving: dict[str, Any]) -> str:
+    """``batch <= 8, wait <= 3 ms`` (a null limit is the global one)."""
+    batch, delay = serving.get("max_batch_size"), serving.get("max_delay_ms")
+    return (f"batch <= {batch if batch is not None else 'global'}, "
+            f"wait <= {f'{delay} ms' if delay is not None else 'global'}")
+
+
+def serving_options(f):
+    """``--max-batch-size`` and ``--max-delay-ms``: a model's micro-batch limits (docs/api.md)."""
+    f = click.option("--max-delay-ms", type=click.IntRange(0, 1000), default=None,
+                     help="Longest wait for more requests to batch with, in ms (default: the global setting).")(f)
+    return click.option("--max-batch-size", type=click.IntRange(1, 1024), default=None,
+                        help="Most requests run as one forward pass (default: the global setting).")(f)
+
+
 @click.command("alias")
 @click.argument("name")
 @click.argument("alias")
 @click.argument("version", type=click.IntRange(1))
+@click.option("--warm/--no-warm", default=None,
+              help="Load the version this alias names when a prediction worker starts.")
+@serving_options
 @json_option
 @api_command
-def models_alias(client: KilnClient, name: str, alias: str, version: int, as_json: bool) -> None:
-    """Point NAME@ALIAS (production, staging, ...) at VERSION, creating or moving the alias."""
-    model = client.set_alias(name, alias, version)
+def models_alias(client: KilnClient, name: str, alias: str, version: int, warm: bool | None,
+                 max_batch_size: int | None, max_delay_ms: int | None, as_json: bool) -> None:
+    """Point NAME@ALIAS (production, staging, ...) at VERSION, creating or moving the alias.
+
+    With --warm/--no-warm, --max-batch-size or --max-delay-ms the alias's serving settings are
+    replaced by the ones given (a limit left out falls back to the version's, then the global one);
+    without any of them a moved alias keeps its settings.
+    """
+    serving = None
+    if warm is not None or max_batch_size is not None or max_delay_ms is not None:
+        serving = {"warm": bool(warm), "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms}
+    model = client.set_alias(name, alias, version, serving=serving)
     if as_json:
         output.print_json(model)
         return
     click.echo(f"{name}@{alias} -> {name}@{model['aliases'][alias]}")
+    settings = (model.get("alias_serving") or {}).get(alias)
+    if settings is not None:
+        click.echo(f"serving: {'warm, ' if settings.get('warm') else ''}{_limits(settings)}", err=True)
+
+
+@click.command("unalias")
+@click.argument("name")
+@click.argument("alias")
+@api_command
+def models_unalias(client: KilnClient, name: str, alias: str) -> None:
+    """Remove NAME@ALIAS (the versions stay; ``latest`` is automatic and cannot be removed)."""
+    client.remove_alias(name, alias)
+    click.echo(f"removed {name}@{alias}")
+
+
+@click.command("serving")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(1))
+@serving_options
+@json_option
+@api_command
+def models_serving(client: KilnClient, name: str, version: int, max_batch_size: int | None,
+                   max_delay_ms: int | None, as_json: bool) -> None:
+    """Set NAME@VERSION's micro-batch limits (a limit left out: the global setting)."""
+    found = client.set_serving(name, version, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
+    if as_json:
+        output.print_json(found)
+        return
+    click.echo(f"{found.get('ref', f'{name}@{version}')}: {_limits(found.get('serving') or {})}")
 
 
 @click.command("list")
@@ -347,8 +403,11 @@ def _group_of(name: str, list_command: click.Command, doc: str) -> click.Group:
 
 datasets = _group_of("datasets", datasets_list, "List datasets (built-in, then yours); `upload FILE` adds one.")
 datasets.add_command(datasets_upload)
-models = _group_of("models", models_list, "List your model versions; `alias NAME ALIAS VERSION` moves an alias.")
+models = _group_of("models", models_list, "List your model versions; `alias NAME ALIAS VERSION` moves an alias, "
+                   "`unalias` removes one, `serving NAME VERSION` sets micro-batch limits.")
 models.add_command(models_alias)
+models.add_command(models_unalias)
+models.add_command(models_serving)
 tokens = _group_of("tokens", tokens_list, "List your API tokens; `create NAME` and `revoke ID` manage them.")
 tokens.add_command(tokens_create)
 tokens.add_command(tokens_revoke)

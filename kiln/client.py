@@ -234,10 +234,23 @@ class KilnClient:
         """One model name: its live versions (lineage, input schema) and its aliases (``GET /models/<name>``)."""
         return self._request("GET", f"/models/{quote(name, safe='')}")
 
-    def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
-        """Point ``name@alias`` at ``version`` (``PUT /models/<name>/aliases/<alias>``); returns the model."""
-        return self._request("PUT", f"/models/{quote(name, safe='')}/aliases/{quote(alias, safe='')}",
-                             json={"version": version})
+    def set_alias(self, name: str, alias: str, version: int,
+                  serving: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Point ``name@alias`` at ``version`` (``PUT /models/<name>/aliases/<alias>``); returns the model.
+
+        ``serving`` (``max_batch_size``, ``max_delay_ms``, ``warm``) replaces the alias's serving
+        settings; without it a moved alias keeps them.
+        """
+        body: dict[str, Any] = {"version": version}
+        if serving is not None:
+            body["serving"] = serving
+        return self._request("PUT", f"/models/{quote(name, safe='')}/aliases/{quote(alias, safe='')}", json=body)
+
+    def set_serving(self, name: str, version: int, *, max_batch_size: int | None = None,
+                    max_delay_ms: int | None = None) -> dict[str, Any]:
+        """Replace a version's micro-batch limits (None: the global setting); returns the version."""
+        return self._request("PUT", f"/models/{quote(name, safe='')}/versions/{int(version)}/serving",
+                             json={"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms})
 
     def remove_alias(self, name: str, alias: str) -> None:
         """Remove an alias (``DELETE /models/<name>/aliases/<alias>``)."""

@@ -101,6 +101,25 @@ def test_a_person_trains_watches_and_predicts_from_the_shell(kiln, server, worke
     assert aliased.returncode == 0 and aliased.stdout.strip() == "shell-iris@production -> shell-iris@1", aliased
     refused_alias = kiln("models", "alias", "shell-iris", "latest", "1", **auth)
     assert refused_alias.returncode != 0 and "latest" in refused_alias.stderr
+    # Serving settings from the shell: a warm alias with its own limits, a version's limits, unalias.
+    warm = kiln("models", "alias", "shell-iris", "staging", "2", "--warm", "--max-batch-size", "8",
+                "--max-delay-ms", "3", **auth)
+    assert warm.returncode == 0 and warm.stdout.strip() == "shell-iris@staging -> shell-iris@2", warm
+    assert "warm, batch <= 8, wait <= 3 ms" in warm.stderr, warm
+    described = json.loads(kiln("models", "alias", "shell-iris", "staging", "1", "--json", **auth).stdout)
+    assert described["aliases"]["staging"] == 1  # moved without options: the settings stay
+    assert described["alias_serving"]["staging"] == {"max_batch_size": 8, "max_delay_ms": 3, "warm": True}
+    limits = kiln("models", "serving", "shell-iris", "2", "--max-batch-size", "4", "--json", **auth)
+    assert limits.returncode == 0, limits
+    assert json.loads(limits.stdout)["serving"] == {"max_batch_size": 4, "max_delay_ms": None}
+    bad_limit = kiln("models", "serving", "shell-iris", "2", "--max-batch-size", "0", **auth)
+    assert bad_limit.returncode != 0 and "max-batch-size" in bad_limit.stderr
+    missing = kiln("models", "serving", "shell-iris", "9", "--max-batch-size", "4", **auth)
+    assert missing.returncode != 0 and "404" in missing.stderr, missing
+    unaliased = kiln("models", "unalias", "shell-iris", "staging", **auth)
+    assert unaliased.returncode == 0 and unaliased.stdout.strip() == "removed shell-iris@staging", unaliased
+    models_json = json.loads(kiln("models", "alias", "shell-iris", "production", "1", "--json", **auth).stdout)
+    assert "staging" not in models_json["aliases"]
     # The alias answers with the version it names.
     table = kiln("predict", "shell-iris@production", "--input", str(rows), "--wait", timeout=300, **auth)
     assert table.returncode == 0, table
