@@ -9,7 +9,7 @@ stored order is the order of the reports. A flush the database refuses (the atte
 lease) makes :meth:`Recorder.stop_reason` answer "stale" and every later write raise StaleAttempt.
 
 A periodic checkpoint is persisted (file, fsync, sha256, row, retention) by the process's
-checkpoint thread while training goes on; the training thread only encodes it. At most one is in
+checkpoint thread while training goes on; the training thread only copies its tensors. At most one is in
 flight per attempt: the next checkpoint, a stop checkpoint and the attempt's end wait for it, and
 while it is in flight the heartbeat renews the lease without flushing reports, so none reported
 after it is stored before its row.
@@ -25,7 +25,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -297,7 +297,7 @@ class Recorder:
             self._pending_progress = fraction
         self._progress_written = fraction
 
-    def on_checkpoint(self, epoch: int, step: int, data: bytes, *, metric_name: str | None,
+    def on_checkpoint(self, epoch: int, step: int, data: Iterable[bytes | memoryview], *, metric_name: str | None,
                       metric_value: float | None, is_best: bool, reason: str) -> None:
         """Persist a checkpoint: a periodic one on the checkpoint thread, a stop checkpoint before returning."""
         self.wait_for_checkpoint()
@@ -309,8 +309,8 @@ class Recorder:
         else:
             self._in_flight = WRITER.submit(persist)
 
-    def _persist_checkpoint(self, epoch: int, step: int, data: bytes, *, metric_name: str | None,
-                            metric_value: float | None, is_best: bool, reason: str) -> None:
+    def _persist_checkpoint(self, epoch: int, step: int, data: Iterable[bytes | memoryview], *,
+                            metric_name: str | None, metric_value: float | None, is_best: bool, reason: str) -> None:
         """Write the file atomically, then its row (fenced); apply retention, file first."""
         root = self.settings.storage_root
         # A stop checkpoint can land on the position of the periodic one just written: each gets
