@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -44,14 +45,22 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_atomic(root: Path, relative: str, data: bytes) -> tuple[int, str]:
-    """Write ``data`` via a temporary file, fsync, rename; returns (size, sha256)."""
+def write_atomic(root: Path, relative: str, data: bytes | Iterable[bytes | memoryview]) -> tuple[int, str]:
+    """Write ``data`` (bytes, or chunks of them) via a temporary file, fsync, rename; returns (size, sha256).
+
+    The sha256 is counted over the chunks as they are written: large chunks are hashed and written
+    with the GIL released, so a writer thread costs the threads beside it little.
+    """
     path = resolve(root, relative)
     path.parent.mkdir(parents=True, exist_ok=True)
+    chunks = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    digest, size = hashlib.sha256(), 0
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for chunk in chunks:
+                digest.update(chunk)
+                size += fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -63,7 +72,7 @@ def write_atomic(root: Path, relative: str, data: bytes) -> tuple[int, str]:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return len(data), sha256_bytes(data)
+    return size, digest.hexdigest()
 
 
 class AtomicWriter:

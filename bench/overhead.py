@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.overhead --repeats 3
     .venv/bin/python -m bench.overhead --preset causal-lm --epochs 3 --repeats 3
     .venv/bin/python -m bench.overhead --preset minilm --repeats 3
+    .venv/bin/python -m bench.overhead --preset small-mlp --repeats 3 --through-api
 
 Both sides train the same model on the same data with the same seed and batch order, and do the
 same evaluation: validation every epoch and one test evaluation at the end. The Kiln side is a real
@@ -16,6 +17,13 @@ for a CPU: d_model 128, 4 layers, block_size 128) and also prints training token
 The ``minilm`` preset fine-tunes the catalog's MiniLM (``pretrained``, base ``minilm-l6``) on 400
 fortunes in four categories next to a plain Hugging Face ``transformers`` loop (``bench/minilm.py``)
 and prints samples/s of each side.
+
+``--through-api`` runs the Kiln side on the real path instead: a ``kiln web`` and one ``kiln worker``
+(one torch thread) on their own SQLite database (or PostgreSQL, ``--backend``) and Redis
+(``bench/stack.py``); each job is submitted with ``POST /api/v1/jobs`` and the bench reads its row
+once it is done. It prints the worker's run (the job's ``started_at`` -> ``finished_at``: claim,
+training, checkpoints, heartbeats, finish) and submit -> succeeded (from before the POST to the
+row's ``finished_at``) next to the plain loop run in the bench's own process, and their ratios.
 """
 
 from __future__ import annotations
@@ -165,6 +173,80 @@ class KilnWorker:
         return self.datasets["minilm"]
 
 
+class KilnStack:
+    """Kiln's side through the real path: ``kiln web`` and one ``kiln worker`` on a private database
+    and Redis; jobs go in with ``POST /api/v1/jobs``, one at a time."""
+
+    def __init__(self, workdir: Path, backend: str):
+        from bench import figures
+        from bench.stack import Stack
+
+        self.stack = Stack(workdir, backend).__enter__()
+        try:
+            python = sys.executable
+            port = self.stack.serve("kiln-web", lambda port: [python, "-m", "app.cli", "web", "--port", str(port)])
+            self.api = figures.Api(port, figures.user_token(self.stack))
+            self.stack.kiln_workers("train", 1)
+        except BaseException:
+            self.stack.close()
+            raise
+
+    def run(self, spec_dict: dict) -> tuple[float, float, float]:
+        """Submit ``spec_dict`` and wait for it: (worker run seconds, submit -> succeeded seconds, final train loss)."""
+        from sqlalchemy.orm import Session
+
+        from app.models import Job
+        from bench import figures
+
+        submitted = time.time()
+        job_id = self.api.submit(spec_dict)
+        # The row's timestamps are the figures, so polling every 0.1 s adds nothing to them.
+        figures.wait_jobs(self.stack, [job_id], timeout=1800, poll=0.1)
+        with Session(self.stack.engine) as session:
+            job = session.get(Job, job_id)
+            return ((job.finished_at - job.started_at).total_seconds(), job.finished_at.timestamp() - submitted,
+                    job.result["final_metrics"]["train_loss"])
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def through_api(spec: dict, repeats: int, backend: str) -> int:
+    """The overhead of the real path (API -> queue -> worker -> recorder) over the plain loop."""
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as shared:
+        kiln = KilnStack(Path(shared), backend)
+        try:
+            plain_loop(spec)  # warm-up of both sides: imports, dataset caches, the worker's first job
+            kiln.run(spec)
+            plain_times, runs, ends, losses = [], [], [], {}
+            for i in range(repeats):
+                for side in ("kiln", "plain") if i % 2 == 0 else ("plain", "kiln"):
+                    if side == "kiln":
+                        run, end, losses["kiln"] = kiln.run(spec)
+                        runs.append(run)
+                        ends.append(end)
+                    else:
+                        started = time.perf_counter()
+                        losses["plain"], _ = plain_loop(spec)
+                        plain_times.append(time.perf_counter() - started)
+                print(f"run {i + 1}: plain {plain_times[-1]:.3f}s  kiln worker run {runs[-1]:.3f}s  "
+                      f"submit -> succeeded {ends[-1]:.3f}s", flush=True)
+        finally:
+            kiln.close()
+    plain, run, end = (statistics.median(t) for t in (plain_times, runs, ends))
+    print(f"plain loop median:            {plain:.3f}s")
+    print(f"kiln worker run median:       {run:.3f}s  (job started_at -> finished_at, {backend})")
+    print(f"kiln submit -> succeeded:     {end:.3f}s  (POST /api/v1/jobs -> finished_at)")
+    print(f"ratio worker run / plain:     {run / plain:.3f}  (goal <= 1.05)")
+    print(f"ratio submit->succeeded/plain: {end / plain:.3f}")
+    print(f"best of {repeats}:                    ratio {min(runs) / min(plain_times):.3f}  "
+          f"submit->succeeded {min(ends) / min(plain_times):.3f}")
+    equal = abs(losses["plain"] - losses["kiln"]) <= 1e-6
+    print(f"final train loss:  plain {losses['plain']:.8f}  kiln {losses['kiln']:.8f}  "
+          f"equal={losses['plain'] == losses['kiln']}  within 1e-6={equal}")
+    return 0 if equal else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -173,12 +255,20 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=tuple(PRESETS), default="gru")
     parser.add_argument("--checkpoint-every", type=int, default=None,
                         help="the job's checkpoint.every_epochs (default: the preset's, 1)")
+    parser.add_argument("--through-api", action="store_true",
+                        help="run the Kiln side through kiln web + kiln worker (API -> queue -> worker -> recorder)")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the database of --through-api's stack")
     args = parser.parse_args(argv)
+    if args.through_api and (args.threads != 1 or args.preset == "minilm"):
+        parser.error("--through-api runs the worker on one torch thread, and not the minilm preset")
     torch.set_num_threads(args.threads)
     base = PRESETS[args.preset]
     spec = {**base, "hyperparameters": {**base["hyperparameters"], "epochs": args.epochs or base["hyperparameters"]["epochs"]}}
     if args.checkpoint_every:
         spec["checkpoint"] = {**spec["checkpoint"], "every_epochs": args.checkpoint_every}
+    if args.through_api:
+        return through_api(spec, args.repeats, args.backend)
     import logging
 
     logging.disable(logging.INFO)

@@ -9,7 +9,9 @@ stored order is the order of the reports. A flush the database refuses (the atte
 lease) makes :meth:`Recorder.stop_reason` answer "stale" and every later write raise StaleAttempt.
 
 A periodic checkpoint is persisted (file, fsync, sha256, row, retention) by the process's
-checkpoint thread while training goes on; the training thread only encodes it. At most one is in
+checkpoint thread while training goes on; the training thread only copies its tensors. Retention
+deletes expired files after the checkpoint's transaction and their rows with the attempt's next
+fenced transaction (the next checkpoint's or the final one): one transaction per checkpoint. At most one is in
 flight per attempt: the next checkpoint, a stop checkpoint and the attempt's end wait for it, and
 while it is in flight the heartbeat renews the lease without flushing reports, so none reported
 after it is stored before its row.
@@ -25,18 +27,19 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from app import storage
 from app.db import session_scope
 from app.jobs import attempts
 from app.jobs.errors import StaleAttempt, UserError
-from app.models import Job, utcnow
+from app.models import Checkpoint, Job, utcnow
 from app.settings import Settings
 from worker.heartbeat import SERVICE
 
@@ -94,6 +97,10 @@ class Recorder:
         self._context: contextvars.Context | None = None
         # The periodic checkpoint the checkpoint thread is persisting, if any (one at a time).
         self._in_flight: Future | None = None
+        # Checkpoint rows whose files retention deleted, to delete in the next fenced transaction.
+        # Only the thread persisting a checkpoint and the attempt's final transaction (which waits
+        # for that one first) touch it.
+        self._expired_rows: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -196,7 +203,8 @@ class Recorder:
 
     @contextmanager
     def final(self, what: str) -> Iterator[Session]:
-        """The attempt's last fenced transaction: queued reports first, then the caller's writes.
+        """The attempt's last fenced transaction: queued reports and expired checkpoints' rows first,
+        then the caller's writes.
 
         A checkpoint still in flight is waited for first; a caller that must not end the attempt
         on a checkpoint that failed calls :meth:`wait_for_checkpoint` before.
@@ -207,7 +215,9 @@ class Recorder:
             # With nothing queued, the final transition's own compare-and-set on the token is the fence.
             if self._pending or self._pending_progress is not None:
                 self._write_queued(session)
+            deleted = self._delete_expired_rows(session)
             yield session
+        self._expired_rows -= deleted
 
     @contextmanager
     def transaction(self, what: str) -> Iterator[Session]:
@@ -297,7 +307,7 @@ class Recorder:
             self._pending_progress = fraction
         self._progress_written = fraction
 
-    def on_checkpoint(self, epoch: int, step: int, data: bytes, *, metric_name: str | None,
+    def on_checkpoint(self, epoch: int, step: int, data: Iterable[bytes | memoryview], *, metric_name: str | None,
                       metric_value: float | None, is_best: bool, reason: str) -> None:
         """Persist a checkpoint: a periodic one on the checkpoint thread, a stop checkpoint before returning."""
         self.wait_for_checkpoint()
@@ -309,8 +319,17 @@ class Recorder:
         else:
             self._in_flight = WRITER.submit(persist)
 
-    def _persist_checkpoint(self, epoch: int, step: int, data: bytes, *, metric_name: str | None,
-                            metric_value: float | None, is_best: bool, reason: str) -> None:
+    def _delete_expired_rows(self, session: Session) -> set[int]:
+        """Delete, in ``session`` (a fenced transaction), the rows of checkpoints whose files retention
+        deleted; returns their ids, for the caller to forget once the transaction committed."""
+        expired = set(self._expired_rows)
+        if expired:
+            session.execute(delete(Checkpoint).where(Checkpoint.job_id == self.job_id,
+                                                     Checkpoint.id.in_(sorted(expired))))
+        return expired
+
+    def _persist_checkpoint(self, epoch: int, step: int, data: Iterable[bytes | memoryview], *,
+                            metric_name: str | None, metric_value: float | None, is_best: bool, reason: str) -> None:
         """Write the file atomically, then its row (fenced); apply retention, file first."""
         root = self.settings.storage_root
         # A stop checkpoint can land on the position of the periodic one just written: each gets
@@ -326,6 +345,7 @@ class Recorder:
             # are stored before it, whatever happens to the process next.
             with self._write_lock, self._fenced(f"checkpoint at epoch {epoch}, step {step}") as session:
                 self._write_queued(session)  # renews the lease: the fence of this whole transaction
+                deleted = self._delete_expired_rows(session)
                 row = attempts.add_checkpoint(
                     session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                     lease_seconds=self.settings.lease_seconds, epoch=epoch, step=step, path=relative,
@@ -340,15 +360,13 @@ class Recorder:
         except StaleAttempt:
             storage.delete(root, relative)
             raise
-        if expired:
-            # Retention: files first, with no transaction open, then their rows in a fenced one.
-            for path in expired.values():
-                storage.delete(root, path)
-            with self._fenced("checkpoint retention") as session:
-                attempts.renew(session=session, job_id=self.job_id, token=self.token, owner=self.owner,
-                               lease_seconds=self.settings.lease_seconds)
-                for old in attempts.expired_checkpoints(session=session, job_id=self.job_id, keep_last=self.keep_last):
-                    if old.id in expired:
-                        session.delete(old)
+        self._expired_rows -= deleted
+        # Retention: files first, with no transaction open; their rows go in the attempt's next
+        # fenced transaction (the next checkpoint's, or its final one), not in one of their own.
+        # An expired checkpoint is never the newest or the best, so no resume or model reads it
+        # meanwhile (and a resume that did would skip a missing file and try the one before).
+        for checkpoint_id, path in expired.items():
+            storage.delete(root, path)
+            self._expired_rows.add(checkpoint_id)
         log.info("event=checkpoint job_id=%s attempt=%s epoch=%s step=%s bytes=%s", self.job_id, self.token, epoch, step, size)
 

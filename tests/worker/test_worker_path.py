@@ -147,6 +147,30 @@ def test_training_writes_once_to_start_once_per_checkpoint_once_to_finish_and_ba
         assert (job.epoch, job.step) == (3, steps) and job.progress == 1.0
 
 
+def test_retention_adds_no_transaction_and_leaves_rows_and_files_matching(settings):
+    # keep_last 1 over 4 epochs: each checkpoint after the first expires an older one. Its file goes
+    # after the checkpoint's transaction, its row with the next fenced one (the next checkpoint's,
+    # or the finish): one write per checkpoint, and at the end every row has its file and no more.
+    from app import storage
+
+    job_id = _submit(settings, {**TRAIN, "name": "retention", "hyperparameters": {**TRAIN["hyperparameters"],
+                                                                                  "epochs": 4},
+                                "checkpoint": {"every_epochs": 1, "keep_last": 1}})
+    with WriteTransactions(get_engine(settings.database_url)) as writes:
+        assert runner.run(job_id, 0, worker="inline", settings=settings) == "succeeded"
+    assert writes.by_thread[threading.current_thread().name] == 1 + 1, writes.by_thread
+    checkpoint_writes = {name: n for name, n in writes.by_thread.items() if name.startswith(CHECKPOINT_THREAD)}
+    assert sum(checkpoint_writes.values()) == 4, writes.by_thread
+    with session_scope(settings.database_url) as s:
+        rows = s.query(Checkpoint).filter_by(job_id=job_id).order_by(Checkpoint.step).all()
+        assert rows[-1].epoch == 4 and 1 <= len(rows) <= 2 and sum(r.is_best for r in rows) == 1
+        for row in rows:
+            assert storage.read_verified(settings.storage_root, row.path, row.sha256)
+        on_disk = sorted(p.name for p in (settings.storage_root / f"jobs/{job_id}/checkpoints").iterdir())
+        assert on_disk == sorted(r.path.rsplit("/", 1)[1] for r in rows)
+        assert s.query(ModelVersion).filter_by(job_id=job_id).one().checkpoint_id in {r.id for r in rows}
+
+
 def test_a_revoked_lease_refuses_the_batched_flush_and_stores_nothing_after_it(settings, monkeypatch):
     job_id = _submit(settings, {**TRAIN, "name": "revoked", "dataset": {"id": "builtin:digits"},
                                 "hyperparameters": {"epochs": 3, "batch_size": 32, "log_every_steps": 1}})

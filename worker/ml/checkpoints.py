@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, deserialize
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from app.jobs.errors import UserError
 from worker.ml.preparation import Standardizer
@@ -63,40 +63,83 @@ class Checkpoint:
         return self.best_model if self.best_model is not None else self.model
 
 
-class _Packed(dict):
-    """Tensors as safetensors accepts them: on the CPU, contiguous, no two sharing storage.
+# safetensors' names of the dtypes a checkpoint can hold.
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+for _torch_name, _safetensors_name in (("uint64", "U64"), ("uint32", "U32"), ("uint16", "U16"),
+                                       ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _torch_name):
+        _DTYPE_NAMES[getattr(torch, _torch_name)] = _safetensors_name
 
-    A tensor is copied only when it has to be (on a GPU, strided, or sharing storage with one
-    already packed, as tied weights do): :func:`encode` serialises before it returns, so the bytes
-    are the snapshot, and copying every tensor first would only double the work.
+
+class Encoded:
+    """A checkpoint in the safetensors layout, held as its header and the tensors it describes.
+
+    Iterating it yields the file's bytes in chunks: the header, then each tensor's own memory, so a
+    writer hashes and writes them without a joined copy (``hashlib`` and file writes release the
+    GIL on large buffers, so a writer thread barely holds up training). ``bytes(encoded)`` joins
+    them where the whole is needed. The tensors must not change until it is written: see
+    :func:`host_copy`.
     """
 
-    def __init__(self):
-        super().__init__()
-        self._storages: set[tuple[str, int]] = set()
+    def __init__(self, header: bytes, tensors: list[torch.Tensor]):
+        self.header = header
+        self.tensors = tensors
+        self.size = len(header) + sum(t.nbytes for t in tensors)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to("cpu").contiguous()
-        storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
-        if storage in self._storages and tensor.numel():
-            tensor = tensor.clone()
-            storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
-        self._storages.add(storage)
-        self[name] = tensor
+    @classmethod
+    def of(cls, checkpoint: "Checkpoint") -> "Encoded":
+        """Lay ``checkpoint`` out without copying its tensors (a GPU tensor is copied to the CPU)."""
+        tensors, metadata = _parts(checkpoint)
+        # Wider types first, each group by name: every tensor starts at a multiple of its item size
+        # (the header is padded to 8 bytes), as safetensors itself lays them out.
+        order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+        header: dict[str, object] = {"__metadata__": metadata}
+        offset = 0
+        for name in order:
+            tensor = tensors[name]
+            if tensor.dtype not in _DTYPE_NAMES:
+                raise ValueError(f"cannot store {name} of dtype {tensor.dtype} in a checkpoint")
+            header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + tensor.nbytes]}
+            offset += tensor.nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        return cls(struct.pack("<Q", len(text)) + text, [tensors[name] for name in order])
 
-    def add_all(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        for key, tensor in tensors.items():
-            self.add(f"{prefix}.{key}", tensor)
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[memoryview]:
+        yield memoryview(self.header)
+        for tensor in self.tensors:
+            if tensor.numel():
+                yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self)
 
 
-def encode(checkpoint: Checkpoint) -> bytes:
-    """The checkpoint as safetensors bytes."""
-    tensors = _Packed()
-    tensors.add_all("model", checkpoint.model)
-    if checkpoint.best_model is not None:
-        tensors.add_all("best_model", checkpoint.best_model)
-    tensors.add_all("rng", checkpoint.rng)
-    tensors.add_all("normalizer", checkpoint.normalizer)
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy of ``tensor`` that nothing else holds (a checkpoint taken while training goes on)."""
+    return tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+def _parts(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The checkpoint's tensors by stored name (on the CPU, contiguous) and its header metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, group in (("model", checkpoint.model), ("best_model", checkpoint.best_model or {}),
+                          ("rng", checkpoint.rng), ("normalizer", checkpoint.normalizer)):
+        for key, tensor in group.items():
+            tensors[f"{prefix}.{key}"] = _on_host(tensor)
     metadata = {
         "format": FORMAT,
         "signature": json.dumps(checkpoint.signature),
@@ -108,7 +151,7 @@ def encode(checkpoint: Checkpoint) -> bytes:
         for index, values in checkpoint.optimizer["state"].items():
             for name, value in values.items():
                 if isinstance(value, torch.Tensor):
-                    tensors.add(f"optimizer.{index}.{name}", value)
+                    tensors[f"optimizer.{index}.{name}"] = _on_host(value)
                 else:
                     scalars.setdefault(str(index), {})[name] = value
         metadata["optimizer"] = json.dumps({"param_groups": checkpoint.optimizer["param_groups"], "scalars": scalars})
@@ -118,7 +161,12 @@ def encode(checkpoint: Checkpoint) -> bytes:
         metadata["vocabulary"] = json.dumps(checkpoint.vocabulary)
     if checkpoint.tokenizer is not None:
         metadata["tokenizer"] = checkpoint.tokenizer
-    return save_tensors(dict(tensors), metadata=metadata)
+    return tensors, metadata
+
+
+def encode(checkpoint: Checkpoint) -> bytes:
+    """The checkpoint as safetensors bytes."""
+    return bytes(Encoded.of(checkpoint))
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 
@@ -18,14 +19,18 @@ class TrainingHooks(Protocol):
         self,
         epoch: int,
         step: int,
-        data: bytes,
+        data: Iterable[bytes | memoryview],
         *,
         metric_name: str | None,
         metric_value: float | None,
         is_best: bool,
         reason: str,
     ) -> None:
-        """Persist a checkpoint (safetensors bytes); reason is "periodic" or a stop reason."""
+        """Persist a checkpoint; reason is "periodic" or a stop reason.
+
+        ``data`` is the safetensors file as chunks (a ``worker.ml.checkpoints.Encoded``: iterate it,
+        or take ``bytes(data)``); it holds its own copies, so it can be written after training went on.
+        """
 
     def stop_reason(self) -> str | None:
         """Why the run must stop now ("cancel", "pause", "shutdown", "timeout"), or None. Cheap."""

@@ -239,25 +239,40 @@ def _end_epoch(run: Run, signature: dict) -> None:
 
 def save_checkpoint(run: Run, signature: dict, *, reason: str, metric_name: str | None = None,
                     metric_value: float | None = None, is_best: bool = False) -> None:
-    """Encode the run's exact state and hand it to ``hooks.on_checkpoint``.
+    """Take the run's exact state and hand it, laid out as safetensors, to ``hooks.on_checkpoint``.
 
-    The checkpoint of a finished run holds no optimizer or scheduler state: nothing trains on from
-    it (a resume of a finished run only evaluates, ``init_from`` reads the weights), and the
-    optimizer's moments are two thirds of an Adam checkpoint's bytes.
+    Only copies are taken here, of the tensors that training goes on changing in place (weights,
+    optimizer moments): encoding, hashing and writing the file are left to the hooks (the worker's
+    checkpoint thread), so training goes on meanwhile. The checkpoint of a finished run holds no
+    optimizer or scheduler state: nothing trains on from it (a resume of a finished run only
+    evaluates, ``init_from`` reads the weights), and the optimizer's moments are two thirds of an
+    Adam checkpoint's bytes.
     """
     progress = run.progress
     data = run.data
-    best = None if progress.best_step == progress.step else run.best_weights
+    at_best = progress.best_step == progress.step
     training_goes_on = not progress.finished
-    encoded = checkpoints.encode(checkpoints.Checkpoint(
-        model=run.model.state_dict(),
+    if at_best and run.best_weights is not None and run.device.type == "cpu":
+        # The copy of the best weights taken at this very step: nothing changes it in place.
+        weights = run.best_weights
+    else:
+        weights = {name: checkpoints.host_copy(t) for name, t in run.model.state_dict().items()}
+    optimizer = None
+    if training_goes_on:
+        state = run.optimizer.state_dict()
+        optimizer = {"param_groups": state["param_groups"],
+                     "state": {index: {name: checkpoints.host_copy(v) if isinstance(v, torch.Tensor) else v
+                                       for name, v in values.items()}
+                               for index, values in state["state"].items()}}
+    encoded = checkpoints.Encoded.of(checkpoints.Checkpoint(
+        model=weights,
         signature=signature,
         spec=run.spec.model_dump(mode="json"),
         training=progress.to_dict(),
-        optimizer=run.optimizer.state_dict() if training_goes_on else None,
+        optimizer=optimizer,
         scheduler=run.scheduler.state_dict() if run.scheduler is not None and training_goes_on else None,
         rng=rng_state(run.device),
-        best_model=best,
+        best_model=None if at_best else run.best_weights,  # replaced on improvement, never changed in place
         normalizer=checkpoints.pack_standardizers(data.features, data.targets),
         vocabulary=data.tokenizer.vocabulary if data.tokenizer is not None else None,
         tokenizer=data.codec.to_json() if data.codec is not None else None,

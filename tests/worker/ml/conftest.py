@@ -40,7 +40,9 @@ class FakeHooks:
         self.progress.append((epoch, step, fraction))
 
     def on_checkpoint(self, epoch, step, data, *, metric_name, metric_value, is_best, reason) -> None:
-        self.checkpoints.append(RecordedCheckpoint(epoch, step, data, metric_name, metric_value, is_best, reason))
+        # The loop hands over the checkpoint laid out in chunks (``checkpoints.Encoded``): keep its bytes.
+        self.checkpoints.append(RecordedCheckpoint(epoch, step, bytes(data), metric_name, metric_value, is_best,
+                                                   reason))
 
     def stop_reason(self) -> str | None:
         # Called before each optimizer step; the number of calls so far is the step about to run.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from app.jobs.errors import UserError
 from worker.ml import checkpoints
@@ -87,7 +89,7 @@ def test_text_checkpoint_carries_the_vocabulary(tmp_path, fake_hooks, spec_for):
 def test_foreign_bytes_are_refused():
     with pytest.raises(UserError, match="not a safetensors file"):
         signature(b"\x80\x04\x95 definitely a pickle")
-    plain = checkpoints.save_tensors({"w": torch.zeros(2)})
+    plain = save_tensors({"w": torch.zeros(2)})
     with pytest.raises(UserError, match="not a Kiln checkpoint"):
         checkpoints.decode(plain)
 
@@ -160,3 +162,49 @@ def test_a_model_whose_best_epoch_was_not_checkpointed_serves_the_best_weights(s
     ended_with = checkpoints.encode(checkpoints.Checkpoint(
         model=decoded.model, signature=decoded.signature, spec=decoded.spec, normalizer=decoded.normalizer))
     assert abs(test_loss(ended_with) - result.test_metrics["test_loss"]) > 1e-3
+
+
+def test_the_layout_is_safetensors_with_every_tensor_aligned_and_the_header_padded():
+    tensors = {"a": torch.arange(3, dtype=torch.float64), "b": torch.ones(2, 3, dtype=torch.bfloat16),
+               "c": torch.tensor([True, False, True]), "d": torch.tensor(7.5), "e": torch.zeros(0),
+               "f": torch.arange(5, dtype=torch.int64), "g": torch.arange(6, dtype=torch.uint8),
+               "h": torch.randn(4, 3).t()}  # not contiguous: laid out in row-major order
+    encoded = checkpoints.Encoded.of(checkpoints.Checkpoint(model=tensors, signature={"x": 1}, spec={}))
+    data = bytes(encoded)
+    assert len(data) == len(encoded) == sum(len(chunk) for chunk in encoded)
+    checkpoints.check(data)  # safetensors' own parser: offsets cover the data exactly
+    (size,) = struct.unpack("<Q", data[:8])
+    assert size % 8 == 0
+    header = json.loads(data[8:8 + size])
+    for name, entry in header.items():
+        if name != "__metadata__":
+            item = torch.empty((), dtype=load_tensors(data)[name].dtype).element_size()
+            assert entry["data_offsets"][0] % item == 0, name
+    loaded = load_tensors(data)
+    assert set(loaded) == {f"model.{k}" for k in tensors}
+    for name, tensor in tensors.items():
+        assert loaded[f"model.{name}"].dtype == tensor.dtype and torch.equal(loaded[f"model.{name}"], tensor)
+    assert checkpoints.decode(data).signature == {"x": 1}
+
+
+def test_a_checkpoint_handed_over_is_unchanged_by_the_training_that_goes_on(spec_for, fake_hooks):
+    # The worker writes a periodic checkpoint on another thread while training continues: what the
+    # loop hands over must hold copies of everything training changes in place (weights, moments).
+    class LateWriter(fake_hooks):
+        def __init__(self):
+            super().__init__()
+            self.handed: list = []
+
+        def on_checkpoint(self, epoch, step, data, **kwargs):
+            super().on_checkpoint(epoch, step, data, **kwargs)
+            self.handed.append(data)
+
+    spec = spec_for(model={"dropout": 0.2}, epochs=3, batch_size=16, scheduler="cosine")
+    hooks = LateWriter()
+    train(spec, hooks=hooks)
+    assert len(hooks.handed) == 3
+    for recorded, handed in zip(hooks.checkpoints, hooks.handed):
+        assert bytes(handed) == recorded.data  # written after the whole run: still the state at its step
+    for earlier, later in zip(hooks.checkpoints, hooks.checkpoints[1:]):  # and training did change them
+        before, after = checkpoints.decode(earlier.data).model, checkpoints.decode(later.data).model
+        assert any(not torch.equal(before[name], after[name]) for name in before)
