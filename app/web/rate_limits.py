@@ -138,10 +138,12 @@ def register(app: Flask, config: Settings) -> None:
     limiter = Limiter(caller_key, app=app, storage_uri=config.redis_url, strategy=STRATEGY,
                       key_prefix="kiln-rl")
     limiter.shared_limit(lambda: settings().rate_limit_read, scope="api-read",
-                         exempt_when=lambda: (request.method not in SAFE_METHODS or not settings().rate_limit_read
-                                              or _read_deferred()))(api)
+                         exempt_when=lambda: request.method not in SAFE_METHODS or not settings().rate_limit_read)(api)
     limiter.shared_limit(lambda: settings().rate_limit_write, scope="api-write",
                          exempt_when=lambda: request.method in SAFE_METHODS or not settings().rate_limit_write)(api)
+    # A deferred read skips Flask-Limiter altogether until count_deferred_read (not only its Redis hit:
+    # resolving the limits costs a 304 a tenth of its time).
+    limiter.request_filter(_read_deferred)
     app.extensions["kiln_limiter"] = limiter
     # Registered after Flask-Limiter's header injection, so it runs before it and its count shows there.
     app.after_request(_count_unanswered)
