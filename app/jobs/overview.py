@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.jobs.states import RUNNING, STATES
-from app.models import Attempt, Job, JobEvent, UsageTotal, User, utcnow
+from app.models import Attempt, Job, JobCount, JobEvent, UsageTotal, User, utcnow
 from app.settings import DEFAULT_QUEUE, PREDICT_QUEUE, TRAIN_QUEUE, Settings
 from app.usage import device_kind
 
@@ -90,17 +90,26 @@ def usage(*, session: Session, now: datetime | None = None) -> list[dict[str, An
     return [{k: v for k, v in r.items() if k != "_seconds"} for r in rows]
 
 
+# The counts of jobs per state and queue, kept by the database (:class:`~app.models.JobCount`): a
+# few hundred counter rows however many jobs there are.
+_COUNTS = select(JobCount.state, JobCount.queue, func.sum(JobCount.jobs)).group_by(JobCount.state, JobCount.queue)
+# Each queue's oldest waiting job: the first entry of its range of ix_jobs_state_queue_queued_at.
+_OLDEST_QUEUED = select(*(
+    select(func.min(Job.queued_at)).where(Job.state == "queued", Job.queue == name).scalar_subquery()
+    for name in QUEUES))
+
+
 def overview(*, session: Session, settings: Settings) -> dict[str, Any]:
-    """Everything the admin dashboard shows, as JSON-ready data (all users' jobs)."""
+    """Everything the admin dashboard shows, as JSON-ready data (all users' jobs); its cost follows
+    the number of running jobs, workers and users, not the number of jobs."""
     now = utcnow()
     by_state = dict.fromkeys(STATES, 0)
-    by_state.update(dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all()))
-    oldest = dict(session.execute(
-        select(Job.queue, func.min(Job.queued_at)).where(Job.state == "queued").group_by(Job.queue)
-    ).all())
-    queued = dict(session.execute(
-        select(Job.queue, func.count()).where(Job.state == "queued").group_by(Job.queue)
-    ).all())
+    queued: dict[str, int] = defaultdict(int)
+    for state, queue, jobs in session.execute(_COUNTS):
+        by_state[state] = by_state.get(state, 0) + int(jobs)
+        if state == "queued":
+            queued[queue] += int(jobs)
+    oldest = dict(zip(QUEUES, session.execute(_OLDEST_QUEUED).one()))
     depths = queue_depths(settings)
     queues = [{"name": name, "depth": depths.get(name), "queued_jobs": queued.get(name, 0),
                "oldest_wait_seconds": _age(now, oldest.get(name))} for name in QUEUES]

@@ -5,7 +5,7 @@ from app.models.checkpoints import Checkpoint
 from app.models.datasets import Dataset
 from app.models.events import JobEvent
 from app.models.idempotency import IdempotencyKey
-from app.models.jobs import JOB_LIST_SHARDS, Attempt, Job, JobListVersion
+from app.models.jobs import JOB_COUNT_SHARDS, JOB_LIST_SHARDS, Attempt, Job, JobCount, JobListVersion
 from app.models.leases import ServiceLease
 from app.models.metrics import Metric, MetricCurveChunk
 from app.models.model_versions import ModelAlias, ModelVersion
@@ -21,9 +21,11 @@ __all__ = [
     "Base",
     "Checkpoint",
     "Dataset",
+    "JOB_COUNT_SHARDS",
     "JOB_LIST_SHARDS",
     "Job",
     "JobEvent",
+    "JobCount",
     "JobListVersion",
     "Metric",
     "MetricCurveChunk",

@@ -22,6 +22,8 @@ class Job(Base):
         Index("ix_jobs_owner_id_kind_id", "owner_id", "kind", "id"),
         Index("ix_jobs_state_id", "state", "id"),
         Index("ix_jobs_state_lease_expires_at", "state", "lease_expires_at"),
+        # Each queue's oldest waiting job, for the admin overview: the first entry of one index range.
+        Index("ix_jobs_state_queue_queued_at", "state", "queue", "queued_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -125,3 +127,24 @@ class JobListVersion(Base):
 
 # Shards per owner of JobListVersion; the triggers of migration 0013 use the same number.
 JOB_LIST_SHARDS = 16
+
+
+class JobCount(Base):
+    """How many jobs are in each state, kind and queue, kept by the database: triggers on ``jobs``
+    (migration ``0016_job_counts``) add or take one, in the transaction of the change, for every
+    inserted or deleted job and every update that changes its state, kind or queue, in shard
+    ``job id % JOB_COUNT_SHARDS`` so that concurrent writers seldom wait on one row. A count is the
+    sum of its shards: the admin overview and ``/metrics`` read them without counting jobs."""
+
+    __tablename__ = "job_counts"
+    __table_args__ = {"postgresql_with": {"fillfactor": 50}}  # room for HOT updates of hot counters
+
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(32), primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    jobs: Mapped[int] = mapped_column(BigInteger)
+
+
+# Shards of each JobCount; the triggers of migration 0016 use the same number.
+JOB_COUNT_SHARDS = 16

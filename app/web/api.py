@@ -19,7 +19,7 @@ from app.jobs.errors import InvalidParameter, SpecError
 from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES
 from app.models import MAX_ID, JobEvent, Metric, ModelVersion, utcnow
-from app.web import inline, serializers
+from app.web import inline, rate_limits, serializers
 from app.web.auth import current_user
 from app.web.context import db, reader, release, settings
 from app.web import idempotency
@@ -87,11 +87,13 @@ def _json_body() -> dict:
 
 
 def _not_modified(etag: str):
-    """304 when the poll's ``If-None-Match`` already has ``etag`` (decided before any body is built)."""
+    """304 when the poll's ``If-None-Match`` already has ``etag`` (decided before any body is built);
+    otherwise the read is counted against the caller's budget now, if it was deferred (a 429 then)."""
     if request.if_none_match.contains_weak(etag):
         response = Response(status=304)
         response.set_etag(etag)
         return response
+    rate_limits.count_deferred_read()
     return None
 
 

@@ -59,5 +59,4 @@ def close_session(_exc: BaseException | None = None) -> None:
     for name in ("db_session", "read_session"):
         session = g.pop(name, None)
         if session is not None:
-            session.rollback()
-            session.close()
+            session.close()  # ends (rolls back) any transaction in progress and returns the connection

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import redis as redis_lib
 from flask import Flask, abort, g, redirect, request, url_for
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask_login import LoginManager, UserMixin, current_user
 from flask_wtf.csrf import CSRFProtect
 
@@ -61,6 +62,17 @@ def _unauthorized():
     return redirect(target)
 
 
+class SessionCookies(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, opened for free when the request sends no session cookie (every
+    bearer-token API call): no signing serializer is built just to find there is nothing to read."""
+
+    def open_session(self, app: Flask, request) -> SecureCookieSession | None:
+        """An empty session without a cookie, else Flask's."""
+        if self.get_cookie_name(app) not in request.cookies and app.secret_key:
+            return self.session_class()
+        return super().open_session(app, request)
+
+
 def register(app: Flask) -> None:
     """Sessions (cookie flags, optional ProxyFix), CSRF on every form but the bearer-token API, Flask-Login."""
     production = os.environ.get("KILN_ENV", "").lower() == "production"
@@ -77,6 +89,7 @@ def register(app: Flask) -> None:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     from app.web.api import api
 
+    app.session_interface = SessionCookies()
     csrf.init_app(app)
     csrf.exempt(api)  # bearer tokens are not sent by browsers on their own; cookies never authorize API writes
     login_manager.init_app(app)

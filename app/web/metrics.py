@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
 from app.db import session_scope
-from app.models import Attempt, Job, utcnow
+from app.models import Attempt, Job, JobCount, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
 from app.web.context import settings
 
@@ -38,8 +38,11 @@ class KilnCollector:
         duration = GaugeMetricFamily("kiln_job_duration_seconds_avg",
                                      "Mean run time of succeeded jobs (start to finish)", labels=["kind"])
         with session_scope(self.config.database_url) as s:
-            for state, kind, n in s.execute(select(Job.state, Job.kind, func.count()).group_by(Job.state, Job.kind)):
-                jobs.add_metric([state, kind], n)
+            # From the counts the database keeps (JobCount), not a count over every job.
+            total = func.sum(JobCount.jobs)
+            for state, kind, n in s.execute(select(JobCount.state, JobCount.kind, total)
+                                            .group_by(JobCount.state, JobCount.kind).having(total > 0)):
+                jobs.add_metric([state, kind], int(n))
             for cls, n in s.execute(select(Job.error_class, func.count()).where(Job.state == "failed")
                                     .group_by(Job.error_class)):
                 failures.add_metric([cls or "unknown"], n)

@@ -4,15 +4,20 @@ Every ``/api/v1`` request counts against its caller's read budget (GET, HEAD, OP
 budget (the rest), keyed by its bearer token (a signed-in browser: its user; otherwise the
 address). Answers carry ``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset``
 (seconds until the window resets); a spent budget answers 429 problem+json with ``Retry-After``.
+
+A revalidating poll (a GET with ``If-None-Match`` to a view that decides 304s from a version) is
+counted only once it turns out to need a body, just before the body is built; a 304 costs no
+budget and no Redis round trip (as GitHub's API does not count 304s against its rate limit).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 
-from flask import Flask, Response, g, has_request_context, request
-from flask_limiter import Limiter
+from flask import Flask, Response, current_app, g, has_request_context, request
+from flask_limiter import Limiter, RateLimitExceeded
 from limits import RateLimitItem
 from limits.storage import RedisStorage
 from limits.strategies import STRATEGIES, FixedWindowRateLimiter
@@ -65,6 +70,43 @@ class OneTripFixedWindow(FixedWindowRateLimiter):
 
 STRATEGIES.setdefault(STRATEGY, OneTripFixedWindow)
 
+# The API views that decide a conditional GET through ``app.web.api._not_modified`` before any body
+# (or any other work) is built: only these defer a revalidating read's count.
+CONDITIONAL_VIEWS = frozenset({"api.list_jobs", "api.get_job", "api.job_metrics", "api.admin_overview"})
+
+
+def _read_deferred() -> bool:
+    """Whether this request's read budget is counted later, by :func:`count_deferred_read`."""
+    if "kiln_read_deferred" not in g:
+        g.kiln_read_deferred = (request.method == "GET" and request.endpoint in CONDITIONAL_VIEWS
+                                and "If-None-Match" in request.headers)
+    return g.kiln_read_deferred
+
+
+def count_deferred_read() -> None:
+    """Count a deferred read that is about to build its body (429 when its budget is spent); a
+    no-op for any other request."""
+    if g.get("kiln_read_deferred"):
+        g.kiln_read_deferred = False  # from now on the read limit applies to this request
+        limiter = current_app.extensions["kiln_limiter"]
+        limiter._check_request_limit(in_middleware=False)  # noqa: SLF001 - Flask-Limiter's own check, run late
+
+
+def _check_unless_deferred(limiter: Limiter) -> None:
+    # Flask-Limiter's before_request hook, for every request but a deferred read.
+    if not _read_deferred():
+        limiter._check_request_limit()  # noqa: SLF001
+
+
+def _count_unanswered(response: Response) -> Response:
+    # A deferred read that ended without a 304 and without reaching its body (a 404, a 422): counted now.
+    if g.get("kiln_read_deferred") and response.status_code != 304:
+        try:
+            count_deferred_read()
+        except RateLimitExceeded:
+            pass  # the answer is already made (and cheap); the hit is counted all the same
+    return response
+
 
 def caller_key() -> str:
     """Who a request's budget belongs to: its token (hashed), else its signed-in user, else its address."""
@@ -106,4 +148,10 @@ def register(app: Flask, config: Settings) -> None:
                          exempt_when=lambda: request.method not in SAFE_METHODS or not settings().rate_limit_read)(api)
     limiter.shared_limit(lambda: settings().rate_limit_write, scope="api-write",
                          exempt_when=lambda: request.method in SAFE_METHODS or not settings().rate_limit_write)(api)
+    # A deferred read skips Flask-Limiter's check altogether until count_deferred_read: not only its
+    # Redis hit, also resolving (and exempting) the limits, which costs a 304 a tenth of its time.
+    checks = app.before_request_funcs[None]
+    checks[checks.index(limiter._check_request_limit)] = functools.partial(_check_unless_deferred, limiter)  # noqa: SLF001
     app.extensions["kiln_limiter"] = limiter
+    # Registered after Flask-Limiter's header injection, so it runs before it and its count shows there.
+    app.after_request(_count_unanswered)

@@ -79,3 +79,34 @@ def test_a_limited_request_asks_redis_once_and_its_headers_stay_exact(limited, m
         assert len(calls) == 1, calls  # the hit, which also returns the window: no GET, no TTL
     r = limited.get("/api/v1/jobs", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 429 and 0 < int(r.headers["Retry-After"]) <= 61
+
+
+def test_a_304_costs_no_read_budget_and_a_changed_answer_is_counted(limited, make_user, monkeypatch):
+    import redis
+
+    _, token = make_user()
+    auth = {"Authorization": f"Bearer {token}"}
+    first = limited.get("/api/v1/jobs", headers=auth)
+    assert first.status_code == 200 and first.headers["RateLimit-Remaining"] == "2"
+    calls = []
+    original = redis.Redis.execute_command
+
+    def counting(self, *args, **options):
+        if any(isinstance(a, str) and a.startswith("LIMITS:") for a in args):
+            calls.append(args[0])
+        return original(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counting)
+    unchanged = dict(auth, **{"If-None-Match": first.headers["ETag"]})
+    for _ in range(5):  # more revalidations than the budget holds: none is counted, none asks Redis
+        assert limited.get("/api/v1/jobs", headers=unchanged).status_code == 304
+    assert calls == []
+    # A conditional GET that needs a body is counted before it is built, and refused once the budget is spent.
+    stale = dict(auth, **{"If-None-Match": '"stale"'})
+    r = limited.get("/api/v1/jobs", headers=stale)
+    assert r.status_code == 200 and r.headers["RateLimit-Remaining"] == "1" and len(calls) == 1
+    assert limited.get("/api/v1/jobs/999999999", headers=stale).status_code == 404  # counted too
+    r = limited.get("/api/v1/jobs", headers=stale)
+    assert r.status_code == 429 and r.mimetype == "application/problem+json" and "Retry-After" in r.headers
+    assert limited.get("/api/v1/jobs", headers=auth).status_code == 429
+    assert limited.get("/api/v1/jobs", headers=unchanged).status_code == 304  # a 304 still answers
