@@ -100,7 +100,9 @@ def train(
 def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device) -> TrainResult:
     hp = spec.hyperparameters
     torch.manual_seed(hp.seed)
-    data = prepare(spec.dataset, load_table(spec.dataset, dataset_file, dataset_format), spec.model)
+    saved = checkpoints.decode(resume) if resume is not None else None
+    data = prepare(spec.dataset, load_table(spec.dataset, dataset_file, dataset_format), spec.model,
+                   checkpoints.saved_text(saved) if saved is not None else None)
     refused = architecture_error(spec.model.arch, data.task)
     if refused:
         raise UserError(refused)
@@ -119,8 +121,8 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     run = Run(spec, hooks, data, tensors, model, optimizer, scheduler, device,
               uses_bf16(device, spec.resources.precision), monitor, stage(*tensors["train"], device=device))
     resumed_from = None
-    if resume is not None:
-        resumed_from = _restore(run, checkpoints.decode(resume), signature)
+    if saved is not None:
+        resumed_from = _restore(run, saved, signature)
     progress = run.progress
     while not progress.finished and progress.epoch < hp.epochs:
         reason = train_epoch(run)
@@ -258,9 +260,8 @@ def save_checkpoint(run: Run, signature: dict, *, reason: str, metric_name: str 
         scheduler=run.scheduler.state_dict() if run.scheduler is not None and training_goes_on else None,
         rng=rng_state(run.device),
         best_model=best,
-        normalizer=checkpoints.pack_standardizers(data.features, data.targets),
-        vocabulary=data.tokenizer.vocabulary if data.tokenizer is not None else None,
-        tokenizer=data.codec.to_json() if data.codec is not None else None,
+        normalizer=checkpoints.pack_standardizers(data.features, data.targets, data.featurizer),
+        **checkpoints.text_entries(data),
     ))
     run.hooks.on_checkpoint(progress.reported_epoch, progress.step, encoded, metric_name=metric_name,
                             metric_value=metric_value, is_best=is_best, reason=reason)
