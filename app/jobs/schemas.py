@@ -35,6 +35,9 @@ class _ReadsTokens(Strict):
     embedding_dropout: float = Field(
         default=0.1, ge=0.0, lt=1.0,
         description="text: share of tokens whose whole embedding is dropped in training (the rest are scaled up)")
+    embedding_init: Literal["random", "lsa"] = Field(
+        default="random",
+        description="text: token embeddings start random, or from latent semantic analysis of the training split")
 
 
 class TfidfFeatures(Strict):

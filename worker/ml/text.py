@@ -174,3 +174,36 @@ def _analyzer(ngram_max: int):
         return grams
 
     return analyze
+
+
+def lsa_vectors(ids: np.ndarray, vocab_size: int, dim: int, seed: int) -> np.ndarray:
+    """Token vectors (vocab_size, dim) from latent semantic analysis of the training texts' token ids.
+
+    The texts' TF-IDF token counts (padding and the unknown id left out) go through a seeded
+    randomized SVD; a token's vector is its row of V * S, scaled to unit standard deviation, so
+    that tokens used in the same texts start close together. Tokens the texts never use, and
+    dimensions beyond the texts' rank, stay zero.
+    """
+    from scipy import sparse
+    from sklearn.utils.extmath import randomized_svd
+
+    rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+    flat = ids.reshape(-1)
+    real = flat > UNKNOWN_ID
+    counts = sparse.csr_matrix((np.ones(int(real.sum())), (rows[real], flat[real])), shape=(len(ids), vocab_size))
+    counts.sum_duplicates()
+    counts.data = 1.0 + np.log(counts.data)
+    df = np.bincount(counts.indices, minlength=vocab_size)
+    idf = np.log((1.0 + len(ids)) / (1.0 + df)) + 1.0
+    weighted = sparse.csr_matrix(counts.multiply(idf[None, :]))
+    norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(axis=1))).ravel()
+    weighted = sparse.csr_matrix(weighted.multiply(1.0 / np.where(norms > 0, norms, 1.0)[:, None]))
+    vectors = np.zeros((vocab_size, dim))
+    rank = min(dim, min(weighted.shape) - 1)
+    if rank < 1 or weighted.nnz == 0:
+        return vectors
+    _, singular, components = randomized_svd(weighted, n_components=rank, random_state=seed)
+    vectors[:, :rank] = components.T * singular
+    used = vectors[df > 0]
+    scale = used.std() if used.size else 0.0
+    return vectors / scale if scale > 0 else vectors

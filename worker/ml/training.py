@@ -25,6 +25,7 @@ from worker.ml.evaluation import evaluate, loss_sum, monitorable_metrics
 from worker.ml.hooks import TrainingHooks
 from worker.ml.optimization import build_optimizer, build_scheduler, current_lr, steps_per_epoch
 from worker.ml.preparation import FORECASTING, PreparedData, prepare
+from worker.ml.text import lsa_vectors
 from worker.ml.progress import (
     Monitor, Progress, check_resumable, epoch_permutation, load_weights, restore_rng, rng_state,
 )
@@ -111,6 +112,8 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     model = build_model(spec.model, ModelShape.from_signature(signature)).to(device)
     # Every job states its size: the counts travel in the signature to the model version and result.
     signature.update(parameter_counts(model))
+    if getattr(spec.model, "embedding_init", "random") == "lsa" and signature["input_kind"] == "tokens":
+        _init_embeddings(model, data, hp.seed)
     if init_from is not None:
         load_weights(model, checkpoints.decode(init_from).served_weights, "init_from")
     tensors = {name: (torch.from_numpy(x), torch.from_numpy(y)) for name, (x, y) in data.splits.items()}
@@ -134,6 +137,14 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     test_metrics = _test(run)
     hooks.on_progress(progress.epoch, progress.step, 1.0)
     return _result(run, signature, test_metrics, None, resumed_from)
+
+
+def _init_embeddings(model: torch.nn.Module, data: PreparedData, seed: int) -> None:
+    """Token embeddings from latent semantic analysis of the training split (``embedding_init: lsa``)."""
+    weight = model.embedding.weight
+    vectors = lsa_vectors(data.splits["train"][0], weight.shape[0], weight.shape[1], seed)
+    with torch.no_grad():
+        weight.copy_(torch.from_numpy(vectors).to(weight.dtype))
 
 
 def train_epoch(run: Run) -> str | None:
