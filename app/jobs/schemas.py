@@ -36,7 +36,7 @@ class _ReadsTokens(Strict):
         default=0.1, ge=0.0, lt=1.0,
         description="text: share of tokens whose whole embedding is dropped in training (the rest are scaled up)")
     embedding_init: Literal["random", "lsa"] = Field(
-        default="random",
+        default="lsa",
         description="text: token embeddings start random, or from latent semantic analysis of the training split")
 
 
@@ -392,6 +392,15 @@ class TrainSpec(AttemptRuntime):
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     metadata: Metadata = Field(default_factory=dict, max_length=50)
     webhook: WebhookSpec | None = None
+
+    @model_validator(mode="after")
+    def _text_settings_agree(self) -> "TrainSpec":
+        if getattr(self.model, "tfidf", None) is not None and self.dataset.tokenizer is not None:
+            raise SpecError.at("dataset.tokenizer", "model.tfidf reads word n-grams of its own; drop dataset.tokenizer")
+        if self.dataset.tokenizer is not None and self.model.arch in ("causal_lm", "seq2seq", "pretrained"):
+            where = "model.tokenizer" if self.model.arch != "pretrained" else "model.base"
+            raise SpecError.at("dataset.tokenizer", f"{self.model.arch} has its own tokenizer ({where}); drop dataset.tokenizer")
+        return self
 
 
 # A row is a string (text models) or a list; its values are checked against the model version's
