@@ -84,9 +84,14 @@ def input_schema(signature: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "image", "shape": [int(n) for n in signature.get("image_shape") or signature["input_shape"]]}
     if signature.get("input_kind") == "pretrained_tokens":  # truncated to the model's max_length
         return {"kind": "pretrained_text", "max_length": int(signature.get("max_length") or 0)}
+    if signature.get("input_kind") == "tfidf":  # any length: a text is counted into its n-grams
+        return {"kind": "text", "tokenizer": "tfidf", "vocab_size": int(signature.get("vocab_size") or 0)}
     if signature.get("input_kind") == "tokens":
-        return {"kind": "text", "max_tokens": int(signature.get("max_tokens") or signature["input_shape"][0]),
-                "vocab_size": int(signature.get("vocab_size") or 0)}
+        schema = {"kind": "text", "max_tokens": int(signature.get("max_tokens") or signature["input_shape"][0]),
+                  "vocab_size": int(signature.get("vocab_size") or 0)}
+        if signature.get("tokenizer") == "bpe":  # subwords are not counted at submit; the model truncates
+            schema["tokenizer"] = "bpe"
+        return schema
     shape = [int(n) for n in signature.get("input_shape") or []]
     return {"kind": "numbers", "shape": shape, "width": math.prod(shape),
             "features": signature.get("feature_names")}
@@ -123,10 +128,12 @@ def check_inputs(*, schema: dict[str, Any], inputs: list, ref: str) -> None:
                 raise SpecError.at(f"inputs[{i}]", f"model {ref} reads text: expected a string")
         return
     if schema["kind"] == "text":
-        limit = schema["max_tokens"]
+        limit = schema.get("max_tokens")
         for i, row in enumerate(inputs):
             if not isinstance(row, str):
                 raise SpecError.at(f"inputs[{i}]", f"model {ref} classifies text: expected a string")
+            if schema.get("tokenizer", "word") != "word":
+                continue
             count = len(task_rules.words(row))
             if count > limit:
                 raise SpecError.at(f"inputs[{i}]", f"has {count} words; model {ref} reads at most {limit}")

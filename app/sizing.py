@@ -99,8 +99,10 @@ def estimate(spec: TrainSpec, *, num_features: int, num_outputs: int, sequence_s
         return SizeEstimate(parameters, parameter_bytes, activations)
     text = ds.text_column is not None
     steps, per_step = (ds.max_tokens, 1) if text else (sequence_shape or (num_features, 1))
-    parameters, width, layers = _own_model(model, steps=steps, per_step=per_step, outputs=num_outputs,
-                                           vocab=ds.vocab_size if text else 0)
+    vocab = ds.token_vocab_size if text else 0
+    if text and getattr(model, "tfidf", None) is not None:  # one n-gram-wide vector, no embedding
+        steps, per_step, vocab = 1, model.tfidf.max_features, 0
+    parameters, width, layers = _own_model(model, steps=steps, per_step=per_step, outputs=num_outputs, vocab=vocab)
     activations = batch * steps * width * layers * 4 * ACTIVATION_FACTOR
     return SizeEstimate(parameters, BYTES_PER_PARAMETER * parameters, activations)
 

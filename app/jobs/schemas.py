@@ -29,16 +29,38 @@ class Strict(BaseModel):
 # --- architectures --------------------------------------------------------------------------
 
 
-class MLPConfig(Strict):
-    """A multilayer perceptron over flat features."""
+class _ReadsTokens(Strict):
+    """A setting of every architecture that reads text through a token embedding."""
+
+    embedding_dropout: float = Field(
+        default=0.1, ge=0.0, lt=1.0,
+        description="text: share of tokens whose whole embedding is dropped in training (the rest are scaled up)")
+    embedding_init: Literal["random", "lsa"] = Field(
+        default="lsa",
+        description="text: token embeddings start random, or from latent semantic analysis of the training split")
+
+
+class TfidfFeatures(Strict):
+    """Bag-of-n-grams features of a text, weighted by TF-IDF, fitted on the training split only."""
+
+    ngram_max: int = Field(default=2, ge=1, le=3, description="longest word n-gram counted (1: single words)")
+    max_features: int = Field(default=20000, ge=16, le=200_000, description="most frequent n-grams kept")
+    min_df: int = Field(default=1, ge=1, le=1000, description="n-grams in fewer training texts are dropped")
+    sublinear_tf: bool = Field(default=True, description="count c weighs 1 + log(c)")
+
+
+class MLPConfig(_ReadsTokens):
+    """A multilayer perceptron over flat features (text: the mean token embedding, or TF-IDF features)."""
 
     arch: Literal["mlp"]
     hidden_sizes: list[Annotated[int, Field(ge=1, le=8192)]] = Field(default=[128, 64], max_length=8)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     activation: Literal["relu", "gelu", "tanh"] = "relu"
+    tfidf: TfidfFeatures | None = Field(
+        default=None, description="text only: read TF-IDF n-gram features instead of token embeddings")
 
 
-class RecurrentConfig(Strict):
+class RecurrentConfig(_ReadsTokens):
     """An RNN, LSTM or GRU over a sequence; the last step (both directions) feeds the head."""
 
     arch: Literal["rnn", "lstm", "gru"]
@@ -48,7 +70,7 @@ class RecurrentConfig(Strict):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
-class TransformerConfig(Strict):
+class TransformerConfig(_ReadsTokens):
     """A transformer encoder over a sequence, pooled into the head."""
 
     arch: Literal["transformer"]
@@ -67,7 +89,7 @@ class TransformerConfig(Strict):
         return self
 
 
-class CNN1DConfig(Strict):
+class CNN1DConfig(_ReadsTokens):
     """A 1-D convolutional network over a sequence, global-average pooled."""
 
     arch: Literal["cnn1d"]
@@ -182,6 +204,18 @@ class ImageAugmentation(Strict):
     crop_padding: int = Field(default=2, ge=0, le=64, description="pixels of padding before a random crop back to size")
 
 
+SUBWORD_VOCAB_SIZE = 8000
+
+
+class TextTokenizer(Strict):
+    """How a text-classification job cuts text into tokens; trained on the training split only."""
+
+    kind: Literal["word", "bpe"] = Field(
+        default="word", description="lower-cased words, or byte-level BPE subwords (the tokenizers library)")
+    vocab_size: int | None = Field(default=None, ge=16, le=1_000_000,
+                                   description="ids kept (default: dataset.vocab_size, or 8000 for bpe)")
+
+
 class DatasetRef(Strict):
     """Which data to train on, and which columns play which part."""
 
@@ -196,12 +230,28 @@ class DatasetRef(Strict):
     horizon: int = Field(default=1, ge=1, le=512)
     max_tokens: int = Field(default=64, ge=1, le=4096)
     vocab_size: int = Field(default=20000, ge=16, le=1_000_000)
+    tokenizer: TextTokenizer | None = Field(default=None, description="text classification: word (default) or subword tokens")
     image_size: int | None = Field(
         default=None, ge=4, le=512, description="side in pixels images are resized to (a built-in's own size, else 32)"
     )
     augment: ImageAugmentation | None = None
     normalize: bool = True
     split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _one_vocabulary_size(self) -> "DatasetRef":
+        if self.tokenizer is not None and self.tokenizer.vocab_size is not None and "vocab_size" in self.model_fields_set:
+            raise ValueError("give the vocabulary size once: dataset.vocab_size or dataset.tokenizer.vocab_size")
+        return self
+
+    @property
+    def token_vocab_size(self) -> int:
+        """The most token ids a text-classification tokenizer keeps."""
+        if self.tokenizer is not None and self.tokenizer.vocab_size is not None:
+            return self.tokenizer.vocab_size
+        if self.tokenizer is not None and self.tokenizer.kind != "word" and "vocab_size" not in self.model_fields_set:
+            return SUBWORD_VOCAB_SIZE
+        return self.vocab_size
 
     @field_validator("id")
     @classmethod
@@ -342,6 +392,15 @@ class TrainSpec(AttemptRuntime):
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     metadata: Metadata = Field(default_factory=dict, max_length=50)
     webhook: WebhookSpec | None = None
+
+    @model_validator(mode="after")
+    def _text_settings_agree(self) -> "TrainSpec":
+        if getattr(self.model, "tfidf", None) is not None and self.dataset.tokenizer is not None:
+            raise SpecError.at("dataset.tokenizer", "model.tfidf reads word n-grams of its own; drop dataset.tokenizer")
+        if self.dataset.tokenizer is not None and self.model.arch in ("causal_lm", "seq2seq", "pretrained"):
+            where = "model.tokenizer" if self.model.arch != "pretrained" else "model.base"
+            raise SpecError.at("dataset.tokenizer", f"{self.model.arch} has its own tokenizer ({where}); drop dataset.tokenizer")
+        return self
 
 
 # A row is a string (text models) or a list; its values are checked against the model version's

@@ -266,6 +266,16 @@ def _check_builtin(ds: DatasetRef) -> str:
     return task
 
 
+def _check_text_settings(spec: TrainSpec, task: str) -> None:
+    """Tokenizer and TF-IDF settings apply to text classification only."""
+    if task == catalog.TEXT_CLASSIFICATION:
+        return
+    if spec.dataset.tokenizer is not None:
+        raise SpecError.at("dataset.tokenizer", f"tokenizer applies to text classification; {spec.dataset.id} is a {task} dataset")
+    if getattr(spec.model, "tfidf", None) is not None:
+        raise SpecError.at("model.tfidf", f"TF-IDF features apply to text classification; {spec.dataset.id} is a {task} dataset")
+
+
 def _check_image_settings(ds: DatasetRef, task: str, image_column: str | None) -> None:
     """Image settings apply to image tasks only; an image task reads no feature, text or window."""
     if task != catalog.IMAGE_CLASSIFICATION:
@@ -383,6 +393,7 @@ def _check_train(session: Session, user: User, spec: TrainSpec, settings: Settin
     refused = task_rules.architecture_error(spec.model.arch, task)
     if refused:
         raise SpecError.at("model.arch", refused)
+    _check_text_settings(spec, task)
     if task == catalog.TEXT_CLASSIFICATION and spec.model.arch == "cnn1d" and spec.model.kernel_size > ds.max_tokens:
         raise SpecError.at("model.kernel_size", "kernel_size is longer than dataset.max_tokens")
     if spec.model.arch == "pretrained":

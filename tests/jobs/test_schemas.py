@@ -92,3 +92,40 @@ def test_a_stored_prediction_spec_parses_again_as_the_worker_reads_it(spec):
     # The worker parses the stored JSON (every field written out, nulls included) before it claims.
     stored = parse_spec(spec).model_dump(mode="json")
     assert parse_spec(stored).model_dump(mode="json") == stored
+
+
+TEXT = {"id": "dataset:1", "text_column": "text"}
+
+
+@pytest.mark.parametrize(
+    "payload,field,words",
+    [
+        (train(dataset={**TEXT, "tokenizer": {"kind": "wordpiece"}}), "dataset.tokenizer.kind", "word"),
+        (train(dataset={**TEXT, "tokenizer": {"kind": "bpe", "vocab_size": 4}}), "dataset.tokenizer.vocab_size", "16"),
+        (train(dataset={**TEXT, "vocab_size": 500, "tokenizer": {"kind": "bpe", "vocab_size": 400}}), "dataset",
+         "once"),
+        (train(model={"arch": "mlp", "tfidf": {}}, dataset={**TEXT, "tokenizer": {"kind": "bpe"}}), "dataset.tokenizer",
+         "n-grams"),
+        (train(model={"arch": "causal_lm"}, dataset={**TEXT, "tokenizer": {"kind": "bpe"}}), "dataset.tokenizer",
+         "own tokenizer"),
+        (train(model={"arch": "mlp", "tfidf": {"ngram_max": 5}}), "model.tfidf.ngram_max", "3"),
+        (train(model={"arch": "gru", "embedding_dropout": 1.0}), "model.embedding_dropout", "1"),
+        (train(model={"arch": "cnn1d", "embedding_init": "glove"}), "model.embedding_init", "lsa"),
+    ],
+)
+def test_text_settings_are_checked_with_a_clear_message(payload, field, words):
+    with pytest.raises(SpecError) as info:
+        parse_spec(payload)
+    errors = info.value.errors
+    assert any(e["field"].startswith(field) or field.startswith(e["field"]) for e in errors), errors
+    assert any(words in e["message"] for e in errors), errors
+
+
+def test_text_settings_parse_with_defaults():
+    spec = parse_spec(train(model={"arch": "mlp", "tfidf": {}}, dataset=TEXT))
+    assert spec.model.tfidf.ngram_max == 2 and spec.model.tfidf.max_features == 20000
+    assert spec.model.embedding_dropout == 0.1 and spec.model.embedding_init == "lsa"
+    bpe = parse_spec(train(model={"arch": "gru"}, dataset={**TEXT, "tokenizer": {"kind": "bpe"}})).dataset
+    assert bpe.token_vocab_size == 8000
+    assert parse_spec(train(dataset={**TEXT, "vocab_size": 500, "tokenizer": {"kind": "bpe"}})).dataset.token_vocab_size == 500
+    assert parse_spec(train(dataset=TEXT)).dataset.token_vocab_size == 20000

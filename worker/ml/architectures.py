@@ -4,7 +4,9 @@ Every architecture serves every task through the same three inputs:
 - ``vector``: a tabular row; the MLP reads it flat, sequence models as ``sequence_shape``
   (digits: 8 steps of 8 pixels; other tables: one feature per step);
 - ``sequence``: a forecasting window (steps, 1); the MLP flattens it;
-- ``tokens``: token ids, embedded; the MLP averages the embeddings of the real tokens;
+- ``tokens``: token ids, embedded; the MLP averages the embeddings of the real tokens; in training,
+  ``embedding_dropout`` drops whole token embeddings (and scales up the rest);
+- ``tfidf``: a text's TF-IDF n-gram features (``mlp`` only), read as a flat vector;
 - ``image``: pixels (channels, height, width); the 2-D CNN reads them as they are, the MLP flat.
 The text generators (``causal_lm``, ``seq2seq``) are whole networks of their own modules, registered
 with ``build_network``. Which architecture serves which task is ``app.task_rules.ARCHITECTURE_TASKS``.
@@ -232,8 +234,9 @@ class CNN2DBody(nn.Module):
 class Network(nn.Module):
     """Input front (reshape or token embedding), an architecture's body, and a linear head."""
 
-    def __init__(self, body: nn.Module, shape: ModelShape, embedding_dim: int):
+    def __init__(self, body: nn.Module, shape: ModelShape, embedding_dim: int, embedding_dropout: float = 0.0):
         super().__init__()
+        self.embedding_dropout = embedding_dropout
         self.input_kind = shape.input_kind
         self.sequence_shape = shape.image_shape if shape.input_kind == "image" else shape.sequence_shape
         self.embedding = None
@@ -248,9 +251,17 @@ class Network(nn.Module):
         if self.embedding is not None:
             mask = inputs != PAD_ID
             seq = self.embedding(inputs)
+            if self.training and self.embedding_dropout > 0:
+                seq = drop_tokens(seq, self.embedding_dropout)
         else:
             seq = inputs.reshape(inputs.shape[0], *self.sequence_shape)
         return self.head(self.body(seq, mask))
+
+
+def drop_tokens(seq: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero each token's whole embedding with probability ``p`` and scale the kept ones by 1 / (1 - p)."""
+    keep = torch.empty(seq.shape[:2], device=seq.device, dtype=seq.dtype).bernoulli_(1.0 - p)
+    return seq * (keep / (1.0 - p)).unsqueeze(-1)
 
 
 @dataclass(frozen=True)
@@ -325,7 +336,7 @@ def build_model(config, shape: ModelShape) -> nn.Module:
         # The MLP averages embeddings, so it sees one embedding-wide vector, not steps of them.
         steps = 1 if config.arch == "mlp" else steps
     body = architecture.build_body(config, per_step, steps)
-    return Network(body, shape, architecture.embedding_dim(config))
+    return Network(body, shape, architecture.embedding_dim(config), getattr(config, "embedding_dropout", 0.0))
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -3,11 +3,11 @@
 Nothing is pickled, so reading a checkpoint cannot run code. Tensor names:
 ``model.*`` (weights), ``best_model.*`` (best weights when they differ from ``model.*``),
 ``optimizer.<param>.<name>`` (optimizer state), ``rng.torch`` / ``rng.cuda.<i>`` (generator
-states) and ``normalizer.{features,targets}.{mean,std}``. Header metadata keys: ``format``,
+states), ``normalizer.{features,targets}.{mean,std}`` and ``normalizer.tfidf.idf`` (TF-IDF text features). Header metadata keys: ``format``,
 ``signature``, ``spec``, ``training`` (position, best metric, early stopping), ``optimizer``
-(param groups and non-tensor state), ``scheduler`` (its state_dict), ``vocabulary`` and ``tokenizer``
-(a text generator's character, word or BPE tokenizer as JSON; its sha256 is the signature's
-``tokenizer_sha256``).
+(param groups and non-tensor state), ``scheduler`` (its state_dict), ``vocabulary`` (a text classifier's words, or its TF-IDF n-grams)
+and ``tokenizer`` (a text generator's character, word or BPE tokenizer, or a text classifier's BPE,
+as JSON; its sha256 is the signature's ``tokenizer_sha256``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from safetensors import SafetensorError, deserialize
 from safetensors.torch import load as load_tensors
 
 from app.jobs.errors import UserError
-from worker.ml.preparation import Standardizer
+from worker.ml.preparation import SavedText, Standardizer
+from worker.ml.text import Tokenizer
 
 FORMAT = "kiln-checkpoint/1"
 # Header metadata that holds JSON, and whether every checkpoint has it.
@@ -245,9 +246,29 @@ def decode(data: bytes) -> Checkpoint:
     )
 
 
-def pack_standardizers(features: Standardizer | None, targets: Standardizer | None) -> dict[str, torch.Tensor]:
-    """Normaliser statistics as float64 tensors for the checkpoint."""
+def text_entries(data) -> dict:
+    """The ``vocabulary`` and ``tokenizer`` entries of a checkpoint of a run on ``data`` (a PreparedData)."""
+    if data.featurizer is not None:
+        return {"vocabulary": data.featurizer.ngrams, "tokenizer": None}
+    if isinstance(data.tokenizer, Tokenizer):
+        return {"vocabulary": data.tokenizer.vocabulary, "tokenizer": None}
+    if data.tokenizer is not None:
+        return {"vocabulary": None, "tokenizer": data.tokenizer.to_json()}
+    return {"vocabulary": None, "tokenizer": data.codec.to_json() if data.codec is not None else None}
+
+
+def saved_text(saved: Checkpoint) -> SavedText:
+    """A checkpoint's text encoding (words, BPE or TF-IDF), to resume with instead of fitting again."""
+    idf = saved.normalizer.get("tfidf.idf")
+    return SavedText(saved.vocabulary, saved.tokenizer, idf.numpy() if idf is not None else None)
+
+
+def pack_standardizers(features: Standardizer | None, targets: Standardizer | None,
+                       featurizer=None) -> dict[str, torch.Tensor]:
+    """Normaliser statistics (and TF-IDF idf weights) as float64 tensors for the checkpoint."""
     packed = {}
+    if featurizer is not None:
+        packed["tfidf.idf"] = torch.from_numpy(np.asarray(featurizer.idf, dtype=np.float64))
     for role, scale in (("features", features), ("targets", targets)):
         if scale is not None:
             packed[f"{role}.mean"] = torch.from_numpy(np.asarray(scale.mean, dtype=np.float64))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pydantic import TypeAdapter
 
+from app.catalog import GENERATIVE_TASKS
 from app.jobs.errors import UserError
 from app.jobs.schemas import ModelConfig, PretrainedConfig
 from worker.ml import checkpoints, pretrained, text_codecs
@@ -24,7 +25,7 @@ from worker.ml.architectures import ModelShape, build_model
 from worker.ml.devices import out_of_memory, resolve_device
 from worker.ml.preparation import FORECASTING, REGRESSION, Standardizer
 from worker.ml.progress import load_weights
-from worker.ml.text import Tokenizer
+from worker.ml.text import TfidfFeaturizer, Tokenizer
 
 CACHE_SIZE = 8  # defaults; a worker sets its own from settings with configure_cache
 CACHE_BYTES = 2 * 1024**3
@@ -40,7 +41,8 @@ class LoadedModel:
     signature: dict
     features: Standardizer | None
     targets: Standardizer | None
-    tokenizer: Tokenizer | object | None  # a text generator's codec (worker.ml.text_codecs)
+    # Word or BPE tokenizer, TF-IDF featurizer (worker.ml.text), or a text generator's codec (worker.ml.text_codecs).
+    tokenizer: Tokenizer | object | None
     device: torch.device
 
     @property
@@ -99,10 +101,15 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
         pretrained.check_base(sig)
     network = build_model(config, ModelShape.from_signature(sig))
     load_weights(network, saved.served_weights, "prediction")
-    tokenizer = Tokenizer(saved.vocabulary, int(sig["max_tokens"])) if saved.vocabulary is not None else None
-    if sig.get("tokenizer_sha256"):  # a text generator: its codec, checked against the signature
+    tokenizer = None
+    if sig["input_kind"] == "tfidf":  # TF-IDF features: the training split's n-grams and idf weights
+        tokenizer = TfidfFeaturizer(saved.vocabulary, saved.normalizer["tfidf.idf"].numpy(), config.tfidf.ngram_max,
+                                    config.tfidf.sublinear_tf)
+    elif saved.vocabulary is not None:
+        tokenizer = Tokenizer(saved.vocabulary, int(sig["max_tokens"]))
+    if sig.get("tokenizer_sha256"):  # a text generator's codec, or a BPE, checked against the signature
         if saved.tokenizer is None:
-            raise UserError("the checkpoint of this text generator has no tokenizer")
+            raise UserError("the checkpoint of this text model has no tokenizer")
         tokenizer = text_codecs.from_json(saved.tokenizer, sig["tokenizer_sha256"])
     if sig["input_kind"] == pretrained.INPUT_KIND:
         network.merge_adapters()
@@ -168,10 +175,12 @@ def encode_inputs(loaded: LoadedModel, inputs: list) -> torch.Tensor:
     sig = loaded.signature
     if sig["input_kind"] == "image":
         return _encode_images(loaded, inputs)
-    if sig["input_kind"] in ("tokens", pretrained.INPUT_KIND):
+    if sig["input_kind"] in ("tokens", "tfidf", pretrained.INPUT_KIND):
         for i, row in enumerate(inputs):
             if not isinstance(row, str):
                 raise UserError(f"inputs[{i}] must be a text string; this model classifies text")
+        if sig["input_kind"] == "tfidf":
+            return torch.from_numpy(loaded.tokenizer.transform(inputs))
         return torch.from_numpy(loaded.tokenizer.encode(inputs))
     shape = [int(n) for n in sig["input_shape"]]
     width = int(np.prod(shape))
@@ -291,7 +300,7 @@ def generate(checkpoint: bytes | Callable[[], bytes], prompts: list, sampling, *
     target = resolve_device(device)
     try:
         loaded = load_model(checkpoint, target, digest=digest)
-        if not loaded.signature.get("tokenizer_sha256"):
+        if loaded.signature.get("task") not in GENERATIVE_TASKS:
             raise UserError("prompt and text generation need a causal_lm or seq2seq model")
         return generation.generate(loaded, prompts, sampling, on_text=on_text)
     except torch.cuda.OutOfMemoryError:

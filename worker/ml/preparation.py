@@ -8,6 +8,10 @@ Decisions a user may notice:
 - Forecasting is univariate (the target column only) and split in time order, never shuffled:
   train, then validation, then test; a window whose targets straddle two parts is dropped.
 - Normalisation statistics come from the training part only and travel in the checkpoint.
+- Text classification reads lower-cased words (default) or byte-level BPE subwords
+  (``dataset.tokenizer``), or, for ``mlp`` with ``model.tfidf``, TF-IDF n-gram features; each is
+  fitted on the training part only and saved in the checkpoint, and a resumed job reads the saved
+  one back instead of fitting it again.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from app.jobs.errors import UserError
 from app.jobs.schemas import GENERATIVE_ARCHITECTURES, DatasetRef
 from app.task_rules import describe_column, forecast_window, image_size, infer_task
 from worker.ml.datasets import Table, split_indices
-from worker.ml.text import Tokenizer
+from worker.ml.text import SubwordTokenizer, TfidfFeaturizer, Tokenizer
 
 
 @dataclass
@@ -61,15 +65,29 @@ class PreparedData:
     signature: dict
     features: Standardizer | None = None
     targets: Standardizer | None = None
-    tokenizer: Tokenizer | None = None
+    tokenizer: Tokenizer | SubwordTokenizer | None = None
     # Images: (batch, indices, seed, epoch) -> the batch augmented (training batches only).
     augment: Callable | None = None
     # Text generators: the character, word or BPE codec of ``worker.ml.text_codecs`` (saved in checkpoints).
     codec: object | None = None
+    # ``mlp`` with ``model.tfidf`` on text: the fitted n-grams and idf weights (saved in checkpoints).
+    featurizer: TfidfFeaturizer | None = None
 
 
-def prepare(dataset: DatasetRef, table: Table, model=None) -> PreparedData:
-    """Choose columns and task, split, encode and normalise the rows of ``table`` (for ``model``'s input)."""
+@dataclass
+class SavedText:
+    """A resumed text classifier's tokenizer or TF-IDF features, as its checkpoint holds them."""
+
+    vocabulary: list[str] | None = None
+    tokenizer: str | None = None
+    idf: np.ndarray | None = None
+
+
+def prepare(dataset: DatasetRef, table: Table, model=None, saved: SavedText | None = None) -> PreparedData:
+    """Choose columns and task, split, encode and normalise the rows of ``table`` (for ``model``'s input).
+
+    ``saved``: the text encoding of the checkpoint a job resumes from, used instead of a fresh fit.
+    """
     if getattr(model, "arch", None) == "pretrained":
         data = _prepare_pretrained(dataset, table, model)
         data.signature.update(dataset=dataset.id, normalize=dataset.normalize)
@@ -88,12 +106,16 @@ def prepare(dataset: DatasetRef, table: Table, model=None) -> PreparedData:
         raise UserError(f"dataset.window applies to forecasting, and this is a {task} job")
     if dataset.text_column is not None and task != TEXT_CLASSIFICATION:
         raise UserError(f"dataset.text_column applies to text classification, and this is a {task} job")
+    if dataset.tokenizer is not None and task != TEXT_CLASSIFICATION:
+        raise UserError(f"dataset.tokenizer applies to text classification, and this is a {task} job")
+    if getattr(model, "tfidf", None) is not None and task != TEXT_CLASSIFICATION:
+        raise UserError(f"model.tfidf applies to text classification, and this is a {task} job")
     if task != IMAGE_CLASSIFICATION and (dataset.image_column, dataset.image_size, dataset.augment) != (None,) * 3:
         raise UserError(f"dataset.image_column, image_size and augment apply to images, and this is a {task} job")
     if task == FORECASTING:
         data = _prepare_forecasting(dataset, table)
     elif task == TEXT_CLASSIFICATION:
-        data = _prepare_text(dataset, table)
+        data = _prepare_text(dataset, table, getattr(model, "tfidf", None), saved)
     elif task == IMAGE_CLASSIFICATION:
         data = _prepare_images(dataset, table)
     else:
@@ -274,21 +296,48 @@ def _text_and_target(dataset: DatasetRef, table: Table) -> tuple[str, str]:
     return text_column, target
 
 
-def _prepare_text(dataset: DatasetRef, table: Table) -> PreparedData:
+def _prepare_text(dataset: DatasetRef, table: Table, tfidf=None, saved: SavedText | None = None) -> PreparedData:
     frame = table.frame
     text_column, target = _text_and_target(dataset, table)
     y, classes = _labels(table, target)
     texts = frame[text_column].fillna("").astype(str).tolist()
     parts = _split(len(frame), dataset)
-    tokenizer = Tokenizer.build((texts[i] for i in parts["train"]), vocab_size=dataset.vocab_size,
-                                max_tokens=dataset.max_tokens)
+    signature = {"num_outputs": len(classes), "classes": classes, "target": target, "feature_names": [text_column],
+                 "text_column": text_column}
+    if tfidf is not None:
+        if dataset.tokenizer is not None:
+            raise UserError("model.tfidf reads word n-grams; drop dataset.tokenizer")
+        if saved is not None and saved.idf is not None:
+            featurizer = TfidfFeaturizer(saved.vocabulary, saved.idf, tfidf.ngram_max, tfidf.sublinear_tf)
+        else:
+            featurizer = TfidfFeaturizer.fit([texts[i] for i in parts["train"]], ngram_max=tfidf.ngram_max,
+                                             max_features=tfidf.max_features, min_df=tfidf.min_df,
+                                             sublinear_tf=tfidf.sublinear_tf)
+        x = featurizer.transform(texts)
+        width = len(featurizer.ngrams)
+        signature.update(input_kind="tfidf", input_shape=[width], sequence_shape=[width, 1], tokenizer="tfidf",
+                         vocab_size=width)
+        splits = {name: (x[idx], y[idx]) for name, idx in parts.items()}
+        return PreparedData(TEXT_CLASSIFICATION, splits, signature, featurizer=featurizer)
+    kind = dataset.tokenizer.kind if dataset.tokenizer is not None else "word"
+    train_texts = (texts[i] for i in parts["train"])
+    if kind == "word":
+        tokenizer = (Tokenizer(saved.vocabulary, dataset.max_tokens) if saved is not None and saved.vocabulary
+                     else Tokenizer.build(train_texts, vocab_size=dataset.token_vocab_size, max_tokens=dataset.max_tokens))
+        size = len(tokenizer.vocabulary)
+    else:
+        tokenizer = (SubwordTokenizer.from_json(saved.tokenizer) if saved is not None and saved.tokenizer
+                     else SubwordTokenizer.build(train_texts, kind=kind, vocab_size=dataset.token_vocab_size,
+                                                 max_tokens=dataset.max_tokens))
+        size = tokenizer.tokenizer.get_vocab_size()
     ids = tokenizer.encode(texts)
     splits = {name: (ids[idx], y[idx]) for name, idx in parts.items()}
-    signature = {
-        "input_kind": "tokens", "input_shape": [dataset.max_tokens], "sequence_shape": [dataset.max_tokens, 1],
-        "num_outputs": len(classes), "classes": classes, "target": target, "feature_names": [text_column],
-        "text_column": text_column, "max_tokens": dataset.max_tokens, "vocab_size": len(tokenizer.vocabulary),
-    }
+    signature.update(input_kind="tokens", input_shape=[dataset.max_tokens], sequence_shape=[dataset.max_tokens, 1],
+                     max_tokens=dataset.max_tokens, vocab_size=size)
+    if kind != "word":
+        from worker.ml.text_codecs import sha256_of
+
+        signature.update(tokenizer=kind, tokenizer_sha256=sha256_of(tokenizer.to_json()))
     return PreparedData(TEXT_CLASSIFICATION, splits, signature, tokenizer=tokenizer)
 
 

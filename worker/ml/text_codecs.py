@@ -22,6 +22,7 @@ from app.catalog import LANGUAGE_MODELING, SEQUENCE_TO_SEQUENCE
 from app.jobs.errors import UserError
 from app.jobs.schemas import DatasetRef
 from worker.ml.datasets import Table, split_indices
+from worker.ml.text import SubwordTokenizer, train_subword
 
 # A blank line separates the texts of a corpus, as paragraphs.
 DOCUMENT_SEPARATOR = "\n\n"
@@ -95,15 +96,7 @@ class BpeCodec:
     @classmethod
     def train(cls, texts: list[str], vocab_size: int) -> "BpeCodec":
         """A BPE of at most ``vocab_size`` ids over the bytes of ``texts``."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
-        tokenizer.train_from_iterator(texts, trainer=trainer)
-        return cls(tokenizer)
+        return cls(train_subword(texts, kind="bpe", vocab_size=vocab_size))
 
     @property
     def vocab_size(self) -> int:
@@ -133,6 +126,8 @@ def from_json(document: str, expected_sha256: str | None = None):
     if expected_sha256 is not None and sha256_of(document) != expected_sha256:
         raise UserError("the checkpoint's tokenizer does not match the sha256 its signature records")
     saved = json.loads(document)
+    if saved["kind"] == "subword-bpe":  # a text classifier's tokenizer
+        return SubwordTokenizer.from_json(document)
     if saved["kind"] == "bpe":
         from tokenizers import Tokenizer
 

@@ -25,6 +25,7 @@ from worker.ml.evaluation import evaluate, loss_sum, monitorable_metrics
 from worker.ml.hooks import TrainingHooks
 from worker.ml.optimization import build_optimizer, build_scheduler, current_lr, steps_per_epoch
 from worker.ml.preparation import FORECASTING, PreparedData, prepare
+from worker.ml.text import lsa_vectors
 from worker.ml.progress import (
     Monitor, Progress, check_resumable, epoch_permutation, load_weights, restore_rng, rng_state,
 )
@@ -100,7 +101,9 @@ def train(
 def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device) -> TrainResult:
     hp = spec.hyperparameters
     torch.manual_seed(hp.seed)
-    data = prepare(spec.dataset, load_table(spec.dataset, dataset_file, dataset_format), spec.model)
+    saved = checkpoints.decode(resume) if resume is not None else None
+    data = prepare(spec.dataset, load_table(spec.dataset, dataset_file, dataset_format), spec.model,
+                   checkpoints.saved_text(saved) if saved is not None else None)
     refused = architecture_error(spec.model.arch, data.task)
     if refused:
         raise UserError(refused)
@@ -109,6 +112,8 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     model = build_model(spec.model, ModelShape.from_signature(signature)).to(device)
     # Every job states its size: the counts travel in the signature to the model version and result.
     signature.update(parameter_counts(model))
+    if getattr(spec.model, "embedding_init", "random") == "lsa" and signature["input_kind"] == "tokens":
+        _init_embeddings(model, data, hp.seed)
     if init_from is not None:
         load_weights(model, checkpoints.decode(init_from).served_weights, "init_from")
     tensors = {name: (torch.from_numpy(x), torch.from_numpy(y)) for name, (x, y) in data.splits.items()}
@@ -119,8 +124,8 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     run = Run(spec, hooks, data, tensors, model, optimizer, scheduler, device,
               uses_bf16(device, spec.resources.precision), monitor, stage(*tensors["train"], device=device))
     resumed_from = None
-    if resume is not None:
-        resumed_from = _restore(run, checkpoints.decode(resume), signature)
+    if saved is not None:
+        resumed_from = _restore(run, saved, signature)
     progress = run.progress
     while not progress.finished and progress.epoch < hp.epochs:
         reason = train_epoch(run)
@@ -132,6 +137,14 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     test_metrics = _test(run)
     hooks.on_progress(progress.epoch, progress.step, 1.0)
     return _result(run, signature, test_metrics, None, resumed_from)
+
+
+def _init_embeddings(model: torch.nn.Module, data: PreparedData, seed: int) -> None:
+    """Token embeddings from latent semantic analysis of the training split (``embedding_init: lsa``)."""
+    weight = model.embedding.weight
+    vectors = lsa_vectors(data.splits["train"][0], weight.shape[0], weight.shape[1], seed)
+    with torch.no_grad():
+        weight.copy_(torch.from_numpy(vectors).to(weight.dtype))
 
 
 def train_epoch(run: Run) -> str | None:
@@ -273,9 +286,8 @@ def save_checkpoint(run: Run, signature: dict, *, reason: str, metric_name: str 
         scheduler=run.scheduler.state_dict() if run.scheduler is not None and training_goes_on else None,
         rng=rng_state(run.device),
         best_model=None if at_best else run.best_weights,  # replaced on improvement, never changed in place
-        normalizer=checkpoints.pack_standardizers(data.features, data.targets),
-        vocabulary=data.tokenizer.vocabulary if data.tokenizer is not None else None,
-        tokenizer=data.codec.to_json() if data.codec is not None else None,
+        normalizer=checkpoints.pack_standardizers(data.features, data.targets, data.featurizer),
+        **checkpoints.text_entries(data),
     ))
     run.hooks.on_checkpoint(progress.reported_epoch, progress.step, encoded, metric_name=metric_name,
                             metric_value=metric_value, is_best=is_best, reason=reason)

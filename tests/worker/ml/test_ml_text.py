@@ -1,0 +1,155 @@
+"""Kiln's own text models against a linear baseline, on a real corpus that ships in a package.
+
+The corpus: four categories of Debian's ``fortunes`` (see ``corpora.py``). The baseline is what a
+user would write in two lines of scikit-learn: TF-IDF over word 1- and 2-grams, then logistic
+regression, fitted on the same training rows that the job trains on and scored on the same test
+rows. Each of Kiln's text architectures, on a tiny CPU preset, must reach the baseline's accuracy
+minus ``MARGIN``.
+
+``MARGIN`` comes from split seeds 0-4, not one (``KILN_TEXT_SEEDS=0,1,2,3,4`` runs them all).
+Accuracy minus the baseline's at these presets (test split of 156 texts: one text is 0.0064):
+
+    preset       seed 0  seed 1  seed 2  seed 3  seed 4   mean
+    mlp-tfidf    -0.071  -0.032  +0.026  -0.026  -0.045  -0.030
+    mlp          -0.077  -0.064  +0.013  -0.103  -0.051  -0.056
+    lstm         -0.077  -0.115  +0.000  -0.064  -0.051  -0.061
+    gru          -0.006  -0.122  -0.019  -0.077  -0.032  -0.051
+    cnn1d        -0.109  -0.064  +0.019  -0.115  -0.006  -0.055
+    transformer  -0.122  -0.096  -0.058  -0.083  -0.019  -0.076
+
+so the margin is the worst of those (0.122) and one text more. It is not small: with embeddings
+learnt from 260 training texts, Kiln's sequence models still trail the linear baseline by about
+0.05 on average (before LSA-initialised embeddings they trailed by about 0.2, see docs/results.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.worker.ml.corpora import fortunes
+
+CATEGORIES = ("computers", "food", "law", "love")
+PER_CATEGORY = 130
+SPLIT = {"val_fraction": 0.2, "test_fraction": 0.3}
+MARGIN = 0.13
+SEEDS = [int(s) for s in os.environ.get("KILN_TEXT_SEEDS", "0").split(",")]
+EARLY = {"early_stopping": {"metric": "val_accuracy", "patience": 4}}
+TOKENS = {"max_tokens": 48}
+
+# name: (model settings, dataset settings, hyperparameters) -- tiny presets, seconds each on one CPU thread.
+MODELS = {
+    "mlp-tfidf": ({"arch": "mlp", "hidden_sizes": [256], "dropout": 0.5, "tfidf": {}}, {},
+                  {"epochs": 15, "learning_rate": 0.003, "weight_decay": 0.01, **EARLY}),
+    "mlp": ({"arch": "mlp", "hidden_sizes": [128], "embedding_dropout": 0.3}, TOKENS,
+            {"epochs": 20, "learning_rate": 0.003, **EARLY}),
+    "lstm": ({"arch": "lstm", "hidden_size": 64, "bidirectional": True}, TOKENS,
+             {"epochs": 15, "learning_rate": 0.003, **EARLY}),
+    "gru": ({"arch": "gru", "hidden_size": 64, "bidirectional": True}, TOKENS,
+            {"epochs": 15, "learning_rate": 0.003, **EARLY}),
+    "cnn1d": ({"arch": "cnn1d", "channels": [128], "kernel_size": 3, "embedding_dropout": 0.3}, TOKENS,
+              {"epochs": 20, "learning_rate": 0.003, **EARLY}),
+    "transformer": ({"arch": "transformer", "d_model": 32, "nhead": 2, "num_layers": 1, "dim_feedforward": 64},
+                    TOKENS, {"epochs": 15, "learning_rate": 0.002, **EARLY}),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The corpus as an uploaded CSV (text, label), and its frame."""
+    frame = fortunes(CATEGORIES, per_category=PER_CATEGORY)
+    path = tmp_path_factory.mktemp("fortunes") / "fortunes.csv"
+    frame.to_csv(path, index=False)
+    return path, frame
+
+
+@pytest.fixture(scope="module")
+def baselines(corpus):
+    """TF-IDF (1-2 grams) + logistic regression test accuracy, per split seed."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from app.jobs.schemas import SplitConfig
+    from worker.ml.datasets import split_indices
+
+    _, frame = corpus
+    texts, labels = frame["text"].to_numpy(), frame["label"].to_numpy()
+    accuracy = {}
+    for seed in SEEDS:
+        train, _, test = split_indices(len(frame), SplitConfig(**SPLIT, seed=seed))
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        classifier = LogisticRegression(C=10.0, max_iter=2000).fit(vectorizer.fit_transform(texts[train]), labels[train])
+        accuracy[seed] = float((classifier.predict(vectorizer.transform(texts[test])) == labels[test]).mean())
+    return accuracy
+
+
+def train_text(corpus, name: str, seed: int, fake_hooks, spec_for):
+    from worker.ml.training import train
+
+    path, _ = corpus
+    model, data, hp = MODELS[name]
+    model = dict(model)
+    arch = model.pop("arch")
+    spec = spec_for(arch, "dataset:1", model=model, batch_size=32,
+                    data={"text_column": "text", "target": "label", "split": {**SPLIT, "seed": seed}, **data}, **hp)
+    hooks = fake_hooks()
+    return train(spec, hooks=hooks, dataset_file=path, dataset_format="csv"), hooks
+
+
+def test_the_baseline_is_a_real_bar(baselines):
+    # Chance is 0.25: a bar this low would prove nothing about the models.
+    assert min(baselines.values()) >= 0.6, baselines
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_text_model_reaches_the_tfidf_baseline(corpus, baselines, name, fake_hooks, spec_for):
+    short = []
+    for seed in SEEDS:
+        result, _ = train_text(corpus, name, seed, fake_hooks, spec_for)
+        accuracy, bar = result.test_metrics["test_accuracy"], baselines[seed]
+        print(f"{name} seed {seed}: {accuracy:.3f} (best epoch {result.best_epoch} of {result.epochs_completed}) "
+              f"vs TF-IDF + LR {bar:.3f}: {accuracy - bar:+.3f}")
+        if accuracy < bar - MARGIN:
+            short.append((seed, round(accuracy, 3), round(bar, 3)))
+    assert not short, f"{name} falls more than {MARGIN} below TF-IDF + LR (seed, accuracy, baseline): {short}"
+
+
+@pytest.mark.parametrize("name,model,data", [
+    ("bpe", {"arch": "gru", "hidden_size": 16, "embedding_dropout": 0.2}, {"tokenizer": {"kind": "bpe", "vocab_size": 500}}),
+    ("tfidf", {"arch": "mlp", "hidden_sizes": [16], "tfidf": {"max_features": 2000}}, {}),
+])
+def test_text_encoding_is_saved_and_a_resume_is_exact(corpus, name, model, data, fake_hooks, spec_for):
+    import torch
+
+    from worker.ml import checkpoints
+    from worker.ml.prediction import predict
+    from worker.ml.training import train
+
+    path, frame = corpus
+    model = dict(model)
+    spec = spec_for(model.pop("arch"), "dataset:1", model=model, epochs=2, batch_size=64, learning_rate=0.01,
+                    data={"text_column": "text", "target": "label", "max_tokens": 32, "split": SPLIT, **data})
+    straight_hooks = fake_hooks()
+    straight = train(spec, hooks=straight_hooks, dataset_file=path, dataset_format="csv")
+    stopped_hooks = fake_hooks(stop_at_step=7, stop_reason_value="shutdown")
+    train(spec, hooks=stopped_hooks, dataset_file=path, dataset_format="csv")
+    saved = checkpoints.decode(stopped_hooks.checkpoints[-1].data)
+    if name == "bpe":
+        assert saved.tokenizer is not None and straight.signature["tokenizer"] == "bpe"
+        assert straight.signature["vocab_size"] <= 500
+    else:
+        assert len(saved.vocabulary) == straight.signature["vocab_size"] <= 2000
+        assert saved.normalizer["tfidf.idf"].shape == (len(saved.vocabulary),)
+    resumed_hooks = fake_hooks()
+    resumed = train(spec, hooks=resumed_hooks, dataset_file=path, dataset_format="csv",
+                    resume=stopped_hooks.checkpoints[-1].data)
+    assert resumed.steps == straight.steps and resumed.test_metrics == pytest.approx(straight.test_metrics, abs=1e-6)
+    final_a = checkpoints.decode(straight_hooks.checkpoints[-1].data).model
+    final_b = checkpoints.decode(resumed_hooks.checkpoints[-1].data).model
+    for key in final_a:
+        torch.testing.assert_close(final_a[key], final_b[key], atol=1e-6, rtol=0)
+    # Prediction reads the saved encoding back: a long text (past max_tokens) is accepted and classified.
+    texts = [frame["text"].iloc[0], " ".join(frame["text"].iloc[:5])]
+    answer = predict(straight_hooks.checkpoints[-1].data, texts)["predictions"]
+    assert [p["class"] in CATEGORIES for p in answer] == [True, True]
