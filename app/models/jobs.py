@@ -132,9 +132,11 @@ JOB_LIST_SHARDS = 16
 class JobCount(Base):
     """How many jobs are in each state, kind and queue, kept by the database: triggers on ``jobs``
     (migration ``0016_job_counts``) add or take one, in the transaction of the change, for every
-    inserted or deleted job and every update that changes its state, kind or queue, in shard
-    ``job id % JOB_COUNT_SHARDS`` so that concurrent writers seldom wait on one row. A count is the
-    sum of its shards: the admin overview and ``/metrics`` read them without counting jobs."""
+    inserted or deleted job and every update that changes its state, kind or queue, in one of
+    ``JOB_COUNT_SHARDS`` shards (on PostgreSQL the transaction's, under that shard's advisory lock,
+    so concurrent writers neither deadlock nor, in different shards, wait). A count is the sum of
+    its shards (one shard alone may be negative): the admin overview and ``/metrics`` read them
+    without counting jobs."""
 
     __tablename__ = "job_counts"
     __table_args__ = {"postgresql_with": {"fillfactor": 50}}  # room for HOT updates of hot counters

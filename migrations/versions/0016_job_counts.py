@@ -4,11 +4,16 @@ Revision ID: 0016_job_counts
 Revises: 0012_serving_settings
 
 Every INSERT and DELETE of a ``jobs`` row, and every UPDATE that changes its state, kind or queue,
-adds or takes one from ``job_counts`` for the row's (state, kind, queue), in shard ``id % 16``, in
-the same transaction, so the counts are exact at every commit. On PostgreSQL the trigger is a
-deferred constraint trigger, as ``0013_job_list_versions``'s: it runs at commit, after every row
-lock the transaction takes on ``jobs``, so the counter rows are locked last and briefly (no
-lock-order deadlock with other job writers); shards keep concurrent writers of one state apart.
+adds or takes one from ``job_counts`` for the row's (state, kind, queue), in the same transaction,
+so the sums over the shards are exact at every commit. On SQLite (one writer at a time) the shard
+is ``id % 16``. On PostgreSQL the trigger is a deferred constraint trigger, as
+``0013_job_list_versions``'s: it runs at commit, after every row lock the transaction takes on
+``jobs``, so the counter rows are locked last and briefly; and all of one transaction's counts go
+to one shard, ``txid % 16``, taken under that shard's transaction-level advisory lock first. Two
+transactions therefore never hold counter rows while waiting for each other's (a claim's
+queued -> running and a reaper's running -> queued would otherwise lock the same two rows in
+opposite orders), and transactions in different shards never wait at all. A shard's count may go
+below zero (a job counted in one shard leaves from another); only the sums mean anything.
 An index on (state, queue, queued_at) answers each queue's oldest wait from its first entry.
 Existing jobs are counted once each.
 """
@@ -35,17 +40,26 @@ def _add(row: str, delta: int, sqlite: bool = False) -> str:
     return statement.replace("AS c ", "").replace("c.jobs", "jobs") if sqlite else statement
 
 
+# The advisory lock's first key: "kiln job counts"; its second is the shard.
+LOCK_CLASS = 0x6B6A63  # "kjc"
+_PG_ADD = """INSERT INTO job_counts AS c (state, kind, queue, shard, jobs)
+    VALUES ({row}.state, {row}.kind, {row}.queue, tx_shard, {delta})
+    ON CONFLICT (state, kind, queue, shard) DO UPDATE SET jobs = c.jobs + {delta}"""
+
 POSTGRESQL = [
     f"""CREATE FUNCTION kiln_count_job_state() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    tx_shard smallint := txid_current() % {SHARDS};
 BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.state = OLD.state AND NEW.kind = OLD.kind AND NEW.queue = OLD.queue THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pg_advisory_xact_lock({LOCK_CLASS}, tx_shard);
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        IF TG_OP = 'UPDATE' AND NEW.state = OLD.state AND NEW.kind = OLD.kind AND NEW.queue = OLD.queue THEN
-            RETURN NULL;
-        END IF;
-        {_add("OLD", -1)};
+        {_PG_ADD.format(row="OLD", delta=-1)};
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        {_add("NEW", 1)};
+        {_PG_ADD.format(row="NEW", delta=1)};
     END IF;
     RETURN NULL;
 END $$""",
