@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import delete, event, func, select, union_all, update
+from sqlalchemy import case, delete, event, func, select, union_all, update
 
 from app.accounts import create_user
 from app.db import get_engine, session_scope
@@ -104,3 +104,58 @@ def test_the_overview_counts_no_job(settings, owner):
     # Counting, grouping or summing happens over the kept counts only, never over the jobs.
     aggregates = [s for s in seen if "count(" in s.lower() or "group by" in s.lower()]
     assert aggregates and all("FROM jobs" not in s for s in aggregates), aggregates
+
+
+def test_concurrent_transactions_over_many_jobs_never_deadlock_on_the_counters(settings, owner):
+    """Writers that each change several jobs at once (as a micro-batch's claim, the reaper or a bulk
+    cancel do), locking the jobs in one order, never wait on each other's counter rows: no
+    transaction is aborted as a deadlock, and the counts and the list's version follow every commit."""
+    import random
+    import threading
+
+    from sqlalchemy.exc import DBAPIError
+
+    from app.models import JobListVersion
+
+    url = settings.database_url
+    with session_scope(url, write=True) as s:
+        user = s.get(User, owner)
+        ids = [service.submit(session=s, owner=user, spec=parse_spec(SPEC), settings=settings).id for _ in range(64)]
+    version = select(func.sum(JobListVersion.version)).where(JobListVersion.owner_id == owner)
+    with session_scope(url) as s:
+        before = s.execute(version).scalar_one()
+    threads, rounds = 6, 50
+    committed: list[int] = []
+    deadlocks: list[str] = []
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(rounds):
+            chosen = sorted(rng.sample(ids, 6))
+            # A move between states, or a write of progress alone (which changes no count).
+            values = {"progress": rng.random()}
+            if rng.random() < 0.5:
+                values["state"] = case((Job.state == "queued", "paused"), else_="queued")
+            try:
+                with session_scope(url, write=True) as s:
+                    # The jobs' own rows are locked in id order, as Kiln's bulk writers do.
+                    s.execute(select(Job.id).where(Job.id.in_(chosen)).order_by(Job.id).with_for_update())
+                    s.execute(update(Job).where(Job.id.in_(chosen)).values(**values))
+                committed.append(1)
+            except DBAPIError as exc:
+                if "deadlock" in str(exc).lower():
+                    deadlocks.append(str(exc.orig))
+                else:
+                    raise
+
+    workers = [threading.Thread(target=writer, args=(seed,)) for seed in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert deadlocks == [], f"{len(deadlocks)} of {threads * rounds} transactions were aborted: {deadlocks[:2]}"
+    assert len(committed) == threads * rounds
+    with session_scope(url) as s:
+        assert mismatches(s) == []
+        # Every committed transaction is a new version of the owner's job list.
+        assert s.execute(version).scalar_one() - before >= threads * rounds
