@@ -167,7 +167,11 @@ def test_each_architectures_own_fields_reach_the_spec(client, writer, arch, type
                                       "model.bidirectional": None, **typed}, query=f"?model.arch={arch}")
     assert response.status_code == 302, field_errors_of(response)
     job_id = int(response.headers["Location"].rsplit("/", 1)[1])
-    assert spec_of(client, writer, job_id)["model"] == {"arch": arch, **expected}
+    # The typed fields, and the defaults of the rest (as the API would fill them in).
+    dataset = typed.get("dataset.id", "builtin:digits")
+    filled = parse_spec({"kind": "train", "name": f"form-{arch}", "dataset": {"id": dataset},
+                         "model": {"arch": arch, **expected}}).model_dump(mode="json")["model"]
+    assert spec_of(client, writer, job_id)["model"] == filled
 
 
 def field_errors_of(response) -> list[str]:
