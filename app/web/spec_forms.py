@@ -65,7 +65,7 @@ HELP = {
     "dataset.vocab_size": "Words kept in the vocabulary.",
     "dataset.tokenizer": "Cut text into subwords (BPE) instead of words.",
     "dataset.tokenizer.kind": "Words, or byte-level BPE subwords trained on the training split.",
-    "dataset.tokenizer.vocab_size": "Token ids kept (blank: the vocabulary size above, or 8000 for BPE).",
+    "dataset.tokenizer.vocab_size": "Token ids kept (blank: 8000 for BPE, the vocabulary size above for words).",
     "model.embedding_dropout": "Text: share of tokens dropped whole in training.",
     "model.embedding_init": "Text: start embeddings random, or from LSA of the training split.",
     "model.tfidf": "Text (MLP): read TF-IDF n-gram features instead of token embeddings.",
