@@ -213,7 +213,7 @@ class TextTokenizer(Strict):
     kind: Literal["word", "bpe"] = Field(
         default="word", description="lower-cased words, or byte-level BPE subwords (the tokenizers library)")
     vocab_size: int | None = Field(default=None, ge=16, le=1_000_000,
-                                   description="ids kept (default: dataset.vocab_size, or 8000 for bpe)")
+                                   description="ids kept (default: 8000 for bpe, dataset.vocab_size for words)")
 
 
 class DatasetRef(Strict):
@@ -238,18 +238,14 @@ class DatasetRef(Strict):
     normalize: bool = True
     split: SplitConfig = SplitConfig()
 
-    @model_validator(mode="after")
-    def _one_vocabulary_size(self) -> "DatasetRef":
-        if self.tokenizer is not None and self.tokenizer.vocab_size is not None and "vocab_size" in self.model_fields_set:
-            raise ValueError("give the vocabulary size once: dataset.vocab_size or dataset.tokenizer.vocab_size")
-        return self
-
     @property
     def token_vocab_size(self) -> int:
         """The most token ids a text-classification tokenizer keeps."""
+        # Read from the values alone (never from which fields were set): the stored spec is a
+        # full dump, so a worker's re-parse must give the same answer as the submit's.
         if self.tokenizer is not None and self.tokenizer.vocab_size is not None:
             return self.tokenizer.vocab_size
-        if self.tokenizer is not None and self.tokenizer.kind != "word" and "vocab_size" not in self.model_fields_set:
+        if self.tokenizer is not None and self.tokenizer.kind == "bpe":
             return SUBWORD_VOCAB_SIZE
         return self.vocab_size
 

@@ -150,17 +150,16 @@ class TfidfFeaturizer:
         return cls(names, vectorizer.idf_.astype(np.float64), ngram_max, sublinear_tf)
 
     def transform(self, texts: Iterable[str]) -> np.ndarray:
-        """Features (rows, n-grams) as float32."""
+        """Features (rows, n-grams) as float32 (weighted while sparse; only the result is dense)."""
         from sklearn.feature_extraction.text import CountVectorizer
+        from sklearn.preprocessing import normalize
 
         counts = CountVectorizer(vocabulary=self.ngrams, analyzer=_analyzer(self.ngram_max)).transform(list(texts))
-        tf = counts.astype(np.float64).toarray()
+        tf = counts.astype(np.float64)
         if self.sublinear_tf:
-            np.log(tf, where=tf > 0, out=tf)
-            tf[counts.toarray() > 0] += 1.0
-        weighted = tf * self.idf
-        norms = np.sqrt((weighted ** 2).sum(axis=1, keepdims=True))
-        return (weighted / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+            tf.data = 1.0 + np.log(tf.data)
+        weighted = normalize(tf.multiply(self.idf[None, :]).tocsr(), norm="l2")
+        return weighted.astype(np.float32).toarray()
 
 
 def _analyzer(ngram_max: int):
