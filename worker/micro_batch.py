@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 
 from app.db import session_scope
 from app.finish_signal import notify_finished
@@ -69,16 +69,22 @@ def claim_more(*, lead_id: int, model_version_id: int, worker: str, settings: Se
     return members
 
 
+# Built once, values bound per call: building and keying the statement cost more than running it.
+_COMPANY = (
+    select(Job.id, Job.attempts, Job.spec)
+    .where(Job.state == states.QUEUED, Job.kind == "predict", Job.model_version_id == bindparam("model_version_id"),
+           Job.id != bindparam("lead_id"), Job.cancel_requested_at.is_(None),
+           or_(Job.not_before.is_(None), Job.not_before <= bindparam("now")))
+    .order_by(Job.id).limit(bindparam("limit"))
+)
+
+
 def _claim_queued(lead_id: int, model_version_id: int, limit: int, worker: str, settings: Settings) -> list[Member]:
-    now = utcnow()
     with session_scope(settings.database_url) as session:
-        rows = session.execute(
-            select(Job.id, Job.attempts, Job.spec)
-            .where(Job.state == states.QUEUED, Job.kind == "predict", Job.model_version_id == model_version_id,
-                   Job.id != lead_id, Job.cancel_requested_at.is_(None),
-                   or_(Job.not_before.is_(None), Job.not_before <= now))
-            .order_by(Job.id).limit(limit * 2)
-        ).all()
+        # A read alone: no BEGIN and COMMIT around it (PostgreSQL reads statement by statement anyway).
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        rows = session.execute(_COMPANY, {"model_version_id": model_version_id, "lead_id": lead_id, "now": utcnow(),
+                                          "limit": limit * 2}).all()
     # Batch-file predictions run on their own, in chunks; embeddings, explained predictions and text
     # generation (a prompt, token by token) run alone.
     rows = [r for r in rows if isinstance(r.spec, dict) and not r.spec.get("dataset") and r.spec.get("prompt") is None

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import model_registry, webhooks
@@ -35,6 +35,12 @@ def claim(
     return claimed[0] if claimed else None
 
 
+_CLAIMED_AT = bindparam("kiln_claimed_at", type_=Job.__table__.c.started_at.type)
+_STARTED_AT = func.coalesce(Job.__table__.c.started_at, _CLAIMED_AT)
+_CLAIMABLE = (Job.__table__.c.cancel_requested_at.is_(None), Job.__table__.c.pause_requested_at.is_(None),
+              or_(Job.__table__.c.not_before.is_(None), Job.__table__.c.not_before <= _CLAIMED_AT))
+
+
 def claim_many(
     *, session: Session, jobs: Sequence[tuple[int, int]], worker: str, host: str, pid: int, lease_seconds: float,
     start: tuple[int, int] | None = None, resumed: bool = False, device: str | None = None,
@@ -48,19 +54,17 @@ def claim_many(
     moves = [states.Move(job_id, token, {"attempts": token + 1, "lease_owner": f"{worker}:{pid}:{token + 1}"},
                          message=f"attempt {token + 1} started on {worker}") for job_id, token in jobs]
     shared: dict[str, Any] = {
-        "lease_expires_at": now + timedelta(seconds=lease_seconds),
-        "started_at": func.coalesce(Job.started_at, now), "error_class": None, "error_message": None,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds), "started_at": _STARTED_AT,
+        "error_class": None, "error_message": None,
     }
     if start is not None:
         shared.update(epoch=start[0], step=start[1])
         if resumed:
             shared["resumed_from_epoch"] = start[0]
     # Claimable: queued with the token (the compare-and-set), no stop asked for, past its backoff;
-    # all in the UPDATE, so a claim reads nothing first.
-    claimable = (Job.cancel_requested_at.is_(None), Job.pause_requested_at.is_(None),
-                 or_(Job.not_before.is_(None), Job.not_before <= now))
+    # all in the UPDATE, so a claim reads nothing first. Bound, not literal, so the statement is built once.
     won = states.transition_all(session, moves, to=states.RUNNING, expect=states.QUEUED, values=shared,
-                                where=claimable)
+                                where=_CLAIMABLE, params={"kiln_claimed_at": now}, shape="claim")
     _honour_stop_requests(session, [m for m in moves if m.job_id not in {w.move.job_id for w in won}])
     claimed = []
     for moved in won:
