@@ -178,6 +178,7 @@ def _finish_all(done: list[tuple[Member, dict]], model_ref: str, batch_id: str, 
             (m.job_id, m.recorder.token, _finite({"model": model_ref, **result}),
              f"predicted {len(m.spec.inputs)} inputs with {model_ref}") for m, result in done]))
         outcomes: dict[int, str] = {}
+        events = []
         for m, _ in done:
             if m.job_id not in ended:
                 log.warning("event=stale_attempt job_id=%s attempt=%s", m.job_id, m.recorder.token)
@@ -185,10 +186,10 @@ def _finish_all(done: list[tuple[Member, dict]], model_ref: str, batch_id: str, 
                                               what="finish", detail="the attempt may no longer finish the job")
                 outcomes[m.job_id] = "stale"
                 continue
-            attempts.record_event(
-                session=session, job_id=m.job_id, token=m.recorder.token, kind="batched",
-                message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
-                data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes},
-            )
+            events.append(dict(job_id=m.job_id, attempt=m.recorder.token, kind="batched",
+                               message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
+                               data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes}))
             outcomes[m.job_id] = states.SUCCEEDED
+        if events:  # one multi-row INSERT for the batch's events, after the state events
+            attempts.record_events(session=session, events=events)
     return outcomes

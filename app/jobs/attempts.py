@@ -229,6 +229,16 @@ def record_event(*, session: Session, job_id: int, token: int | None, kind: str,
     session.add(JobEvent(job_id=job_id, kind=kind, attempt=token, message=message, data=data))
 
 
+_INSERT_EVENT = insert(JobEvent.__table__)
+
+
+def record_events(*, session: Session, events: list[dict[str, Any]]) -> None:
+    """Append non-state events (dicts of job_id, attempt, kind, message, data) with one Core INSERT,
+    stamped now, in the caller's transaction."""
+    now = utcnow()
+    session.connection().execute(_INSERT_EVENT, [{"at": now, "data": None, **e} for e in events])
+
+
 def end_attempt(*, session: Session, job_id: int, owner_id: int, token: int, outcome: str, at: datetime,
                 tally: Tally | None = None) -> None:
     """End attempt ``token`` of a job at ``at``, if it has not ended, and count its run time in the
