@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app import model_registry, webhooks
@@ -242,19 +242,31 @@ def record_events(*, session: Session, events: list[dict[str, Any]]) -> None:
 def end_attempt(*, session: Session, job_id: int, owner_id: int, token: int, outcome: str, at: datetime,
                 tally: Tally | None = None) -> None:
     """End attempt ``token`` of a job at ``at``, if it has not ended, and count its run time in the
-    owner's usage totals: the one place an attempt ends. With ``tally``, the time goes there for the
-    caller to apply once its other job rows are written (:class:`~app.usage.Tally`)."""
-    ended = session.execute(
-        update(Attempt)
-        .where(Attempt.job_id == job_id, Attempt.number == token, Attempt.ended_at.is_(None))
-        .values(ended_at=at, outcome=outcome)
-        .returning(Attempt.started_at, Attempt.device)
-        .execution_options(synchronize_session=False)
-    ).one_or_none()
-    if ended is None:
+    owner's usage totals: the one place an attempt ends (:func:`end_attempts` for one job). With
+    ``tally``, the time goes there for the caller to apply once its other job rows are written
+    (:class:`~app.usage.Tally`)."""
+    end_attempts(session=session, ended=[(job_id, owner_id, token)], outcome=outcome, at=at, tally=tally)
+
+
+_ATTEMPTS = Attempt.__table__
+
+
+def end_attempts(*, session: Session, ended: Sequence[tuple[int, int, int]], outcome: str, at: datetime,
+                 tally: Tally | None = None) -> None:
+    """End each attempt of ``ended`` (job id, owner id, token) at ``at``, if it has not ended, with one
+    UPDATE for all, and count their run time in their owners' usage totals (see :func:`end_attempt`)."""
+    if not ended:
         return
+    owners = {(job_id, token): owner_id for job_id, owner_id, token in ended}
+    rows = session.execute(
+        update(_ATTEMPTS)
+        .where(tuple_(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number).in_(list(owners)), _ATTEMPTS.c.ended_at.is_(None))
+        .values(ended_at=at, outcome=outcome)
+        .returning(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number, _ATTEMPTS.c.started_at, _ATTEMPTS.c.device)
+    ).all()
     usage = tally or Tally()
-    usage.add(owner_id, device=ended.device, seconds=(at - ended.started_at).total_seconds())
+    for row in rows:
+        usage.add(owners[row.job_id, row.number], device=row.device, seconds=(at - row.started_at).total_seconds())
     if tally is None:
         usage.apply(session=session)
 
@@ -293,9 +305,8 @@ def finish_many(
     moved = states.transition_all(session, moves, to=to, expect=states.RUNNING, values=shared)
     if moved:
         now, tally = utcnow(), Tally()
-        for m in moved:
-            end_attempt(session=session, job_id=m.move.job_id, owner_id=m.owner_id, token=m.move.token,
-                        outcome=error_class or to, at=now, tally=tally)
+        end_attempts(session=session, ended=[(m.move.job_id, m.owner_id, m.move.token) for m in moved],
+                     outcome=error_class or to, at=now, tally=tally)
         tally.apply(session=session)
     return [m.move.job_id for m in moved]
 
