@@ -50,17 +50,35 @@ class Tally:
 
     def apply(self, *, session: Session) -> None:
         """Add the changes to the totals (one upsert per user, in user-id order) and forget them."""
-        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-        columns = UsageTotal.__table__.c
+        if not self._deltas:
+            return
+        session.flush()  # the caller's job and attempt rows first (the lock order above)
+        conn = session.connection()
+        stmt = _upsert(conn.dialect.name)
         for owner_id in sorted(self._deltas):
             jobs, attempts, cpu, gpu = self._deltas[owner_id]
-            stmt = dialect.insert(UsageTotal).values(user_id=owner_id, jobs=jobs, attempts=attempts,
-                                                     cpu_seconds=cpu, gpu_seconds=gpu)
-            session.execute(stmt.on_conflict_do_update(index_elements=[columns.user_id], set_={
-                "jobs": columns.jobs + stmt.excluded.jobs, "attempts": columns.attempts + stmt.excluded.attempts,
-                "cpu_seconds": columns.cpu_seconds + stmt.excluded.cpu_seconds,
-                "gpu_seconds": columns.gpu_seconds + stmt.excluded.gpu_seconds}))
+            conn.execute(stmt, {"user_id": owner_id, "jobs": jobs, "attempts": attempts, "cpu_seconds": cpu,
+                                "gpu_seconds": gpu})
         self._deltas.clear()
+
+
+_UPSERTS: dict[str, Any] = {}
+
+
+def _upsert(dialect_name: str):
+    """The totals upsert for a dialect, built once: a Core statement whose values are bound per call
+    (built per call, its construction and cache key cost more than its execution on SQLite)."""
+    stmt = _UPSERTS.get(dialect_name)
+    if stmt is None:
+        dialect = postgresql if dialect_name == "postgresql" else sqlite
+        table = UsageTotal.__table__
+        columns = table.c
+        insert = dialect.insert(table)
+        stmt = _UPSERTS[dialect_name] = insert.on_conflict_do_update(index_elements=[columns.user_id], set_={
+            "jobs": columns.jobs + insert.excluded.jobs, "attempts": columns.attempts + insert.excluded.attempts,
+            "cpu_seconds": columns.cpu_seconds + insert.excluded.cpu_seconds,
+            "gpu_seconds": columns.gpu_seconds + insert.excluded.gpu_seconds})
+    return stmt
 
 
 def _overlap(started: datetime, ended: datetime | None, start: datetime | None, end: datetime) -> float:

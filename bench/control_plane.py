@@ -58,14 +58,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="rounds per figure (default 3, or 1 with --quick)")
     p.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the harness in seconds")
+    p.add_argument("--only", choices=["post", "latency", "drain", "polls"], action="append",
+                   help="measure only these figures (repeatable; default: all)")
     args = p.parse_args(argv)
+    args.only = set(args.only or ("post", "latency", "drain", "polls"))
     args.rounds = args.rounds or (1 if args.quick else 3)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     return args
 
 
-def measure(backend: str, rounds: int, size: dict) -> list[Figure]:
+def measure(backend: str, rounds: int, size: dict, only=frozenset({"post", "latency", "drain"})) -> list[Figure]:
     """Start one stack on ``backend`` and measure every figure ``rounds`` times, Kiln and baseline in turn."""
     post = Figure(backend, f"POST /api/v1/jobs, wrk {figures.WRK_CONNECTIONS} conn", "req/s", goal=0.7)
     latency = Figure(backend, "submit -> running p50, 1 warm worker", "ms", goal=5.0, as_delta=True)
@@ -82,26 +85,29 @@ def measure(backend: str, rounds: int, size: dict) -> list[Figure]:
         _say(backend, "web servers up, tiny model trained")
         bare.submit(figures.WRK_SPEC)  # both answer 201 before wrk starts
         for n in range(1, rounds + 1):
-            rate, failed = figures.wrk_rate(kiln_port, token, size["wrk_seconds"])
-            bare_rate, bare_failed = figures.wrk_rate(bare_port, token, size["wrk_seconds"])
-            post.kiln.append(rate)
-            post.baseline.append(bare_rate)
-            post.failed_requests += failed + bare_failed
-            _say(backend, f"round {n}: {post.name}: kiln {rate:.1f}, bare {bare_rate:.1f} req/s, "
-                          f"failed requests {failed} / {bare_failed}")
+            if "post" in only:
+                rate, failed = figures.wrk_rate(kiln_port, token, size["wrk_seconds"])
+                bare_rate, bare_failed = figures.wrk_rate(bare_port, token, size["wrk_seconds"])
+                post.kiln.append(rate)
+                post.baseline.append(bare_rate)
+                post.failed_requests += failed + bare_failed
+                _say(backend, f"round {n}: {post.name}: kiln {rate:.1f}, bare {bare_rate:.1f} req/s, "
+                              f"failed requests {failed} / {bare_failed}")
 
-            kiln_ms = statistics.median(figures.kiln_submit_to_running(stack, kiln, size["latency_jobs"]))
-            celery_ms = statistics.median(figures.celery_round_trip(stack, size["latency_jobs"]))
-            latency.kiln.append(kiln_ms)
-            latency.baseline.append(celery_ms)
-            _say(backend, f"round {n}: {latency.name}: kiln {kiln_ms:.1f}, celery {celery_ms:.1f} ms")
+            if "latency" in only:
+                kiln_ms = statistics.median(figures.kiln_submit_to_running(stack, kiln, size["latency_jobs"]))
+                celery_ms = statistics.median(figures.celery_round_trip(stack, size["latency_jobs"]))
+                latency.kiln.append(kiln_ms)
+                latency.baseline.append(celery_ms)
+                _say(backend, f"round {n}: {latency.name}: kiln {kiln_ms:.1f}, celery {celery_ms:.1f} ms")
 
-            kiln_rate = figures.kiln_drain(stack, kiln, size["drain_jobs"])
-            celery_rate = figures.celery_drain(stack, size["drain_jobs"])
-            drain.kiln.append(kiln_rate)
-            drain.baseline.append(celery_rate)
-            _say(backend, f"round {n}: {drain.name}: kiln {kiln_rate:.1f}, celery {celery_rate:.1f} per s")
-    return [post, latency, drain]
+            if "drain" in only:
+                kiln_rate = figures.kiln_drain(stack, kiln, size["drain_jobs"])
+                celery_rate = figures.celery_drain(stack, size["drain_jobs"])
+                drain.kiln.append(kiln_rate)
+                drain.baseline.append(celery_rate)
+                _say(backend, f"round {n}: {drain.name}: kiln {kiln_rate:.1f}, celery {celery_rate:.1f} per s")
+    return [f for f, key in ((post, "post"), (latency, "latency"), (drain, "drain")) if key in only]
 
 
 def _say(backend: str, text: str) -> None:
@@ -137,9 +143,10 @@ def main(argv=None) -> int:
     rows: list[Figure] = []
     poll_rows: list[polls.PollRow] = []
     for backend in backends:
-        rows += measure(backend, args.rounds, size)
-        poll_rows += polls.measure(backend, poll_size["jobs"], poll_size["metrics"], poll_size["requests"],
-                                   say=lambda text, b=backend: _say(b, f"polls: {text}"))
+        rows += measure(backend, args.rounds, size, args.only)
+        if "polls" in args.only:
+            poll_rows += polls.measure(backend, poll_size["jobs"], poll_size["metrics"], poll_size["requests"],
+                                       say=lambda text, b=backend: _say(b, f"polls: {text}"))
     if poll_rows:
         polls.print_table(poll_rows, poll_size["requests"])
     return 0 if print_table(rows, args.rounds, poll_rows) else 1

@@ -1,9 +1,9 @@
 """Micro-batching: one forward pass for several queued predictions of the same model version.
 
-The prediction task, once it has claimed its own job, claims up to ``max_batch_size - 1``
-further queued predictions of the same model version straight from the database (each with the
-conditional UPDATE of :func:`app.jobs.attempts.claim`, so each gets its own attempt and fencing
-token), runs all their inputs as one forward pass, and finishes them in one transaction, each
+The prediction task, in the transaction that claims its own job, claims up to
+``max_batch_size - 1`` further queued predictions of the same model version straight from the
+database (each with the conditional UPDATE of :func:`app.jobs.attempts.claim`, so each gets its
+own attempt and fencing token; rows another worker's claim holds are skipped), runs all their inputs as one forward pass, and finishes them in one transaction, each
 job with its own token (one compare-and-set each). Their own broker messages arrive later, find
 the jobs unclaimable and are dropped, as duplicates are. A failure is per job: a job's bad inputs fail that job, a stale token refuses only that
 job's finish, and a failed forward pass fails each job through its own attempt.
@@ -19,7 +19,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
+from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.finish_signal import notify_finished
@@ -43,42 +44,64 @@ class Member:
     problem: JobFailure | None = None
 
 
+def batch_size(settings: Settings, max_batch_size: int | None) -> int:
+    """The most jobs one forward pass takes: the alias's or version's ``max_batch_size``, else the setting."""
+    return settings.predict_max_batch_size if max_batch_size is None else max_batch_size
+
+
 def claim_more(*, lead_id: int, model_version_id: int, worker: str, settings: Settings,
-               max_batch_size: int | None = None, max_delay_ms: int | None = None) -> list[Member]:
+               max_batch_size: int | None = None, max_delay_ms: int | None = None,
+               taken: list[tuple] | None = None) -> list[Member]:
     """Claim up to ``max_batch_size - 1`` queued predictions of the model version (may be none).
 
     The limits default to ``predict_max_batch_size`` and ``predict_max_delay_ms``. A batch that
     found company but is not full looks once more after ``max_delay_ms``; a lone request (nothing
     else queued for its model) runs at once: with no requests arriving together there is no batch
-    to wait for, and under load the queue fills while the worker is busy.
+    to wait for, and under load the queue fills while the worker is busy. ``taken``: what
+    :func:`take_company` took in the lead's own claim transaction (the first look), if it looked.
     """
-    size = settings.predict_max_batch_size if max_batch_size is None else max_batch_size
     delay = settings.predict_max_delay_ms if max_delay_ms is None else max_delay_ms
-    limit = size - 1
-    members: list[Member] = []
+    limit = batch_size(settings, max_batch_size) - 1
+    members: list[Member] = _members(taken, lead_id, worker, settings) if taken is not None else []
     if limit <= 0:
         return members
-    for look in range(2):
+    for look in range(1 if taken is not None else 0, 2):
         if look == 1:
-            if delay <= 0 or not members:
+            if delay <= 0 or not members or len(members) >= limit:
                 break
             time.sleep(delay / 1000)
-        members += _claim_queued(lead_id, model_version_id, limit - len(members), worker, settings)
+        with session_scope(settings.database_url, write=True) as session:
+            more = take_company(session=session, lead_id=lead_id, model_version_id=model_version_id,
+                                limit=limit - len(members), worker=worker, settings=settings)
+        members += _members(more, lead_id, worker, settings)
         if len(members) >= limit:
             break
     return members
 
 
-def _claim_queued(lead_id: int, model_version_id: int, limit: int, worker: str, settings: Settings) -> list[Member]:
-    now = utcnow()
-    with session_scope(settings.database_url) as session:
-        rows = session.execute(
-            select(Job.id, Job.attempts, Job.spec)
-            .where(Job.state == states.QUEUED, Job.kind == "predict", Job.model_version_id == model_version_id,
-                   Job.id != lead_id, Job.cancel_requested_at.is_(None),
-                   or_(Job.not_before.is_(None), Job.not_before <= now))
-            .order_by(Job.id).limit(limit * 2)
-        ).all()
+# Built once, values bound per call: building and keying the statement cost more than running it.
+# SKIP LOCKED (PostgreSQL; SQLite's write transactions run one at a time): rows another worker's
+# claim transaction holds are left to it, so two claims taking company never wait on each other.
+_COMPANY = (
+    select(Job.id, Job.attempts, Job.spec)
+    .where(Job.state == states.QUEUED, Job.kind == "predict", Job.model_version_id == bindparam("model_version_id"),
+           Job.id != bindparam("lead_id"), Job.cancel_requested_at.is_(None),
+           or_(Job.not_before.is_(None), Job.not_before <= bindparam("now")))
+    .order_by(Job.id).limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+
+
+def take_company(*, session: Session, lead_id: int, model_version_id: int | None, limit: int, worker: str,
+                 settings: Settings) -> list[tuple]:
+    """In the caller's write transaction, claim up to ``limit`` queued predictions of the model
+    version for the lead's batch (each with the conditional UPDATE of :func:`app.jobs.attempts.claim`,
+    so each gets its own attempt and fencing token); returns (job id, token, lease owner, raw spec)
+    of each claimed one, for :func:`claim_more` once the transaction committed."""
+    if limit <= 0 or model_version_id is None:
+        return []
+    rows = session.execute(_COMPANY, {"model_version_id": model_version_id, "lead_id": lead_id, "now": utcnow(),
+                                      "limit": limit * 2}).all()
     # Batch-file predictions run on their own, in chunks; embeddings, explained predictions and text
     # generation (a prompt, token by token) run alone.
     rows = [r for r in rows if isinstance(r.spec, dict) and not r.spec.get("dataset") and r.spec.get("prompt") is None
@@ -88,10 +111,13 @@ def _claim_queued(lead_id: int, model_version_id: int, limit: int, worker: str, 
     from worker.ml.devices import device_kind  # torch loads only where predictions run
 
     specs = {row.id: row.spec for row in rows}
-    with session_scope(settings.database_url, write=True) as session:
-        claimed = [(a.job_id, a.number, attempts.lease_owner(a), specs[a.job_id]) for a in attempts.claim_many(
-            session=session, jobs=[(row.id, row.attempts) for row in rows], worker=worker, host=socket.gethostname(),
-            pid=os.getpid(), lease_seconds=settings.lease_seconds, device=device_kind("auto"))]
+    return [(a.job_id, a.number, attempts.lease_owner(a), specs[a.job_id]) for a in attempts.claim_many(
+        session=session, jobs=[(row.id, row.attempts) for row in rows], worker=worker, host=socket.gethostname(),
+        pid=os.getpid(), lease_seconds=settings.lease_seconds, device=device_kind("auto"))]
+
+
+def _members(claimed: list[tuple], lead_id: int, worker: str, settings: Settings) -> list[Member]:
+    """The batch members of jobs claimed by :func:`take_company` (committed), each with its recorder."""
     members = []
     for job_id, number, owner, raw in claimed:
         spec, problem = None, None
@@ -172,6 +198,7 @@ def _finish_all(done: list[tuple[Member, dict]], model_ref: str, batch_id: str, 
             (m.job_id, m.recorder.token, _finite({"model": model_ref, **result}),
              f"predicted {len(m.spec.inputs)} inputs with {model_ref}") for m, result in done]))
         outcomes: dict[int, str] = {}
+        events = []
         for m, _ in done:
             if m.job_id not in ended:
                 log.warning("event=stale_attempt job_id=%s attempt=%s", m.job_id, m.recorder.token)
@@ -179,10 +206,10 @@ def _finish_all(done: list[tuple[Member, dict]], model_ref: str, batch_id: str, 
                                               what="finish", detail="the attempt may no longer finish the job")
                 outcomes[m.job_id] = "stale"
                 continue
-            attempts.record_event(
-                session=session, job_id=m.job_id, token=m.recorder.token, kind="batched",
-                message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
-                data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes},
-            )
+            events.append(dict(job_id=m.job_id, attempt=m.recorder.token, kind="batched",
+                               message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
+                               data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes}))
             outcomes[m.job_id] = states.SUCCEEDED
+        if events:  # one multi-row INSERT for the batch's events, after the state events
+            attempts.record_events(session=session, events=events)
     return outcomes

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from app import finish_signal, model_registry, storage
 from app.catalog import GENERATIVE_TASKS
@@ -73,6 +73,7 @@ class _Prepared:
     batch_limits: tuple[int | None, int | None] = (None, None)  # prediction: the alias's or version's, if set
     worker: str = "worker"
     batch_file: object | None = None  # batch-file prediction: a worker.batch_files.Plan
+    company: list[tuple] | None = None  # micro-batch: jobs claimed with the lead (micro_batch.take_company)
 
 
 def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
@@ -102,6 +103,13 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
                 attempts.record_event(session=session, job_id=job_id, token=attempt.number,
                                       kind="checkpoint_skipped", message=message)
             number, owner = attempt.number, attempts.lease_owner(attempt)
+            if _batches(prepared):
+                # The micro-batch's first look for company, in the same transaction: a lone
+                # request costs no transaction of its own to find out it is alone.
+                prepared.company = micro_batch.take_company(
+                    session=session, lead_id=job_id, model_version_id=prepared.model_version_id,
+                    limit=micro_batch.batch_size(settings, prepared.batch_limits[0]) - 1, worker=worker,
+                    settings=settings)
     if attempt is None:
         log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
         return "dropped"
@@ -119,6 +127,14 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
             finish_signal.notify_finished(settings, job_id)
 
 
+def _batches(prepared: _Prepared) -> bool:
+    """Whether the prediction runs in a micro-batch (:func:`_predict`'s last path)."""
+    spec = prepared.spec
+    return (isinstance(spec, PredictSpec) and prepared.problem is None and spec.dataset is None
+            and spec.output != "embedding" and spec.explanation is None
+            and prepared.model_task not in GENERATIVE_TASKS)
+
+
 def _device_kind(spec: TrainSpec | PredictSpec | None) -> str | None:
     """The kind of device the attempt will run on (recorded for usage accounting)."""
     if spec is None:
@@ -126,6 +142,15 @@ def _device_kind(spec: TrainSpec | PredictSpec | None) -> str | None:
     from worker.ml.devices import device_kind
 
     return device_kind(spec.resources.device if isinstance(spec, TrainSpec) else "auto")
+
+
+# Built once (values bound): a drain reads it for every message, most of them duplicates it drops.
+_CLAIMABLE_JOB = (
+    select(Job, ModelVersion, Checkpoint)
+    .outerjoin(ModelVersion, ModelVersion.id == Job.model_version_id)
+    .outerjoin(Checkpoint, Checkpoint.id == ModelVersion.checkpoint_id)
+    .where(Job.id == bindparam("job_id"), Job.state == states.QUEUED, Job.attempts == bindparam("token"))
+)
 
 
 def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
@@ -136,12 +161,7 @@ def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
         session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         # One query for the job and a prediction's model version and checkpoint (the lookups
         # below find them in the session); a duplicate or stale message finds no row, loading none.
-        found = session.execute(
-            select(Job, ModelVersion, Checkpoint)
-            .outerjoin(ModelVersion, ModelVersion.id == Job.model_version_id)
-            .outerjoin(Checkpoint, Checkpoint.id == ModelVersion.checkpoint_id)
-            .where(Job.id == job_id, Job.state == states.QUEUED, Job.attempts == token)
-        ).first()
+        found = session.execute(_CLAIMABLE_JOB, {"job_id": job_id, "token": token}).first()
         if found is None:
             return None
         job = found[0]
@@ -397,7 +417,7 @@ def _predict(spec: PredictSpec, prepared: _Prepared, recorder: Recorder, setting
     max_batch_size, max_delay_ms = prepared.batch_limits
     others = micro_batch.claim_more(lead_id=recorder.job_id, model_version_id=prepared.model_version_id,
                                     worker=prepared.worker, settings=settings, max_batch_size=max_batch_size,
-                                    max_delay_ms=max_delay_ms)
+                                    max_delay_ms=max_delay_ms, taken=prepared.company)
     for member in others:
         note_claimed(settings, member.job_id, member.recorder.token)
     lead = micro_batch.Member(recorder.job_id, spec, recorder)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app import model_registry, webhooks
@@ -35,6 +35,12 @@ def claim(
     return claimed[0] if claimed else None
 
 
+_CLAIMED_AT = bindparam("kiln_claimed_at", type_=Job.__table__.c.started_at.type)
+_STARTED_AT = func.coalesce(Job.__table__.c.started_at, _CLAIMED_AT)
+_CLAIMABLE = (Job.__table__.c.cancel_requested_at.is_(None), Job.__table__.c.pause_requested_at.is_(None),
+              or_(Job.__table__.c.not_before.is_(None), Job.__table__.c.not_before <= _CLAIMED_AT))
+
+
 def claim_many(
     *, session: Session, jobs: Sequence[tuple[int, int]], worker: str, host: str, pid: int, lease_seconds: float,
     start: tuple[int, int] | None = None, resumed: bool = False, device: str | None = None,
@@ -48,19 +54,17 @@ def claim_many(
     moves = [states.Move(job_id, token, {"attempts": token + 1, "lease_owner": f"{worker}:{pid}:{token + 1}"},
                          message=f"attempt {token + 1} started on {worker}") for job_id, token in jobs]
     shared: dict[str, Any] = {
-        "lease_expires_at": now + timedelta(seconds=lease_seconds),
-        "started_at": func.coalesce(Job.started_at, now), "error_class": None, "error_message": None,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds), "started_at": _STARTED_AT,
+        "error_class": None, "error_message": None,
     }
     if start is not None:
         shared.update(epoch=start[0], step=start[1])
         if resumed:
             shared["resumed_from_epoch"] = start[0]
     # Claimable: queued with the token (the compare-and-set), no stop asked for, past its backoff;
-    # all in the UPDATE, so a claim reads nothing first.
-    claimable = (Job.cancel_requested_at.is_(None), Job.pause_requested_at.is_(None),
-                 or_(Job.not_before.is_(None), Job.not_before <= now))
+    # all in the UPDATE, so a claim reads nothing first. Bound, not literal, so the statement is built once.
     won = states.transition_all(session, moves, to=states.RUNNING, expect=states.QUEUED, values=shared,
-                                where=claimable)
+                                where=_CLAIMABLE, params={"kiln_claimed_at": now}, shape="claim")
     _honour_stop_requests(session, [m for m in moves if m.job_id not in {w.move.job_id for w in won}])
     claimed = []
     for moved in won:
@@ -225,22 +229,44 @@ def record_event(*, session: Session, job_id: int, token: int | None, kind: str,
     session.add(JobEvent(job_id=job_id, kind=kind, attempt=token, message=message, data=data))
 
 
+_INSERT_EVENT = insert(JobEvent.__table__)
+
+
+def record_events(*, session: Session, events: list[dict[str, Any]]) -> None:
+    """Append non-state events (dicts of job_id, attempt, kind, message, data) with one Core INSERT,
+    stamped now, in the caller's transaction."""
+    now = utcnow()
+    session.connection().execute(_INSERT_EVENT, [{"at": now, "data": None, **e} for e in events])
+
+
 def end_attempt(*, session: Session, job_id: int, owner_id: int, token: int, outcome: str, at: datetime,
                 tally: Tally | None = None) -> None:
     """End attempt ``token`` of a job at ``at``, if it has not ended, and count its run time in the
-    owner's usage totals: the one place an attempt ends. With ``tally``, the time goes there for the
-    caller to apply once its other job rows are written (:class:`~app.usage.Tally`)."""
-    ended = session.execute(
-        update(Attempt)
-        .where(Attempt.job_id == job_id, Attempt.number == token, Attempt.ended_at.is_(None))
-        .values(ended_at=at, outcome=outcome)
-        .returning(Attempt.started_at, Attempt.device)
-        .execution_options(synchronize_session=False)
-    ).one_or_none()
-    if ended is None:
+    owner's usage totals: the one place an attempt ends (:func:`end_attempts` for one job). With
+    ``tally``, the time goes there for the caller to apply once its other job rows are written
+    (:class:`~app.usage.Tally`)."""
+    end_attempts(session=session, ended=[(job_id, owner_id, token)], outcome=outcome, at=at, tally=tally)
+
+
+_ATTEMPTS = Attempt.__table__
+
+
+def end_attempts(*, session: Session, ended: Sequence[tuple[int, int, int]], outcome: str, at: datetime,
+                 tally: Tally | None = None) -> None:
+    """End each attempt of ``ended`` (job id, owner id, token) at ``at``, if it has not ended, with one
+    UPDATE for all, and count their run time in their owners' usage totals (see :func:`end_attempt`)."""
+    if not ended:
         return
+    owners = {(job_id, token): owner_id for job_id, owner_id, token in ended}
+    rows = session.execute(
+        update(_ATTEMPTS)
+        .where(tuple_(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number).in_(list(owners)), _ATTEMPTS.c.ended_at.is_(None))
+        .values(ended_at=at, outcome=outcome)
+        .returning(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number, _ATTEMPTS.c.started_at, _ATTEMPTS.c.device)
+    ).all()
     usage = tally or Tally()
-    usage.add(owner_id, device=ended.device, seconds=(at - ended.started_at).total_seconds())
+    for row in rows:
+        usage.add(owners[row.job_id, row.number], device=row.device, seconds=(at - row.started_at).total_seconds())
     if tally is None:
         usage.apply(session=session)
 
@@ -279,9 +305,8 @@ def finish_many(
     moved = states.transition_all(session, moves, to=to, expect=states.RUNNING, values=shared)
     if moved:
         now, tally = utcnow(), Tally()
-        for m in moved:
-            end_attempt(session=session, job_id=m.move.job_id, owner_id=m.owner_id, token=m.move.token,
-                        outcome=error_class or to, at=now, tally=tally)
+        end_attempts(session=session, ended=[(m.move.job_id, m.owner_id, m.move.token) for m in moved],
+                     outcome=error_class or to, at=now, tally=tally)
         tally.apply(session=session)
     return [m.move.job_id for m in moved]
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.orm import Session
 
 from app import webhooks
@@ -100,6 +101,8 @@ def transition_all(
     values: dict[str, Any] | None = None,
     event: str = "state",
     where: Sequence[Any] = (),
+    params: dict[str, Any] | None = None,
+    shape: str | None = None,
 ) -> list[Moved]:
     """Move each job of ``moves`` to ``to`` if it is in ``expect`` (and holds its token), one
     compare-and-set each, in the caller's transaction; returns the moves that won.
@@ -107,36 +110,39 @@ def transition_all(
     ``values`` are column updates shared by every move (SQL expressions allowed), applied in the
     same statements as each move's own ``values``; ``where`` are further conditions every job must
     meet. A move that loses changes nothing of its job.
+
+    ``shape`` names the form of ``values``' expressions and of ``where`` for a caller whose
+    expressions carry no value of their own (each is a ``bindparam`` whose value is in ``params``):
+    its statements are then built once per process, not per call. Plain values are always bound.
     """
     expected = (expect,) if isinstance(expect, str) else tuple(expect)
     now = utcnow()
-    changes: dict[str, Any] = {"state": to, "updated_at": now}
-    if to in TERMINAL:
-        changes.update(finished_at=now, lease_owner=None, lease_expires_at=None)
-    elif to == QUEUED:
-        changes.update(queued_at=now, lease_owner=None, lease_expires_at=None, finished_at=None)
-    elif to == PAUSED:
-        changes.update(lease_owner=None, lease_expires_at=None)
-    changes.update(values or {})
+    shared = dict(values or {})
+    binds: dict[str, Any] = {"kiln_now": now, **(params or {})}
+    for key, value in shared.items():
+        if not isinstance(value, ClauseElement):
+            binds[f"kiln_shared_{key}"] = value
+    # Without a shape, an expression may hold a literal of this call: its statements are built for it alone.
+    cacheable = shape is not None or not any(isinstance(v, ClauseElement) for v in shared.values()) and not where
     # The conditional UPDATE is the only guard, with no read before it: whatever a writer saw
     # earlier, only one UPDATE can match the row in a given state (and with the fencing token).
     # One statement per allowed source state, so the event knows which state the job left; it
-    # returns what the event and the outbox need. Core statements, each built once for all the
-    # moves of its shape: no ORM bookkeeping per change. After a flush, so that what the caller
-    # added to the session is written first, as before.
+    # returns what the event and the outbox need. Core statements, each built once per process for
+    # its shape: no ORM bookkeeping per change. After a flush, so that what the caller added to
+    # the session is written first, as before.
     session.flush()
     conn = session.connection()
     won: list[tuple[Moved, Any]] = []
     pending = list(moves)
-    statements: dict[tuple, Any] = {}
+    statements = _STATEMENTS if cacheable else {}
     for current in (s for s in expected if allowed(s, to)):
         left = []
         for move in pending:
-            shape = (current, move.token is None, tuple(move.values))
-            stmt = statements.get(shape)
+            key = (shape, current, to, move.token is None, tuple(move.values), tuple(shared))
+            stmt = statements.get(key)
             if stmt is None:
-                stmt = statements[shape] = _compare_and_set(current, move, changes, where)
-            row = conn.execute(stmt, {"kiln_job_id": move.job_id, "kiln_token": move.token,
+                stmt = statements[key] = _compare_and_set(current, to, move, shared, where)
+            row = conn.execute(stmt, {"kiln_job_id": move.job_id, "kiln_token": move.token, **binds,
                                       **{f"kiln_value_{k}": v for k, v in move.values.items()}}).first()
             if row is None:
                 left.append(move)
@@ -162,9 +168,26 @@ def transition_all(
     return [m for m, _ in won]
 
 
-def _compare_and_set(current: str, move: Move, changes: dict[str, Any], where: Sequence[Any]):
-    """``UPDATE jobs SET <changes and the move's own values> WHERE id, state (and token) RETURNING``."""
+# The compare-and-set statements of this process, by shape (at most a few dozen: one per caller,
+# source state, target state and set of columns).
+_STATEMENTS: dict[tuple, Any] = {}
+
+
+def _compare_and_set(current: str, to: str, move: Move, shared: dict[str, Any], where: Sequence[Any]):
+    """``UPDATE jobs SET <the transition's columns, shared values and the move's own> WHERE id, state
+    (and token) RETURNING``; every value of a call is a bound parameter."""
     table = Job.__table__
+    at = bindparam("kiln_now", type_=table.c.updated_at.type)
+    changes: dict[str, Any] = {"state": to, "updated_at": at}
+    if to in TERMINAL:
+        changes.update(finished_at=at, lease_owner=None, lease_expires_at=None)
+    elif to == QUEUED:
+        changes.update(queued_at=at, lease_owner=None, lease_expires_at=None, finished_at=None)
+    elif to == PAUSED:
+        changes.update(lease_owner=None, lease_expires_at=None)
+    for key, value in shared.items():
+        changes[key] = value if isinstance(value, ClauseElement) else bindparam(f"kiln_shared_{key}",
+                                                                                 type_=table.c[key].type)
     stmt = update(table).where(table.c.id == bindparam("kiln_job_id"), table.c.state == current, *where)
     if move.token is not None:
         stmt = stmt.where(table.c.attempts == bindparam("kiln_token"))

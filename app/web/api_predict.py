@@ -13,7 +13,7 @@ from app.models import utcnow
 from app.web import inline
 from app.web.api import api
 from app.web.auth import current_user
-from app.web.context import db, settings
+from app.web.context import db, reader, release_reader, settings
 from app.web.publishing import publish
 
 OUTPUT_NAME = "jobs/{job_id}/predictions.jsonl"  # worker.batch_files.output_path; the web never imports worker
@@ -30,8 +30,13 @@ def predict_with_model(ref: str):
             raise SpecError.at(key, "leave it out: the model is named in the URL and the kind is predict")
     spec = parse_spec({**body, "kind": "predict", "model": ref})
     wait = inline.wait_arg(default=settings().inline_wait_seconds)
+    user = current_user()
+    # As POST /jobs does: the validation's reads take no write lock (on SQLite, a read session of
+    # their own), whose connection goes back to the pool before the write takes one.
+    plan = service.check_submit(session=reader(), owner=user, spec=spec, settings=settings())
+    release_reader()
     session = db()
-    job = service.submit(session=session, owner=current_user(), spec=spec, settings=settings(), published_at=utcnow())
+    job = service.record_submit(session=session, owner=user, plan=plan, settings=settings(), published_at=utcnow())
     session.commit()
     publish(job, recorded=True)
     return inline.answer(job.id, wait)

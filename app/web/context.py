@@ -54,6 +54,16 @@ def release() -> None:
             session.commit()
 
 
+def release_reader() -> None:
+    """End the request's own read session (SQLite writes), returning its connection to the pool
+    before the write session takes one: a request holding one connection while it waits for a
+    second could, with as many such requests as the pool has connections, wait for ever (the pool
+    gives up after 30 s: a 500). Objects it loaded stay readable, detached; a later :func:`reader` opens anew."""
+    session = g.pop("read_session", None)
+    if session is not None:
+        session.close()
+
+
 def close_session(_exc: BaseException | None = None) -> None:
     """Roll back anything uncommitted and close the request's sessions."""
     for name in ("db_session", "read_session"):

@@ -43,7 +43,9 @@ def answer(job_id: int, wait: float):
     while True:
         close_session()  # committed already: the connection goes back to the pool for the wait
         signalled = wait_finished(settings(), job_id, deadline - time.monotonic())
-        g.db_session = session_factory(settings().database_url)()  # a read session, closed at teardown
+        # A read session, closed at teardown: as a GET's (poll), each statement reads without a
+        # BEGIN and ROLLBACK around them on PostgreSQL.
+        g.db_session = session_factory(settings().database_url, poll=True)()
         row = service.read_job(session=db(), user=user, job_id=job_id)
         # A signal for an attempt that was requeued (a retryable failure) means: wait for the next one.
         if row.state in TERMINAL or not signalled or time.monotonic() >= deadline:

@@ -34,9 +34,9 @@ def test_a_micro_batch_is_claimed_in_one_transaction_and_finished_in_one(setting
     ids = _queue(settings, trained, 6)
     with WriteTransactions(get_engine(settings.database_url)) as writes:
         assert runner.run(ids[0], 0, worker="inline", settings=settings) == "succeeded"
-    # The lead's claim, the others' claim, everyone's finish; a lease renewal, if one fell due,
-    # ran on the heartbeat thread.
-    assert writes.by_thread[threading.current_thread().name] == 3, writes.by_thread
+    # The lead's claim with the others' (one transaction), everyone's finish; a lease renewal, if
+    # one fell due, ran on the heartbeat thread.
+    assert writes.by_thread[threading.current_thread().name] == 2, writes.by_thread
     assert set(writes.by_thread) <= {threading.current_thread().name, THREAD_NAME}
     with session_scope(settings.database_url) as s:
         jobs = s.query(Job).filter(Job.id.in_(ids)).order_by(Job.id).all()
@@ -108,3 +108,30 @@ def _nothing_queued_of_this_model(settings, trained):
         left = s.query(Job).filter_by(state="queued", kind="predict").filter(
             Job.spec["model"].as_string() == trained[1]).count()
     assert left == 0
+
+
+def test_a_lone_prediction_looks_for_company_inside_its_claim_transaction(settings, trained):
+    ids = _queue(settings, trained, 1)
+    engine, seen = get_engine(settings.database_url), []
+    main = threading.current_thread()
+
+    def on_execute(_conn, _cursor, statement, *_args):
+        if threading.current_thread() is main:
+            seen.append(" ".join(statement.split())[:60])
+
+    def on_commit(_conn):
+        if threading.current_thread() is main:
+            seen.append("COMMIT")
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    event.listen(engine, "commit", on_commit)
+    try:
+        assert runner.run(ids[0], 0, worker="inline", settings=settings) == "succeeded"
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+        event.remove(engine, "commit", on_commit)
+    claim = next(i for i, s in enumerate(seen) if s.startswith("UPDATE jobs SET state="))
+    company = next(i for i, s in enumerate(seen) if s.startswith("SELECT jobs.id, jobs.attempts, jobs.spec"))
+    # Found alone in the claim's own transaction: no transaction of its own, no second look.
+    assert claim < company < seen.index("COMMIT", claim), seen
+    assert sum(1 for s in seen if s.startswith("SELECT jobs.id, jobs.attempts, jobs.spec")) == 1, seen
