@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -50,17 +51,28 @@ class Tally:
 
     def apply(self, *, session: Session) -> None:
         """Add the changes to the totals (one upsert per user, in user-id order) and forget them."""
-        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-        columns = UsageTotal.__table__.c
+        stmt = _upsert(session.get_bind().dialect.name)
         for owner_id in sorted(self._deltas):
             jobs, attempts, cpu, gpu = self._deltas[owner_id]
-            stmt = dialect.insert(UsageTotal).values(user_id=owner_id, jobs=jobs, attempts=attempts,
-                                                     cpu_seconds=cpu, gpu_seconds=gpu)
-            session.execute(stmt.on_conflict_do_update(index_elements=[columns.user_id], set_={
-                "jobs": columns.jobs + stmt.excluded.jobs, "attempts": columns.attempts + stmt.excluded.attempts,
-                "cpu_seconds": columns.cpu_seconds + stmt.excluded.cpu_seconds,
-                "gpu_seconds": columns.gpu_seconds + stmt.excluded.gpu_seconds}))
+            session.execute(stmt, {"user_id": owner_id, "jobs": jobs, "attempts": attempts,
+                                   "cpu_seconds": cpu, "gpu_seconds": gpu})
         self._deltas.clear()
+
+
+@lru_cache(maxsize=4)
+def _upsert(dialect_name: str):
+    """The totals upsert for one dialect, built once: a fresh ``insert().values().on_conflict_do_update()``
+    per call cost more CPU than the rest of a submit's SQL together (its ``excluded`` columns and cache
+    key are built anew each time)."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    columns = UsageTotal.__table__.c
+    stmt = dialect.insert(UsageTotal.__table__).values(
+        user_id=bindparam("user_id"), jobs=bindparam("jobs"), attempts=bindparam("attempts"),
+        cpu_seconds=bindparam("cpu_seconds"), gpu_seconds=bindparam("gpu_seconds"))
+    return stmt.on_conflict_do_update(index_elements=[columns.user_id], set_={
+        "jobs": columns.jobs + stmt.excluded.jobs, "attempts": columns.attempts + stmt.excluded.attempts,
+        "cpu_seconds": columns.cpu_seconds + stmt.excluded.cpu_seconds,
+        "gpu_seconds": columns.gpu_seconds + stmt.excluded.gpu_seconds})
 
 
 def _overlap(started: datetime, ended: datetime | None, start: datetime | None, end: datetime) -> float:
