@@ -29,32 +29,38 @@ def device_kind(device: str | None) -> str:
     return "gpu" if device == "cuda" else "cpu"
 
 
+# Rows a user's totals are spread over by the submits (job id modulo this); readers sum them.
+SHARDS = 16
+
+
 class Tally:
     """Changes to users' :class:`~app.models.UsageTotal` rows, written together by :meth:`apply`.
 
-    Writers call it after the job and attempt rows of their transaction, and it writes in user-id
-    order: every transaction then locks job rows before totals rows, so two of them (the reaper
+    Writers call it after the job and attempt rows of their transaction, and it writes in (user id,
+    shard) order: every transaction then locks job rows before totals rows, so two of them (the reaper
     ending many attempts in one, a worker finishing one of those) cannot each wait for the other.
+    A submit writes to the shard of its job id, so one user's concurrent submits do not queue on
+    one row's lock until each other's commit; other writers use shard 0.
     """
 
     def __init__(self) -> None:
-        self._deltas: dict[int, list[float]] = {}  # owner id -> [jobs, attempts, cpu s, gpu s]
+        self._deltas: dict[tuple[int, int], list[float]] = {}  # (owner id, shard) -> [jobs, attempts, cpu s, gpu s]
 
     def add(self, owner_id: int, *, jobs: int = 0, attempts: int = 0, device: str | None = None,
-            seconds: float = 0.0) -> Tally:
+            seconds: float = 0.0, shard: int = 0) -> Tally:
         """Count ``jobs`` submitted, ``attempts`` started and ``seconds`` of an ended attempt run on ``device``."""
-        delta = self._deltas.setdefault(owner_id, [0, 0, 0.0, 0.0])
+        delta = self._deltas.setdefault((owner_id, shard), [0, 0, 0.0, 0.0])
         delta[0] += jobs
         delta[1] += attempts
         delta[2 if device_kind(device) == "cpu" else 3] += seconds
         return self
 
     def apply(self, *, session: Session) -> None:
-        """Add the changes to the totals (one upsert per user, in user-id order) and forget them."""
+        """Add the changes to the totals (one upsert per user and shard, in that order) and forget them."""
         stmt = _upsert(session.get_bind().dialect.name)
-        for owner_id in sorted(self._deltas):
-            jobs, attempts, cpu, gpu = self._deltas[owner_id]
-            session.execute(stmt, {"user_id": owner_id, "jobs": jobs, "attempts": attempts,
+        for owner_id, shard in sorted(self._deltas):
+            jobs, attempts, cpu, gpu = self._deltas[owner_id, shard]
+            session.execute(stmt, {"user_id": owner_id, "shard": shard, "jobs": jobs, "attempts": attempts,
                                    "cpu_seconds": cpu, "gpu_seconds": gpu})
         self._deltas.clear()
 
@@ -67,9 +73,9 @@ def _upsert(dialect_name: str):
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     columns = UsageTotal.__table__.c
     stmt = dialect.insert(UsageTotal.__table__).values(
-        user_id=bindparam("user_id"), jobs=bindparam("jobs"), attempts=bindparam("attempts"),
+        user_id=bindparam("user_id"), shard=bindparam("shard"), jobs=bindparam("jobs"), attempts=bindparam("attempts"),
         cpu_seconds=bindparam("cpu_seconds"), gpu_seconds=bindparam("gpu_seconds"))
-    return stmt.on_conflict_do_update(index_elements=[columns.user_id], set_={
+    return stmt.on_conflict_do_update(index_elements=[columns.user_id, columns.shard], set_={
         "jobs": columns.jobs + stmt.excluded.jobs, "attempts": columns.attempts + stmt.excluded.attempts,
         "cpu_seconds": columns.cpu_seconds + stmt.excluded.cpu_seconds,
         "gpu_seconds": columns.gpu_seconds + stmt.excluded.gpu_seconds})
