@@ -130,7 +130,8 @@ def authenticate(
     entry = token_cache.CACHE.get(digest, cache_seconds) if cache_seconds > 0 else None
     if entry is None:
         generation = token_cache.CACHE.generation
-        row = (lookup or session).execute(_TOKEN_OWNER, {"sha256": digest}).first()
+        # On the session's connection: a Core row, without the ORM's statement and result handling.
+        row = (lookup or session).connection().execute(_TOKEN_OWNER, {"sha256": digest}).first()
         if row is None:
             return None
         entry = token_cache.Entry(

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -28,57 +29,60 @@ def device_kind(device: str | None) -> str:
     return "gpu" if device == "cuda" else "cpu"
 
 
+# Rows a user's totals are spread over by the submits (job id modulo this); readers sum them.
+SHARDS = 16
+
+
 class Tally:
     """Changes to users' :class:`~app.models.UsageTotal` rows, written together by :meth:`apply`.
 
-    Writers call it after the job and attempt rows of their transaction, and it writes in user-id
-    order: every transaction then locks job rows before totals rows, so two of them (the reaper
+    Writers call it after the job and attempt rows of their transaction, and it writes in (user id,
+    shard) order: every transaction then locks job rows before totals rows, so two of them (the reaper
     ending many attempts in one, a worker finishing one of those) cannot each wait for the other.
+    A submit writes to the shard of its job id, so one user's concurrent submits do not queue on
+    one row's lock until each other's commit; other writers use shard 0.
     """
 
     def __init__(self) -> None:
-        self._deltas: dict[int, list[float]] = {}  # owner id -> [jobs, attempts, cpu s, gpu s]
+        self._deltas: dict[tuple[int, int], list[float]] = {}  # (owner id, shard) -> [jobs, attempts, cpu s, gpu s]
 
     def add(self, owner_id: int, *, jobs: int = 0, attempts: int = 0, device: str | None = None,
-            seconds: float = 0.0) -> Tally:
+            seconds: float = 0.0, shard: int = 0) -> Tally:
         """Count ``jobs`` submitted, ``attempts`` started and ``seconds`` of an ended attempt run on ``device``."""
-        delta = self._deltas.setdefault(owner_id, [0, 0, 0.0, 0.0])
+        delta = self._deltas.setdefault((owner_id, shard), [0, 0, 0.0, 0.0])
         delta[0] += jobs
         delta[1] += attempts
         delta[2 if device_kind(device) == "cpu" else 3] += seconds
         return self
 
     def apply(self, *, session: Session) -> None:
-        """Add the changes to the totals (one upsert per user, in user-id order) and forget them."""
+        """Add the changes to the totals (one upsert per user and shard, in that order) and forget them."""
         if not self._deltas:
             return
         session.flush()  # the caller's job and attempt rows first (the lock order above)
         conn = session.connection()
         stmt = _upsert(conn.dialect.name)
-        for owner_id in sorted(self._deltas):
-            jobs, attempts, cpu, gpu = self._deltas[owner_id]
-            conn.execute(stmt, {"user_id": owner_id, "jobs": jobs, "attempts": attempts, "cpu_seconds": cpu,
-                                "gpu_seconds": gpu})
+        for owner_id, shard in sorted(self._deltas):
+            jobs, attempts, cpu, gpu = self._deltas[owner_id, shard]
+            conn.execute(stmt, {"user_id": owner_id, "shard": shard, "jobs": jobs, "attempts": attempts,
+                                "cpu_seconds": cpu, "gpu_seconds": gpu})
         self._deltas.clear()
 
 
-_UPSERTS: dict[str, Any] = {}
-
-
+@lru_cache(maxsize=4)
 def _upsert(dialect_name: str):
-    """The totals upsert for a dialect, built once: a Core statement whose values are bound per call
-    (built per call, its construction and cache key cost more than its execution on SQLite)."""
-    stmt = _UPSERTS.get(dialect_name)
-    if stmt is None:
-        dialect = postgresql if dialect_name == "postgresql" else sqlite
-        table = UsageTotal.__table__
-        columns = table.c
-        insert = dialect.insert(table)
-        stmt = _UPSERTS[dialect_name] = insert.on_conflict_do_update(index_elements=[columns.user_id], set_={
-            "jobs": columns.jobs + insert.excluded.jobs, "attempts": columns.attempts + insert.excluded.attempts,
-            "cpu_seconds": columns.cpu_seconds + insert.excluded.cpu_seconds,
-            "gpu_seconds": columns.gpu_seconds + insert.excluded.gpu_seconds})
-    return stmt
+    """The totals upsert for one dialect, built once: a fresh ``insert().values().on_conflict_do_update()``
+    per call cost more CPU than the rest of a submit's SQL together (its ``excluded`` columns and cache
+    key are built anew each time)."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    columns = UsageTotal.__table__.c
+    stmt = dialect.insert(UsageTotal.__table__).values(
+        user_id=bindparam("user_id"), shard=bindparam("shard"), jobs=bindparam("jobs"), attempts=bindparam("attempts"),
+        cpu_seconds=bindparam("cpu_seconds"), gpu_seconds=bindparam("gpu_seconds"))
+    return stmt.on_conflict_do_update(index_elements=[columns.user_id, columns.shard], set_={
+        "jobs": columns.jobs + stmt.excluded.jobs, "attempts": columns.attempts + stmt.excluded.attempts,
+        "cpu_seconds": columns.cpu_seconds + stmt.excluded.cpu_seconds,
+        "gpu_seconds": columns.gpu_seconds + stmt.excluded.gpu_seconds})
 
 
 def _overlap(started: datetime, ended: datetime | None, start: datetime | None, end: datetime) -> float:

@@ -77,9 +77,13 @@ def usage(*, session: Session, now: datetime | None = None) -> list[dict[str, An
     ):
         running[owner_id][device_kind(device)] += (now - started).total_seconds()
     rows = []
+    totals = (select(UsageTotal.user_id, func.sum(UsageTotal.jobs).label("jobs"),
+                     func.sum(UsageTotal.attempts).label("attempts"), func.sum(UsageTotal.cpu_seconds).label("cpu"),
+                     func.sum(UsageTotal.gpu_seconds).label("gpu"))
+              .group_by(UsageTotal.user_id).having(func.sum(UsageTotal.jobs) > 0).subquery())
     for uid, email, role, jobs, attempts, cpu, gpu in session.execute(
-        select(User.id, User.email, User.role, UsageTotal.jobs, UsageTotal.attempts, UsageTotal.cpu_seconds,
-               UsageTotal.gpu_seconds).join(UsageTotal, UsageTotal.user_id == User.id).where(UsageTotal.jobs > 0)
+        select(User.id, User.email, User.role, totals.c.jobs, totals.c.attempts, totals.c.cpu, totals.c.gpu)
+        .join(totals, totals.c.user_id == User.id)
     ):
         cpu, gpu = cpu + running[uid]["cpu"], gpu + running[uid]["gpu"]
         rows.append({"user_id": uid, "email": email, "role": role, "jobs": jobs, "attempts": attempts,

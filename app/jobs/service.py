@@ -17,7 +17,7 @@ from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import ARCHITECTURES, GENERATION_FIELDS, DatasetRef, PredictSpec, TrainSpec
 from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, JobListVersion, Metric, ModelVersion, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
-from app.usage import Tally
+from app.usage import SHARDS, Tally
 
 
 # What a job list shows, read as plain rows (no spec or result JSON, no ORM identity map);
@@ -627,7 +627,7 @@ def record_submit(
     job_id = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]
     conn.execute(_INSERT_EVENT, dict(job_id=job_id, at=now, kind="submitted", to_state=states.QUEUED,
                                      message=f"{values['kind']} job submitted"))
-    Tally().add(owner.id, jobs=1).apply(session=session)
+    Tally().add(owner.id, jobs=1, shard=job_id % SHARDS).apply(session=session)
     return SubmittedJob(id=job_id, **values, result=None, model=plan.model, base=plan.base)
 
 

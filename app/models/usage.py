@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import ForeignKey
+from sqlalchemy import ForeignKey, SmallInteger, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base
@@ -13,11 +13,13 @@ class UsageTotal(Base):
     claims an attempt or ends one, so the dashboard reads them instead of summing every attempt.
 
     An attempt that has not ended is not in ``cpu_seconds``/``gpu_seconds``: readers add its time so far.
+    A user's totals are the sum of their rows, one per ``shard`` written (see :data:`app.usage.SHARDS`).
     """
 
     __tablename__ = "usage_totals"
 
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, default=0, server_default=text("0"))
     jobs: Mapped[int] = mapped_column(default=0)
     attempts: Mapped[int] = mapped_column(default=0)
     cpu_seconds: Mapped[float] = mapped_column(default=0.0)

@@ -21,7 +21,7 @@ from app.jobs.states import STATES
 from app.models import MAX_ID, JobEvent, Metric, ModelVersion, utcnow
 from app.web import inline, rate_limits, serializers
 from app.web.auth import current_user
-from app.web.context import db, reader, release, settings
+from app.web.context import db, reader, release, release_reader, settings
 from app.web import idempotency
 from app.web.idempotency import json_view as idempotent
 from app.web.publishing import publish
@@ -111,6 +111,7 @@ def submit_job():
     wait = inline.wait_arg(default=None)
     user = current_user()
     plan = service.check_submit(session=reader(), owner=user, spec=spec, settings=settings())
+    release_reader()  # its connection goes back before the write session takes one (no pool deadlock)
     session = db()
     job = service.record_submit(session=session, owner=user, plan=plan, settings=settings(), published_at=utcnow())
     session.commit()

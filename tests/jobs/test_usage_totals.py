@@ -206,3 +206,20 @@ def test_the_overview_reads_only_the_open_attempts_however_long_the_history(sess
                         {"u": user.id})
         session.execute(Job.__table__.delete().where(Job.owner_id == user.id))
         session.commit()
+
+
+def test_one_users_submits_spread_over_shards_and_the_dashboard_sums_them(session, settings, clock):
+    """Submits write their job id's shard (so concurrent ones of one user do not queue on one row's
+    lock); the dashboard shows the sum of the user's rows, attempts (shard 0) included."""
+    from app.models import UsageTotal
+    from app.usage import SHARDS
+
+    user = _user(session)
+    ids = [_submit(session, user, settings) for _ in range(SHARDS + 3)]
+    _claim(session, ids[0], 0, "cpu")
+    rows = dict(session.execute(select(UsageTotal.shard, UsageTotal.jobs).where(UsageTotal.user_id == user.id)).all())
+    assert len(rows) == SHARDS and sum(rows.values()) == len(ids)
+    assert rows == {s: sum(1 for i in ids if i % SHARDS == s) for s in range(SHARDS)}
+    shown = [u for u in overview.usage(session=session, now=T0 + timedelta(seconds=5)) if u["user_id"] == user.id]
+    assert [(u["jobs"], u["attempts"]) for u in shown] == [(len(ids), 1)]
+    assert shown[0]["cpu_seconds"] == 5.0  # the running attempt, added by the reader
