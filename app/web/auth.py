@@ -20,7 +20,7 @@ def load_user():
     if scheme.lower() == "bearer":
         # The lookup (when the token is not cached) takes no write lock (see ``context.reader``) and
         # runs on its connection: a Core row, without the ORM execution path.
-        found = authenticate(session=db(), token=token.strip(), lookup=reader().connection(),
+        found = authenticate(session=db(), token=token.strip(), lookup=reader(),
                              cache_seconds=settings().token_cache_seconds)
     if found is None:
         response = problem(401, "Unauthorized", "send a valid API token as 'Authorization: Bearer <token>'")
