@@ -9,11 +9,16 @@ from app.web.context import settings
 
 
 def install(blueprint: Blueprint) -> None:
-    """Render NotFound as the 404 page and a too-large request as a 413 page naming the limit."""
+    """Render NotFound and abort(404) as the 404 page, and a too-large request as a 413 page naming the limit."""
 
     @blueprint.errorhandler(NotFound)
     def _not_found(exc: NotFound):
         return render_template("error.html", status=404, message=str(exc)), 404
+
+    @blueprint.errorhandler(404)
+    def _no_such_page(_exc):
+        # abort(404): a page that does not exist for this person (the admin pages for everyone else).
+        return render_template("error.html", status=404, message="There is no such page."), 404
 
     @blueprint.errorhandler(413)
     def _too_large(_exc):

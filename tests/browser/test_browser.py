@@ -20,6 +20,9 @@ PASSWORD = "browser test password"
 EPOCHS = 3
 SPEC = {"kind": "train", "name": "browser-mlp", "model": {"arch": "mlp"}, "dataset": {"id": "builtin:digits"},
         "hyperparameters": {"epochs": EPOCHS}}
+# The first test's job: it runs for several of the list's 2 s polls (about 10 s on a quiet machine;
+# longer under load), so its row is seen running between queued and succeeded.
+WATCHED_EPOCHS = 80
 
 
 def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, start_worker, tmp_path):
@@ -46,8 +49,9 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
             expect(page.get_by_text("No jobs")).to_be_visible()
 
             # Submit a small training job through the API; no worker is running yet, so it waits queued.
+            watched = SPEC | {"hyperparameters": {"epochs": WATCHED_EPOCHS}}
             request = urllib.request.Request(
-                web + "/api/v1/jobs", data=json.dumps(SPEC).encode(), method="POST",
+                web + "/api/v1/jobs", data=json.dumps(watched).encode(), method="POST",
                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
             )
             job_id = json.load(urllib.request.urlopen(request, timeout=30))["id"]
@@ -57,8 +61,9 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
             page.evaluate("window.__noReload = true")
             page.screenshot(path=str(tmp_path / "jobs-queued.png"), full_page=True)
 
-            # A worker starts; the row's badge moves to succeeded by htmx polling alone.
+            # A worker starts; the row's badge moves to running, then succeeded, by htmx polling alone.
             worker = start_worker()
+            expect(badge).to_have_text("running", timeout=240_000)
             expect(badge).to_have_text("succeeded", timeout=240_000)
             assert page.evaluate("window.__noReload === true"), "the page was reloaded"
             assert page.locator(f"#job-{job_id}").get_attribute("hx-trigger") is None  # polling stopped
@@ -69,7 +74,7 @@ def test_a_person_signs_in_and_watches_a_training_job_finish(web, settings, star
             expect(page).to_have_url(f"{web}/jobs/{job_id}")
             expect(page.locator("#job-status .badge")).to_have_text("succeeded")
             expect(page.locator("#loss-chart canvas")).to_have_count(1)
-            expect(page.locator("#loss-chart")).to_have_attribute("data-points", str(EPOCHS))
+            expect(page.locator("#loss-chart")).to_have_attribute("data-points", str(WATCHED_EPOCHS))
             expect(page.locator("#step-loss-chart canvas")).to_have_count(1)  # the per-step curve, downsampled
             expect(page.get_by_role("heading", name="Loss per step")).to_be_visible()
             expect(page.get_by_role("heading", name="Checkpoints")).to_be_visible()
@@ -235,5 +240,83 @@ def test_polls_of_an_unchanged_job_are_304s_and_a_change_still_shows(web, settin
             assert page.evaluate("window.__noReload === true"), "the page was reloaded"
             answered(f"{web}/jobs/{job_id}/status", 200, 2)  # the first poll, then the changed one
             page.screenshot(path=str(tmp_path / "job-paused-by-poll.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_roles_and_csrf_hold_in_the_browser(web, settings, tmp_path):
+    """A user is refused the admin dashboard and another user's job (404); a viewer sees no submit
+    or cancel controls and a forged cancel is refused (403); a form POST without its CSRF token is
+    refused (400) while the same POST with it works."""
+    from playwright.sync_api import expect, sync_playwright
+
+    people = {}
+    with session_scope(settings.database_url) as s:
+        for role in ("user", "user", "viewer"):
+            email = f"{role}-{uuid.uuid4().hex[:8]}@example.com"
+            person, _ = create_user(session=s, email=email, role=role, password=PASSWORD)
+            s.flush()
+            people.setdefault(role, []).append((email, person.id))
+    (owner, owner_id), (other, _) = people["user"]
+    viewer, viewer_id = people["viewer"][0]
+    owners_job = submit_unpublished(settings, owner_id, SPEC | {"name": "owners-job"})  # stays queued
+    viewers_job = submit_unpublished(settings, viewer_id, SPEC | {"name": "viewers-job"})
+
+    def state_of(job_id: int) -> str:
+        from app.models import Job
+
+        with session_scope(settings.database_url) as s:
+            return s.get(Job, job_id).state
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            def signed_in(email: str):
+                page = browser.new_context(viewport={"width": 1100, "height": 900}).new_page()
+                page.set_default_timeout(30_000)
+                page.goto(web + "/login")
+                page.get_by_label("Email").fill(email)
+                page.get_by_label("Password").fill(PASSWORD)
+                page.get_by_role("button", name="Sign in").click()
+                expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+                return page
+
+            # Another user: no dashboard, and the owner's job does not exist for them.
+            page = signed_in(other)
+            for path in ("/admin", f"/jobs/{owners_job}"):
+                answer = page.goto(web + path)
+                assert answer.status == 404, (path, answer.status)
+                expect(page.get_by_role("heading", level=1)).to_contain_text("404")
+            page.context.close()
+
+            # A viewer: no way to submit, no job controls, and a forged cancel is refused.
+            page = signed_in(viewer)
+            page.goto(web + "/jobs")
+            expect(page.get_by_role("link", name="New training job")).to_have_count(0)
+            expect(page.get_by_role("link", name="New prediction")).to_have_count(0)
+            page.goto(f"{web}/jobs/{viewers_job}")
+            expect(page.locator("#job-status .badge")).to_have_text("queued")
+            expect(page.locator("#job-status").get_by_role("button")).to_have_count(0)
+            token = page.locator('input[name="csrf_token"]').first.get_attribute("value") or page.evaluate(
+                "document.querySelector('meta[name=csrf-token]')?.content")
+            assert token, "no CSRF token on the viewer's page to forge a cancel with"
+            forged = page.request.post(f"{web}/jobs/{viewers_job}/cancel", form={"csrf_token": token},
+                                       max_redirects=0)
+            assert forged.status == 403, forged.status
+            assert state_of(viewers_job) == "queued"
+            page.context.close()
+
+            # The owner: a cancel without its CSRF token is refused; the page's own form works.
+            page = signed_in(owner)
+            page.goto(f"{web}/jobs/{owners_job}")
+            expect(page.locator("#job-status .badge")).to_have_text("queued")
+            refused = page.request.post(f"{web}/jobs/{owners_job}/cancel", form={}, max_redirects=0)
+            assert refused.status == 400, refused.status
+            assert state_of(owners_job) == "queued"
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.locator("#job-status").get_by_role("button", name="Cancel").click()
+            expect(page.locator("#job-status .badge")).to_have_text("cancelled")
+            assert state_of(owners_job) == "cancelled"
+            page.screenshot(path=str(tmp_path / "roles-owner-cancelled.png"), full_page=True)
         finally:
             browser.close()
