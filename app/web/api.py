@@ -19,7 +19,7 @@ from app.jobs.errors import InvalidParameter, SpecError
 from app.jobs.schemas import parse_spec
 from app.jobs.states import STATES
 from app.models import MAX_ID, JobEvent, Metric, ModelVersion, utcnow
-from app.web import inline, rate_limits, serializers
+from app.web import inline, rate_limits, revalidate, serializers
 from app.web.auth import current_user
 from app.web.context import db, reader, release, release_reader, settings
 from app.web import idempotency
@@ -145,7 +145,8 @@ def list_jobs():
             metadata[key] = value
     times = {p: _time_arg(p) for p in ("created_after", "created_before", "updated_after")}
     # Any change to a job the caller may list changes the version: decided before the page is read.
-    etag = service.etag("jobs", service.job_list_version(session=db(), user=user), user.id, user.is_admin, limit,
+    version = revalidate.version(lambda: service.job_list_version(session=db(), user=user))
+    etag = service.etag("jobs", version, user.id, user.is_admin, limit,
                         cursor, state, kind, name, sorted(metadata.items()), sorted(times.items()))
     if (unchanged := _not_modified(etag)) is not None:
         return unchanged
@@ -161,7 +162,8 @@ def list_jobs():
 def get_job(job_id: int):
     """One job: state, progress, metrics, checkpoints, result, error."""
     if request.if_none_match:  # a revalidating poll: decided from the version alone
-        etag = service.etag("job", job_id, service.job_version(session=db(), user=current_user(), job_id=job_id))
+        version = revalidate.version(lambda: service.job_version(session=db(), user=current_user(), job_id=job_id))
+        etag = service.etag("job", job_id, version)
         if (unchanged := _not_modified(etag)) is not None:
             return unchanged
     job = service.read_job(session=db(), user=current_user(), job_id=job_id)
@@ -217,7 +219,8 @@ def job_metrics(job_id: int):
     latest = request.args.get("latest") in ("1", "true")
     # points=N alone draws the curves kept as reports arrive; with a filter, from the reports it selects.
     kept_curves = bool(points) and after is None and since is None and not latest and "limit" not in request.args
-    newest = service.metrics_version(session=db(), user=current_user(), job_id=job_id, scope=scope)
+    newest = revalidate.version(
+        lambda: service.metrics_version(session=db(), user=current_user(), job_id=job_id, scope=scope))
     etag = service.etag("metrics", job_id, newest, scope, points, limit, after, since, latest, kept_curves)
     if (unchanged := _not_modified(etag)) is not None:
         return unchanged

@@ -6,6 +6,7 @@ from flask import g, request
 
 from app.accounts import authenticate
 from app.models import User
+from app.web import revalidate
 from app.web.context import db, reader, settings
 from app.web.problems import problem
 
@@ -18,6 +19,10 @@ def load_user():
     scheme, _, token = header.partition(" ")
     found = None
     if scheme.lower() == "bearer":
+        # A revalidating poll: its token and its version in one statement, without a session.
+        if (user := revalidate.authenticate(token.strip())) is not None:
+            g.user = user
+            return None
         # The lookup (when the token is not cached) takes no write lock (see ``context.reader``) and
         # runs on its connection: a Core row, without the ORM execution path.
         found = authenticate(session=db(), token=token.strip(), lookup=reader(),

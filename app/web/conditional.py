@@ -3,7 +3,8 @@ or the body.
 
 Every version comes from the function the JSON API uses for the same data (``service.job_version``
 as ``GET /api/v1/jobs/<id>``, ``overview.version`` as ``GET /api/v1/admin/overview``), with the
-API's ETag function, so a page's poll runs no query the API does not. The answers carry
+API's ETag function, so a page's poll reads the same version columns as the API's (which reads
+them in the statement that resolves its token, ``app.web.revalidate``). The answers carry
 ``Cache-Control: no-cache``: the browser keeps them and revalidates every htmx poll with
 ``If-None-Match`` on its own; a 304 reaches htmx as the kept 200.
 """

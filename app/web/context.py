@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import current_app, g, request
+from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 
 from app.db import session_factory
@@ -23,6 +24,10 @@ def db() -> Session:
         write = request.method not in ("GET", "HEAD", "OPTIONS")
         g.db_session = session_factory(settings().database_url, write=write, poll=not write)()
         g.db_session.info[PUBLISHER] = settings()  # webhook deliveries it commits go to this app's broker
+        user = g.get("user")
+        if user is not None and inspect(user).detached:
+            # Authenticated without a session (app.web.revalidate): attached now, as a lookup would have.
+            g.user = g.db_session.merge(user, load=False)
     return g.db_session
 
 
