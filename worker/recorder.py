@@ -103,9 +103,9 @@ class Recorder:
         self._write_lock = threading.Lock()
         self._interval = max(0.2, min(settings.heartbeat_seconds, settings.lease_seconds / 3))
         self._renewed = time.monotonic()
-        # Reports stored since the curves were last folded, and when that was (monotonic).
+        # Reports stored since the curves were last folded, and when the first of them was (monotonic).
         self._unfolded = 0
-        self._folded_at = self._renewed
+        self._unfolded_since = self._renewed
         self._context: contextvars.Context | None = None
         # The periodic checkpoint the checkpoint thread is persisting, if any (one at a time).
         self._in_flight: Future | None = None
@@ -181,7 +181,8 @@ class Recorder:
         batch, progress = ([], None) if hold else self._take()
         now = time.monotonic()
         unfolded = self._unfolded + len(batch)
-        fold = unfolded > 0 and (fold or unfolded >= FOLD_REPORTS or now - self._folded_at >= FOLD_SECONDS)
+        waited = self._unfolded > 0 and now - self._unfolded_since >= FOLD_SECONDS
+        fold = unfolded > 0 and (fold or unfolded >= FOLD_REPORTS or waited)
         try:
             lease = attempts.record_batch(session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                                           lease_seconds=self.settings.lease_seconds, metrics=batch,
@@ -193,9 +194,9 @@ class Recorder:
             raise
         self._renewed = now
         if fold:
-            self._unfolded, self._folded_at = 0, now
+            self._unfolded = 0
         elif self._unfolded == 0 and batch:
-            self._unfolded, self._folded_at = len(batch), now  # the oldest unfolded report's age counts
+            self._unfolded, self._unfolded_since = len(batch), now  # the oldest unfolded report's age counts
         else:
             self._unfolded = unfolded
         self.flushes += 1
