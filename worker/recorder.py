@@ -238,12 +238,11 @@ class Recorder:
         self._settle()
         self._check_live()
         with self._write_lock, self._fenced(what) as session:
-            # With nothing queued, the final transition's own compare-and-set on the token is the fence
-            # (of the curves' last fold too: the caller's writes follow in this transaction).
-            if self._pending or self._pending_progress is not None:
+            # With nothing queued or unfolded, the final transition's own compare-and-set on the token
+            # is the fence. The curves' last fold comes after a renewal, which takes the job's row
+            # first: a stale attempt's fold never waits on (or for) the live attempt's.
+            if self._pending or self._pending_progress is not None or self._unfolded:
                 self._write_queued(session, fold=True)
-            elif self._unfolded:
-                attempts.fold_curves(session=session, job_id=self.job_id)
             deleted = self._delete_expired_rows(session)
             yield session
         self._expired_rows -= deleted

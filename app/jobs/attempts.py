@@ -262,12 +262,6 @@ def add_checkpoint(
     return checkpoint_id
 
 
-def fold_curves(*, session: Session, job_id: int) -> None:
-    """Fold the job's reports that no curve chunk covers yet into its metric curves, in a fenced
-    transaction of the attempt (the caller's compare-and-set on the token, later in it, fences it)."""
-    metric_curves.fold(session=session, job_id=job_id)
-
-
 def expired_checkpoints(*, session: Session, job_id: int, keep_last: int) -> list[Row]:
     """Checkpoints beyond the newest ``keep_last`` that are not the best (retention): rows of id and path."""
     rows = session.connection().execute(_RETENTION, {"k_job": job_id, "k_keep": keep_last}).all()
