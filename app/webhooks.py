@@ -106,9 +106,14 @@ def record_transition(*, session: Session, job_id: int, webhook: dict[str, Any] 
 
 
 def record_checkpoint(*, session: Session, job_id: int, attempt: int, checkpoint_id: int, epoch: int,
-                      step: int, reason: str, is_best: bool) -> None:
-    """The outbox row for a new checkpoint, if the job's webhook wants it."""
-    row = session.execute(select(Job.webhook, Job.kind, Job.name).where(Job.id == job_id)).one()
+                      step: int, reason: str, is_best: bool, job: Any = None) -> None:
+    """The outbox row for a new checkpoint, if the job's webhook wants it.
+
+    ``job``: the job's webhook, kind and name (attributes) read in this transaction already (the
+    lease renewal returns them); else they are read here.
+    """
+    row = job if job is not None else session.execute(
+        select(Job.webhook, Job.kind, Job.name).where(Job.id == job_id)).one()
     if not wants(row.webhook, "checkpoint"):
         return
     record(session=session, job_id=job_id, event_name="checkpoint", data={

@@ -32,20 +32,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import Row, bindparam, delete
 from sqlalchemy.orm import Session
 
 from app import storage
 from app.db import session_scope
 from app.jobs import attempts
 from app.jobs.errors import StaleAttempt, UserError
-from app.models import Checkpoint, Job, utcnow
+from app.models import Checkpoint, utcnow
 from app.settings import Settings
 from worker.heartbeat import SERVICE
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_THREAD = "kiln-checkpoint"
+# The metric curves (``app.jobs.metric_curves``) are folded in a flush once this many reports, or
+# reports this old, wait unfolded, and in the attempt's final transaction; a reader takes the
+# reports after the curves from ``metrics``, so they are whole between folds too.
+FOLD_REPORTS = 256
+FOLD_SECONDS = 10.0
 
 
 class CheckpointWriter:
@@ -67,6 +72,10 @@ class CheckpointWriter:
 
 
 WRITER = CheckpointWriter()
+
+_CHECKPOINTS = Checkpoint.__table__
+_DELETE_ROWS = delete(_CHECKPOINTS).where(_CHECKPOINTS.c.job_id == bindparam("job"),
+                                          _CHECKPOINTS.c.id.in_(bindparam("ids", expanding=True)))
 
 
 class Recorder:
@@ -94,6 +103,9 @@ class Recorder:
         self._write_lock = threading.Lock()
         self._interval = max(0.2, min(settings.heartbeat_seconds, settings.lease_seconds / 3))
         self._renewed = time.monotonic()
+        # Reports stored since the curves were last folded, and when the first of them was (monotonic).
+        self._unfolded = 0
+        self._unfolded_since = self._renewed
         self._context: contextvars.Context | None = None
         # The periodic checkpoint the checkpoint thread is persisting, if any (one at a time).
         self._in_flight: Future | None = None
@@ -158,23 +170,37 @@ class Recorder:
             if self._pending_progress is None:
                 self._pending_progress = progress
 
-    def _write_queued(self, session: Session, *, hold: bool = False) -> Job:
+    def _write_queued(self, session: Session, *, hold: bool = False, fold: bool = False) -> Row:
         """Write what is queued (and renew the lease) in ``session``; the caller holds ``_write_lock``.
+        Returns the job's stop requests and webhook (``attempts.record_batch``).
 
-        ``hold``: renew only, leaving the queue for the checkpoint in flight to store.
+        ``hold``: renew only, leaving the queue for the checkpoint in flight to store. The metric
+        curves are folded with ``fold``, or once :data:`FOLD_REPORTS` reports, or reports
+        :data:`FOLD_SECONDS` old, wait for it.
         """
         batch, progress = ([], None) if hold else self._take()
+        now = time.monotonic()
+        unfolded = self._unfolded + len(batch)
+        waited = self._unfolded > 0 and now - self._unfolded_since >= FOLD_SECONDS
+        fold = unfolded > 0 and (fold or unfolded >= FOLD_REPORTS or waited)
         try:
-            job = attempts.record_batch(session=session, job_id=self.job_id, token=self.token, owner=self.owner,
-                                        lease_seconds=self.settings.lease_seconds, metrics=batch, progress=progress)
+            lease = attempts.record_batch(session=session, job_id=self.job_id, token=self.token, owner=self.owner,
+                                          lease_seconds=self.settings.lease_seconds, metrics=batch,
+                                          progress=progress, fold=fold)
         except StaleAttempt:
             raise  # refused: the batch is dropped with the attempt
         except BaseException:
             self._put_back(batch, progress)
             raise
-        self._renewed = time.monotonic()
+        self._renewed = now
+        if fold:
+            self._unfolded = 0
+        elif self._unfolded == 0 and batch:
+            self._unfolded, self._unfolded_since = len(batch), now  # the oldest unfolded report's age counts
+        else:
+            self._unfolded = unfolded
         self.flushes += 1
-        return job
+        return lease
 
     def wait_for_checkpoint(self) -> None:
         """Wait until the checkpoint in flight is stored; raise (once) what stopped it.
@@ -212,9 +238,11 @@ class Recorder:
         self._settle()
         self._check_live()
         with self._write_lock, self._fenced(what) as session:
-            # With nothing queued, the final transition's own compare-and-set on the token is the fence.
-            if self._pending or self._pending_progress is not None:
-                self._write_queued(session)
+            # With nothing queued or unfolded, the final transition's own compare-and-set on the token
+            # is the fence. The curves' last fold comes after a renewal, which takes the job's row
+            # first: a stale attempt's fold never waits on (or for) the live attempt's.
+            if self._pending or self._pending_progress is not None or self._unfolded:
+                self._write_queued(session, fold=True)
             deleted = self._delete_expired_rows(session)
             yield session
         self._expired_rows -= deleted
@@ -253,8 +281,8 @@ class Recorder:
                 return
             try:
                 with self._fenced("lease renewal and queued metrics") as session:
-                    job = self._write_queued(session, hold=self._checkpoint_in_flight())
-                    cancel, pause = job.cancel_requested_at, job.pause_requested_at
+                    lease = self._write_queued(session, hold=self._checkpoint_in_flight())
+                    cancel, pause = lease.cancel_requested_at, lease.pause_requested_at
             except StaleAttempt:
                 log.warning("event=lease_lost job_id=%s attempt=%s", self.job_id, self.token)
                 return
@@ -324,8 +352,7 @@ class Recorder:
         deleted; returns their ids, for the caller to forget once the transaction committed."""
         expired = set(self._expired_rows)
         if expired:
-            session.execute(delete(Checkpoint).where(Checkpoint.job_id == self.job_id,
-                                                     Checkpoint.id.in_(sorted(expired))))
+            session.connection().execute(_DELETE_ROWS, {"job": self.job_id, "ids": sorted(expired)})
         return expired
 
     def _persist_checkpoint(self, epoch: int, step: int, data: Iterable[bytes | memoryview], *,
@@ -344,17 +371,17 @@ class Recorder:
             # Queued metrics go first, in the same transaction: the reports before a checkpoint
             # are stored before it, whatever happens to the process next.
             with self._write_lock, self._fenced(f"checkpoint at epoch {epoch}, step {step}") as session:
-                self._write_queued(session)  # renews the lease: the fence of this whole transaction
+                lease = self._write_queued(session)  # renews the lease: the fence of this whole transaction
                 deleted = self._delete_expired_rows(session)
-                row = attempts.add_checkpoint(
+                checkpoint_id = attempts.add_checkpoint(
                     session=session, job_id=self.job_id, token=self.token, owner=self.owner,
                     lease_seconds=self.settings.lease_seconds, epoch=epoch, step=step, path=relative,
                     size=size, sha256=digest, metric_name=metric_name, metric_value=metric_value,
-                    is_best=is_best, reason=reason, renewed=True,
+                    is_best=is_best, reason=reason, lease=lease,
                 )
-                self.last_checkpoint_id = row.id
+                self.last_checkpoint_id = checkpoint_id
                 if is_best:
-                    self.best_checkpoint_id = row.id
+                    self.best_checkpoint_id = checkpoint_id
                 expired = {old.id: old.path for old in
                            attempts.expired_checkpoints(session=session, job_id=self.job_id, keep_last=self.keep_last)}
         except StaleAttempt:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, tuple_, update
+from sqlalchemy import Row, bindparam, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app import model_registry, webhooks
@@ -162,13 +162,63 @@ def record_metrics(
     metric_curves.fold(session=session, job_id=job_id)
 
 
+_JOBS, _ATTEMPTS, _CHECKPOINTS = Job.__table__, Attempt.__table__, Checkpoint.__table__
+# The renewal's RETURNING: what the heartbeat reads (stop requests) and a checkpoint's webhook needs.
+_LEASE_COLUMNS = (_JOBS.c.cancel_requested_at, _JOBS.c.pause_requested_at, _JOBS.c.webhook, _JOBS.c.kind,
+                  _JOBS.c.name)
+_RENEWALS: dict[tuple[str, ...], Any] = {}  # by the progress columns it also sets; built once per process
+_BEAT = (update(_ATTEMPTS).where(_ATTEMPTS.c.job_id == bindparam("r_job"), _ATTEMPTS.c.number == bindparam("r_token"))
+         .values(heartbeat_at=bindparam("r_now", type_=_ATTEMPTS.c.heartbeat_at.type)))
+_INSERT_METRICS = insert(Metric.__table__)
+_INSERT_CHECKPOINT = insert(_CHECKPOINTS).returning(_CHECKPOINTS.c.id)
+_NOT_BEST = (update(_CHECKPOINTS).where(_CHECKPOINTS.c.job_id == bindparam("k_job"), _CHECKPOINTS.c.is_best.is_(True))
+             .values(is_best=False))
+_RETENTION = (select(_CHECKPOINTS.c.id, _CHECKPOINTS.c.path, _CHECKPOINTS.c.is_best)
+              .where(_CHECKPOINTS.c.job_id == bindparam("k_job"))
+              .order_by(_CHECKPOINTS.c.step.desc(), _CHECKPOINTS.c.id.desc()).offset(bindparam("k_keep")))
+
+
+def _renewal(columns: tuple[str, ...]) -> Any:
+    statement = _RENEWALS.get(columns)
+    if statement is None:
+        statement = _RENEWALS[columns] = (
+            update(_JOBS)
+            .where(_JOBS.c.id == bindparam("r_job"), _JOBS.c.attempts == bindparam("r_token"),
+                   _JOBS.c.state == states.RUNNING, _JOBS.c.lease_owner == bindparam("r_owner"))
+            .values(lease_expires_at=bindparam("r_expires", type_=_JOBS.c.lease_expires_at.type),
+                    updated_at=bindparam("r_now", type_=_JOBS.c.updated_at.type),
+                    **{c: bindparam(f"r_{c}", type_=_JOBS.c[c].type) for c in columns})
+            .returning(*_LEASE_COLUMNS))
+    return statement
+
+
+def _renew_lease(session: Session, *, job_id: int, token: int, owner: str, lease_seconds: float,
+                 values: dict[str, Any]) -> Row:
+    """:func:`renew` in two prebuilt Core statements, the job's row not reloaded: returns the
+    :data:`_LEASE_COLUMNS` of the job, or raises StaleAttempt."""
+    now = utcnow()
+    connection = session.connection()
+    params = {"r_job": job_id, "r_token": token, "r_owner": owner, "r_now": now,
+              "r_expires": now + timedelta(seconds=lease_seconds), **{f"r_{c}": v for c, v in values.items()}}
+    rows = connection.execute(_renewal(tuple(sorted(values))), params).all()
+    if len(rows) != 1:
+        raise StaleAttempt(f"job {job_id}: attempt {token} no longer holds the lease")
+    connection.execute(_BEAT, {"r_job": job_id, "r_token": token, "r_now": now})
+    return rows[0]
+
+
 def record_batch(
     *, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
-    metrics: list[dict[str, Any]], progress: float | None = None,
-) -> Job:
+    metrics: list[dict[str, Any]], progress: float | None = None, fold: bool = True,
+) -> Row:
     """Renew the lease and store queued metrics reports (in order) and progress, all in one fenced write.
 
-    Each report is a dict of scope, epoch, step, values and ``at`` (when it was measured).
+    Each report is a dict of scope, epoch, step, values and ``at`` (when it was measured). ``fold``:
+    also fold every report no curve chunk covers yet into the metric curves (a worker folds every
+    few hundred reports and in its final transaction; a reader of the curves takes the reports
+    after them from ``metrics``, so the curves are whole either way). Core statements built once
+    per process, and no ORM work: returns the job's stop requests and webhook (cancel_requested_at,
+    pause_requested_at, webhook, kind, name).
     """
     changes: dict[str, Any] = {}
     last = next((m for m in reversed(metrics) if m["scope"] != "test"), None)
@@ -176,42 +226,46 @@ def record_batch(
         changes.update(epoch=last["epoch"], step=last["step"])
     if progress is not None:
         changes["progress"] = max(0.0, min(1.0, progress))
-    job = renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds, values=changes)
+    lease = _renew_lease(session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds,
+                         values=changes)
     if metrics:
         # One multi-row INSERT; rows go in list order, so ids increase with the order of the reports.
-        session.execute(insert(Metric), [{"job_id": job_id, "attempt": token, **m} for m in metrics])
+        session.connection().execute(_INSERT_METRICS, [{"job_id": job_id, "attempt": token, **m} for m in metrics])
+    if fold:
         metric_curves.fold(session=session, job_id=job_id)  # the curves a downsampled poll reads
-    return job
+    return lease
 
 
 def add_checkpoint(
     *, session: Session, job_id: int, token: int, owner: str, lease_seconds: float,
     epoch: int, step: int, path: str, size: int, sha256: str, metric_name: str | None,
-    metric_value: float | None, is_best: bool, reason: str, renewed: bool = False,
-) -> Checkpoint:
-    """Record a checkpoint file written by the attempt holding the lease.
+    metric_value: float | None, is_best: bool, reason: str, lease: Row | None = None,
+) -> int:
+    """Record a checkpoint file written by the attempt holding the lease; returns the row's id.
 
-    ``renewed``: the caller already renewed the lease in this transaction (:func:`record_batch`).
+    ``lease``: what :func:`record_batch` returned, when it already renewed the lease in this
+    transaction (else it is renewed here). Core statements only: the row and, if the job's
+    webhook asks for it, its outbox row.
     """
-    if not renewed:
-        renew(session=session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds)
+    if lease is None:
+        lease = _renew_lease(session, job_id=job_id, token=token, owner=owner, lease_seconds=lease_seconds,
+                             values={})
+    connection = session.connection()
     if is_best:
-        session.execute(update(Checkpoint).where(Checkpoint.job_id == job_id).values(is_best=False))
-    row = Checkpoint(
-        job_id=job_id, attempt=token, epoch=epoch, step=step, path=path, size_bytes=size, sha256=sha256,
-        metric_name=metric_name, metric_value=metric_value, is_best=is_best, reason=reason,
-    )
-    session.add(row)
-    session.flush()
-    webhooks.record_checkpoint(session=session, job_id=job_id, attempt=token, checkpoint_id=row.id, epoch=epoch,
-                               step=step, reason=reason, is_best=is_best)
-    return row
+        connection.execute(_NOT_BEST, {"k_job": job_id})
+    checkpoint_id = connection.execute(_INSERT_CHECKPOINT, {
+        "job_id": job_id, "attempt": token, "epoch": epoch, "step": step, "path": path, "size_bytes": size,
+        "sha256": sha256, "metric_name": metric_name, "metric_value": metric_value, "is_best": is_best,
+        "reason": reason, "created_at": utcnow()}).scalar_one()
+    webhooks.record_checkpoint(session=session, job_id=job_id, attempt=token, checkpoint_id=checkpoint_id,
+                               epoch=epoch, step=step, reason=reason, is_best=is_best, job=lease)
+    return checkpoint_id
 
 
-def expired_checkpoints(*, session: Session, job_id: int, keep_last: int) -> list[Checkpoint]:
-    """Checkpoints beyond the newest ``keep_last`` that are not the best (retention)."""
-    rows = checkpoints_newest_first(session=session, job_id=job_id)
-    return [c for c in rows[keep_last:] if not c.is_best]
+def expired_checkpoints(*, session: Session, job_id: int, keep_last: int) -> list[Row]:
+    """Checkpoints beyond the newest ``keep_last`` that are not the best (retention): rows of id and path."""
+    rows = session.connection().execute(_RETENTION, {"k_job": job_id, "k_keep": keep_last}).all()
+    return [row for row in rows if not row.is_best]
 
 
 def checkpoints_newest_first(*, session: Session, job_id: int) -> list[Checkpoint]:
@@ -247,8 +301,6 @@ def end_attempt(*, session: Session, job_id: int, owner_id: int, token: int, out
     (:class:`~app.usage.Tally`)."""
     end_attempts(session=session, ended=[(job_id, owner_id, token)], outcome=outcome, at=at, tally=tally)
 
-
-_ATTEMPTS = Attempt.__table__
 
 
 def end_attempts(*, session: Session, ended: Sequence[tuple[int, int, int]], outcome: str, at: datetime,

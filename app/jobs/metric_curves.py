@@ -1,8 +1,9 @@
 """Each metric's curve of a job, kept in packed chunks beside its reports, and drawn downsampled.
 
 A report (a ``metrics`` row) holds several named values; a curve is one (scope, name) pair's values
-in report order. :func:`fold` appends the reports no chunk covers yet to their curves, in the
-transaction that stores them (``app.jobs.attempts``), at two levels: every point, and one summary
+in report order. :func:`fold` appends the reports no chunk covers yet to their curves, in a fenced
+transaction of the attempt that stores reports (``app.jobs.attempts``; a worker folds every few
+hundred reports or seconds and in its final transaction), at two levels: every point, and one summary
 per block of :data:`BLOCK` points (its first, last, lowest and highest point). :func:`read` draws a
 job's curves from the summaries when a curve is long enough that a bucket spans whole blocks, else
 from the points, and takes any report after the chunks' ``covered_id`` from ``metrics``: reports
@@ -173,8 +174,9 @@ _INSERT_CHUNK = insert(_chunk).values(job_id=bindparam("c_job"), scope=bindparam
 
 
 def fold(*, session: Session, job_id: int) -> None:
-    """Append the job's reports that no chunk covers yet to their curves; call it in the
-    transaction that stored them (the job's lease renewal serialises it with any other writer)."""
+    """Append the job's reports that no chunk covers yet to their curves; call it in a fenced
+    transaction of the attempt (the job's lease renewal, or its final compare-and-set, serialises
+    it with any other writer)."""
     chunk = MetricCurveChunk
     newest = (select(chunk.scope, chunk.name, chunk.level, func.max(chunk.chunk).label("chunk"))
               .where(chunk.job_id == job_id).group_by(chunk.scope, chunk.name, chunk.level).subquery())

@@ -34,7 +34,8 @@ class MetricCurveChunk(Base):
     """Up to ``app.jobs.metric_curves.CHUNK_RECORDS`` consecutive records of one level of one metric's
     curve (a scope and a value name of a job's reports), packed as little-endian (id, epoch, step,
     value) records: level 0 holds every point, level 1 four records per block of points. Written by
-    :mod:`app.jobs.metric_curves` in the transaction that stores the reports. ``total``: the curve's
+    :mod:`app.jobs.metric_curves` in a fenced transaction of the attempt that stores reports (every
+    few hundred reports, and its final one). ``total``: the curve's
     points when this chunk was written; ``covered_id``: every report of the job with an id up to it
     was in the curves then (a reader takes later reports from ``metrics``)."""
 
