@@ -29,6 +29,7 @@ from app.jobs.errors import JobFailure, SpecError, UserError
 from app.jobs.schemas import PredictSpec, parse_spec
 from app.models import Job, utcnow
 from app.settings import Settings
+from app.usage import Tally
 from worker.recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,12 @@ _COMPANY = (
 
 
 def take_company(*, session: Session, lead_id: int, model_version_id: int | None, limit: int, worker: str,
-                 settings: Settings) -> list[tuple]:
+                 settings: Settings, tally: Tally | None = None) -> list[tuple]:
     """In the caller's write transaction, claim up to ``limit`` queued predictions of the model
     version for the lead's batch (each with the conditional UPDATE of :func:`app.jobs.attempts.claim`,
     so each gets its own attempt and fencing token); returns (job id, token, lease owner, raw spec)
-    of each claimed one, for :func:`claim_more` once the transaction committed."""
+    of each claimed one, for :func:`claim_more` once the transaction committed. With ``tally``, their
+    usage totals go there for the caller to apply (after its other job rows: the lock order)."""
     if limit <= 0 or model_version_id is None:
         return []
     rows = session.execute(_COMPANY, {"model_version_id": model_version_id, "lead_id": lead_id, "now": utcnow(),
@@ -113,7 +115,7 @@ def take_company(*, session: Session, lead_id: int, model_version_id: int | None
     specs = {row.id: row.spec for row in rows}
     return [(a.job_id, a.number, attempts.lease_owner(a), specs[a.job_id]) for a in attempts.claim_many(
         session=session, jobs=[(row.id, row.attempts) for row in rows], worker=worker, host=socket.gethostname(),
-        pid=os.getpid(), lease_seconds=settings.lease_seconds, device=device_kind("auto"))]
+        pid=os.getpid(), lease_seconds=settings.lease_seconds, device=device_kind("auto"), tally=tally)]
 
 
 def _members(claimed: list[tuple], lead_id: int, worker: str, settings: Settings) -> list[Member]:

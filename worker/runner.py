@@ -15,13 +15,14 @@ from sqlalchemy import bindparam, select
 
 from app import finish_signal, model_registry, storage
 from app.catalog import GENERATIVE_TASKS
-from app.db import session_scope
+from app.db import get_engine, session_scope
 from app.jobs import attempts, recovery, states
 from app.jobs.errors import JobFailure, JobTimeout, SpecError, StaleAttempt, UserError
 from app.jobs.schemas import PredictSpec, TrainSpec, parse_spec
 from app.logs import bind_job
 from app.models import Checkpoint, Dataset, Job, ModelVersion, utcnow
 from app.settings import Settings
+from app.usage import Tally
 from worker import batch_files, failpoints, generation_job, micro_batch
 from worker.recorder import Recorder
 
@@ -87,16 +88,17 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
         # its message arrived): attempts only grow, so the job is not claimable with it.
         log.info("event=dropped job_id=%s token=%s reason=claimed_here", job_id, token)
         return "dropped"
-    prepared = _prepare(job_id, token, settings)
+    prepared = _prepare(job_id, token, settings) if _claimable(job_id, token, settings) else None
     if prepared is None:
         log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
         return "dropped"
     resumed = prepared.resume is not None
+    tally = Tally()  # the usage totals of the lead's claim and its company's: one upsert
     with session_scope(settings.database_url, write=True) as session:
         attempt = attempts.claim(
             session=session, job_id=job_id, token=token, worker=worker, host=socket.gethostname(),
             pid=os.getpid(), lease_seconds=settings.lease_seconds, start=prepared.start, resumed=resumed,
-            device=_device_kind(prepared.spec),
+            device=_device_kind(prepared.spec), tally=tally,
         )
         if attempt is not None:
             for message in prepared.skipped:
@@ -109,7 +111,8 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
                 prepared.company = micro_batch.take_company(
                     session=session, lead_id=job_id, model_version_id=prepared.model_version_id,
                     limit=micro_batch.batch_size(settings, prepared.batch_limits[0]) - 1, worker=worker,
-                    settings=settings)
+                    settings=settings, tally=tally)
+        tally.apply(session=session)
     if attempt is None:
         log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
         return "dropped"
@@ -151,6 +154,28 @@ _CLAIMABLE_JOB = (
     .outerjoin(Checkpoint, Checkpoint.id == ModelVersion.checkpoint_id)
     .where(Job.id == bindparam("job_id"), Job.state == states.QUEUED, Job.attempts == bindparam("token"))
 )
+
+
+# A drain's messages are mostly duplicates: the jobs a micro-batch of another process took before
+# their own messages arrived. One narrow statement tells them apart, without a session, a
+# transaction (PostgreSQL: autocommit) or the ~60 columns of the job, its model and checkpoint.
+_STILL_CLAIMABLE = (
+    select(Job.__table__.c.id)
+    .where(Job.__table__.c.id == bindparam("job_id"), Job.__table__.c.state == states.QUEUED,
+           Job.__table__.c.attempts == bindparam("token"))
+)
+_readers: dict[str, object] = {}
+
+
+def _claimable(job_id: int, token: int, settings: Settings) -> bool:
+    """Whether ``job_id`` is queued with ``token`` now (the claim's compare-and-set decides later)."""
+    reader = _readers.get(settings.database_url)
+    if reader is None:
+        engine = get_engine(settings.database_url)
+        reader = _readers[settings.database_url] = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine)
+    with reader.connect() as conn:
+        return conn.execute(_STILL_CLAIMABLE, {"job_id": job_id, "token": token}).first() is not None
 
 
 def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:
