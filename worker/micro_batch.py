@@ -195,12 +195,17 @@ def _finish_all(done: list[tuple[Member, dict]], model_ref: str, batch_id: str, 
         m.recorder.close()
     if not done:
         return {}
+    batched = {m.job_id: dict(kind="batched", message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
+                              data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes})
+               for m, _ in done}
     with session_scope(settings.database_url, write=True) as session:
-        ended = set(attempts.finish_many(session=session, to=states.SUCCEEDED, jobs=[
+        # One transaction, one statement per step for the whole batch: the compare-and-set of every
+        # job (each on its own token), their results, their state and "batched" events (one
+        # INSERT), the attempts' ends, the usage totals.
+        ended = set(attempts.finish_many(session=session, to=states.SUCCEEDED, also=batched, jobs=[
             (m.job_id, m.recorder.token, _finite({"model": model_ref, **result}),
              f"predicted {len(m.spec.inputs)} inputs with {model_ref}") for m, result in done]))
         outcomes: dict[int, str] = {}
-        events = []
         for m, _ in done:
             if m.job_id not in ended:
                 log.warning("event=stale_attempt job_id=%s attempt=%s", m.job_id, m.recorder.token)
@@ -208,10 +213,5 @@ def _finish_all(done: list[tuple[Member, dict]], model_ref: str, batch_id: str, 
                                               what="finish", detail="the attempt may no longer finish the job")
                 outcomes[m.job_id] = "stale"
                 continue
-            events.append(dict(job_id=m.job_id, attempt=m.recorder.token, kind="batched",
-                               message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
-                               data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes}))
             outcomes[m.job_id] = states.SUCCEEDED
-        if events:  # one multi-row INSERT for the batch's events, after the state events
-            attempts.record_events(session=session, events=events)
     return outcomes

@@ -157,25 +157,44 @@ _CLAIMABLE_JOB = (
 
 
 # A drain's messages are mostly duplicates: the jobs a micro-batch of another process took before
-# their own messages arrived. One narrow statement tells them apart, without a session, a
-# transaction (PostgreSQL: autocommit) or the ~60 columns of the job, its model and checkpoint.
-_STILL_CLAIMABLE = (
-    select(Job.__table__.c.id)
-    .where(Job.__table__.c.id == bindparam("job_id"), Job.__table__.c.state == states.QUEUED,
-           Job.__table__.c.attempts == bindparam("token"))
-)
-_readers: dict[str, object] = {}
+# their own messages arrived. One narrow statement tells them apart, on a pooled driver connection
+# (no session, no SQLAlchemy statement, no transaction: autocommit on PostgreSQL, and pysqlite
+# opens none for a SELECT), without the ~60 columns of the job, its model and its checkpoint.
+_STILL_CLAIMABLE = "SELECT 1 FROM jobs WHERE id = {p} AND state = 'queued' AND attempts = {p}"
+_probes: dict[str, tuple[object, str, bool]] = {}
 
 
 def _claimable(job_id: int, token: int, settings: Settings) -> bool:
-    """Whether ``job_id`` is queued with ``token`` now (the claim's compare-and-set decides later)."""
-    reader = _readers.get(settings.database_url)
-    if reader is None:
+    """Whether ``job_id`` is queued with ``token`` now (the claim's compare-and-set decides later;
+    True when the probe itself failed, so that :func:`_prepare` and the claim decide)."""
+    probe = _probes.get(settings.database_url)
+    if probe is None:
         engine = get_engine(settings.database_url)
-        reader = _readers[settings.database_url] = (
-            engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine)
-    with reader.connect() as conn:
-        return conn.execute(_STILL_CLAIMABLE, {"job_id": job_id, "token": token}).first() is not None
+        marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        probe = _probes[settings.database_url] = (engine, _STILL_CLAIMABLE.format(p=marker),
+                                                   engine.dialect.name == "postgresql")
+    engine, sql, autocommit = probe
+    try:
+        conn = engine.raw_connection()
+    except Exception:  # noqa: BLE001 - the full read reports a database that is down
+        return True
+    try:
+        if autocommit:
+            conn.driver_connection.autocommit = True
+        cursor = conn.cursor()
+        try:
+            cursor.execute(sql, (job_id, token))
+            return cursor.fetchone() is not None
+        finally:
+            cursor.close()
+    except Exception as exc:  # noqa: BLE001 - a broken connection is dropped; the full read decides
+        log.warning("event=claimable_probe_failed job_id=%s error=%r", job_id, exc)
+        conn.invalidate()
+        return True
+    finally:
+        if autocommit and conn.is_valid:
+            conn.driver_connection.autocommit = False  # idle: no round trip
+        conn.close()  # back to the pool
 
 
 def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:

@@ -322,10 +322,12 @@ def finish(
 def finish_many(
     *, session: Session, jobs: Sequence[tuple[int, int, dict[str, Any] | None, str | None]], to: str,
     error_class: str | None = None, values: dict[str, Any] | None = None,
+    also: dict[int, dict[str, Any]] | None = None,
 ) -> list[int]:
     """End each attempt of ``jobs`` (job id, token, result, message) by moving its job to ``to``, as
     :func:`finish` does, one compare-and-set each (all in one statement); returns the ids of the jobs
-    that ended (a stale token ends nothing of its job)."""
+    that ended (a stale token ends nothing of its job). ``also``: one more event by job id (kind,
+    message, data), written with the state events for the jobs that ended."""
     shared = dict(values or {})
     if to == states.SUCCEEDED:
         shared["progress"] = 1.0
@@ -342,7 +344,7 @@ def finish_many(
                                  data={"error_class": error_class} if error_class else None))
     # One compare-and-set statement for the batch (each row on its own token), one executemany for
     # the results of the rows it won, one INSERT for the events.
-    moved = states.transition_batch(session, moves, to=to, expect=states.RUNNING, values=shared)
+    moved = states.transition_batch(session, moves, to=to, expect=states.RUNNING, values=shared, also=also)
     if moved:
         now, tally = utcnow(), Tally()
         end_attempts(session=session, ended=[(m.move.job_id, m.owner_id, m.move.token) for m in moved],

@@ -206,6 +206,7 @@ def transition_batch(
     where: Sequence[Any] = (),
     params: dict[str, Any] | None = None,
     shape: str | None = None,
+    also: dict[int, dict[str, Any]] | None = None,
 ) -> list[Moved]:
     """:func:`transition_all` for a batch of moves that each carry their fencing token, in one
     statement for all of them: ``UPDATE jobs SET … WHERE (id, attempts) IN ((id, token), …) AND
@@ -215,7 +216,9 @@ def transition_batch(
     ``values`` are shared by every move (SQL expressions of the row allowed, such as
     ``attempts + 1``); each move's own ``values`` are written by one more statement (an
     ``executemany``) for the moves that won, whose rows this transaction now holds. ``shape`` as in
-    :func:`transition_all`: with it, the statements are built once per process.
+    :func:`transition_all`: with it, the statements are built once per process. ``also``: one more
+    event (kind, message, data) by job id, written after its state event in the same INSERT if, and
+    only if, its job moved.
     """
     if not moves:
         return []
@@ -251,9 +254,15 @@ def transition_batch(
         conn.execute(own, [{"kiln_job_id": m.move.job_id, **{f"kiln_value_{k}": v for k, v in m.move.values.items()}}
                            for m, _ in won if tuple(m.move.values) == keys])
     if won:
-        conn.execute(_INSERT_EVENT, [
-            dict(job_id=m.move.job_id, at=now, kind=event, from_state=m.from_state, to_state=to,
-                 attempt=m.attempt or None, message=m.move.message, data=m.move.data) for m, _ in won])
+        rows = []
+        for m, _ in won:
+            rows.append(dict(job_id=m.move.job_id, at=now, kind=event, from_state=m.from_state, to_state=to,
+                             attempt=m.attempt or None, message=m.move.message, data=m.move.data))
+            extra = also.get(m.move.job_id) if also else None
+            if extra is not None:
+                rows.append(dict(job_id=m.move.job_id, at=now, kind=extra["kind"], from_state=None, to_state=None,
+                                 attempt=m.attempt or None, message=extra.get("message"), data=extra.get("data")))
+        conn.execute(_INSERT_EVENT, rows)
     for m, webhook in won:
         webhooks.record_transition(session=session, job_id=m.move.job_id, webhook=webhook, to=to,
                                    from_state=m.from_state, attempt=m.attempt or None, message=m.move.message)
