@@ -234,17 +234,30 @@ def transition_batch(
             binds[f"kiln_shared_{key}"] = value
     cacheable = shape is not None or not any(isinstance(v, ClauseElement) for v in shared.values()) and not where
     statements = _STATEMENTS if cacheable else {}
-    key = ("batch", shape, expect, to, tuple(shared))
-    stmt = statements.get(key)
-    if stmt is None:
-        stmt = statements[key] = _compare_and_set_batch(expect, to, shared, where)
     session.flush()
     conn = session.connection()
-    rows = conn.execute(stmt, {"kiln_pairs": [(m.job_id, m.token) for m in moves], **binds}).all()
-    returned = {row.id: row for row in rows}
-    won = [(Moved(m, expect, returned[m.job_id].attempts, returned[m.job_id].owner_id), returned[m.job_id].webhook)
-           for m in moves if m.job_id in returned]
-    own_keys = {tuple(m.move.values) for m, _ in won}
+    if len(moves) == 1:
+        # A lone move (an inline prediction's claim or finish): its own columns go in its
+        # compare-and-set, one statement (``WHERE id = … AND attempts = …``).
+        move = moves[0]
+        key = ("one", shape, expect, to, tuple(move.values), tuple(shared))
+        stmt = statements.get(key)
+        if stmt is None:
+            stmt = statements[key] = _compare_and_set(expect, to, move, shared, where)
+        row = conn.execute(stmt, {"kiln_job_id": move.job_id, "kiln_token": move.token, **binds,
+                                  **{f"kiln_value_{k}": v for k, v in move.values.items()}}).first()
+        won = [] if row is None else [(Moved(move, expect, row.attempts, row.owner_id), row.webhook)]
+        own_keys: set[tuple[str, ...]] = set()
+    else:
+        key = ("batch", shape, expect, to, tuple(shared))
+        stmt = statements.get(key)
+        if stmt is None:
+            stmt = statements[key] = _compare_and_set_batch(expect, to, shared, where)
+        rows = conn.execute(stmt, {"kiln_pairs": [(m.job_id, m.token) for m in moves], **binds}).all()
+        returned = {row.id: row for row in rows}
+        won = [(Moved(m, expect, returned[m.job_id].attempts, returned[m.job_id].owner_id),
+                returned[m.job_id].webhook) for m in moves if m.job_id in returned]
+        own_keys = {tuple(m.move.values) for m, _ in won}
     for keys in own_keys:  # each move's own columns, for the moves that won (usually one shape)
         if not keys:
             continue
