@@ -289,6 +289,17 @@ def end_attempt(*, session: Session, job_id: int, owner_id: int, token: int, out
 _ATTEMPTS = Attempt.__table__
 
 
+# Built once (every value bound): building and keying a fresh statement cost more than running it.
+_END_ATTEMPTS = (
+    update(_ATTEMPTS)
+    .where(tuple_(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number).in_(bindparam("kiln_pairs", expanding=True)),
+           _ATTEMPTS.c.ended_at.is_(None))
+    .values(ended_at=bindparam("kiln_at", type_=_ATTEMPTS.c.ended_at.type),
+            outcome=bindparam("kiln_outcome", type_=_ATTEMPTS.c.outcome.type))
+    .returning(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number, _ATTEMPTS.c.started_at, _ATTEMPTS.c.device)
+)
+
+
 def end_attempts(*, session: Session, ended: Sequence[tuple[int, int, int]], outcome: str, at: datetime,
                  tally: Tally | None = None) -> None:
     """End each attempt of ``ended`` (job id, owner id, token) at ``at``, if it has not ended, with one
@@ -296,12 +307,8 @@ def end_attempts(*, session: Session, ended: Sequence[tuple[int, int, int]], out
     if not ended:
         return
     owners = {(job_id, token): owner_id for job_id, owner_id, token in ended}
-    rows = session.execute(
-        update(_ATTEMPTS)
-        .where(tuple_(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number).in_(list(owners)), _ATTEMPTS.c.ended_at.is_(None))
-        .values(ended_at=at, outcome=outcome)
-        .returning(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number, _ATTEMPTS.c.started_at, _ATTEMPTS.c.device)
-    ).all()
+    rows = session.connection().execute(_END_ATTEMPTS, {"kiln_pairs": list(owners), "kiln_at": at,
+                                                        "kiln_outcome": outcome}).all()
     usage = tally or Tally()
     for row in rows:
         usage.add(owners[row.job_id, row.number], device=row.device, seconds=(at - row.started_at).total_seconds())
