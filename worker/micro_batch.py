@@ -29,6 +29,7 @@ from app.jobs.errors import JobFailure, SpecError, UserError
 from app.jobs.schemas import PredictSpec, parse_spec
 from app.models import Job, utcnow
 from app.settings import Settings
+from app.usage import Tally
 from worker.recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,12 @@ _COMPANY = (
 
 
 def take_company(*, session: Session, lead_id: int, model_version_id: int | None, limit: int, worker: str,
-                 settings: Settings) -> list[tuple]:
+                 settings: Settings, tally: Tally | None = None) -> list[tuple]:
     """In the caller's write transaction, claim up to ``limit`` queued predictions of the model
     version for the lead's batch (each with the conditional UPDATE of :func:`app.jobs.attempts.claim`,
     so each gets its own attempt and fencing token); returns (job id, token, lease owner, raw spec)
-    of each claimed one, for :func:`claim_more` once the transaction committed."""
+    of each claimed one, for :func:`claim_more` once the transaction committed. With ``tally``, their
+    usage totals go there for the caller to apply (after its other job rows: the lock order)."""
     if limit <= 0 or model_version_id is None:
         return []
     rows = session.execute(_COMPANY, {"model_version_id": model_version_id, "lead_id": lead_id, "now": utcnow(),
@@ -113,7 +115,7 @@ def take_company(*, session: Session, lead_id: int, model_version_id: int | None
     specs = {row.id: row.spec for row in rows}
     return [(a.job_id, a.number, attempts.lease_owner(a), specs[a.job_id]) for a in attempts.claim_many(
         session=session, jobs=[(row.id, row.attempts) for row in rows], worker=worker, host=socket.gethostname(),
-        pid=os.getpid(), lease_seconds=settings.lease_seconds, device=device_kind("auto"))]
+        pid=os.getpid(), lease_seconds=settings.lease_seconds, device=device_kind("auto"), tally=tally)]
 
 
 def _members(claimed: list[tuple], lead_id: int, worker: str, settings: Settings) -> list[Member]:
@@ -193,12 +195,17 @@ def _finish_all(done: list[tuple[Member, dict]], model_ref: str, batch_id: str, 
         m.recorder.close()
     if not done:
         return {}
+    batched = {m.job_id: dict(kind="batched", message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
+                              data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes})
+               for m, _ in done}
     with session_scope(settings.database_url, write=True) as session:
-        ended = set(attempts.finish_many(session=session, to=states.SUCCEEDED, jobs=[
+        # One transaction, one statement per step for the whole batch: the compare-and-set of every
+        # job (each on its own token), their results, their state and "batched" events (one
+        # INSERT), the attempts' ends, the usage totals.
+        ended = set(attempts.finish_many(session=session, to=states.SUCCEEDED, also=batched, jobs=[
             (m.job_id, m.recorder.token, _finite({"model": model_ref, **result}),
              f"predicted {len(m.spec.inputs)} inputs with {model_ref}") for m, result in done]))
         outcomes: dict[int, str] = {}
-        events = []
         for m, _ in done:
             if m.job_id not in ended:
                 log.warning("event=stale_attempt job_id=%s attempt=%s", m.job_id, m.recorder.token)
@@ -206,10 +213,5 @@ def _finish_all(done: list[tuple[Member, dict]], model_ref: str, batch_id: str, 
                                               what="finish", detail="the attempt may no longer finish the job")
                 outcomes[m.job_id] = "stale"
                 continue
-            events.append(dict(job_id=m.job_id, attempt=m.recorder.token, kind="batched",
-                               message=f"predicted in a batch of {size} job(s), {passes} forward pass(es)",
-                               data={"batch_id": batch_id, "batch_size": size, "forward_passes": passes}))
             outcomes[m.job_id] = states.SUCCEEDED
-        if events:  # one multi-row INSERT for the batch's events, after the state events
-            attempts.record_events(session=session, events=events)
     return outcomes

@@ -15,13 +15,14 @@ from sqlalchemy import bindparam, select
 
 from app import finish_signal, model_registry, storage
 from app.catalog import GENERATIVE_TASKS
-from app.db import session_scope
+from app.db import get_engine, session_scope
 from app.jobs import attempts, recovery, states
 from app.jobs.errors import JobFailure, JobTimeout, SpecError, StaleAttempt, UserError
 from app.jobs.schemas import PredictSpec, TrainSpec, parse_spec
 from app.logs import bind_job
 from app.models import Checkpoint, Dataset, Job, ModelVersion, utcnow
 from app.settings import Settings
+from app.usage import Tally
 from worker import batch_files, failpoints, generation_job, micro_batch
 from worker.recorder import Recorder
 
@@ -87,16 +88,17 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
         # its message arrived): attempts only grow, so the job is not claimable with it.
         log.info("event=dropped job_id=%s token=%s reason=claimed_here", job_id, token)
         return "dropped"
-    prepared = _prepare(job_id, token, settings)
+    prepared = _prepare(job_id, token, settings) if _claimable(job_id, token, settings) else None
     if prepared is None:
         log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
         return "dropped"
     resumed = prepared.resume is not None
+    tally = Tally()  # the usage totals of the lead's claim and its company's: one upsert
     with session_scope(settings.database_url, write=True) as session:
         attempt = attempts.claim(
             session=session, job_id=job_id, token=token, worker=worker, host=socket.gethostname(),
             pid=os.getpid(), lease_seconds=settings.lease_seconds, start=prepared.start, resumed=resumed,
-            device=_device_kind(prepared.spec),
+            device=_device_kind(prepared.spec), tally=tally,
         )
         if attempt is not None:
             for message in prepared.skipped:
@@ -109,7 +111,8 @@ def run(job_id: int, token: int, *, worker: str, settings: Settings) -> str:
                 prepared.company = micro_batch.take_company(
                     session=session, lead_id=job_id, model_version_id=prepared.model_version_id,
                     limit=micro_batch.batch_size(settings, prepared.batch_limits[0]) - 1, worker=worker,
-                    settings=settings)
+                    settings=settings, tally=tally)
+        tally.apply(session=session)
     if attempt is None:
         log.info("event=dropped job_id=%s token=%s reason=not_claimable", job_id, token)
         return "dropped"
@@ -151,6 +154,47 @@ _CLAIMABLE_JOB = (
     .outerjoin(Checkpoint, Checkpoint.id == ModelVersion.checkpoint_id)
     .where(Job.id == bindparam("job_id"), Job.state == states.QUEUED, Job.attempts == bindparam("token"))
 )
+
+
+# A drain's messages are mostly duplicates: the jobs a micro-batch of another process took before
+# their own messages arrived. One narrow statement tells them apart, on a pooled driver connection
+# (no session, no SQLAlchemy statement, no transaction: autocommit on PostgreSQL, and pysqlite
+# opens none for a SELECT), without the ~60 columns of the job, its model and its checkpoint.
+_STILL_CLAIMABLE = "SELECT 1 FROM jobs WHERE id = {p} AND state = 'queued' AND attempts = {p}"
+_probes: dict[str, tuple[object, str, bool]] = {}
+
+
+def _claimable(job_id: int, token: int, settings: Settings) -> bool:
+    """Whether ``job_id`` is queued with ``token`` now (the claim's compare-and-set decides later;
+    True when the probe itself failed, so that :func:`_prepare` and the claim decide)."""
+    probe = _probes.get(settings.database_url)
+    if probe is None:
+        engine = get_engine(settings.database_url)
+        marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        probe = _probes[settings.database_url] = (engine, _STILL_CLAIMABLE.format(p=marker),
+                                                   engine.dialect.name == "postgresql")
+    engine, sql, autocommit = probe
+    try:
+        conn = engine.raw_connection()
+    except Exception:  # noqa: BLE001 - the full read reports a database that is down
+        return True
+    try:
+        if autocommit:
+            conn.driver_connection.autocommit = True
+        cursor = conn.cursor()
+        try:
+            cursor.execute(sql, (job_id, token))
+            return cursor.fetchone() is not None
+        finally:
+            cursor.close()
+    except Exception as exc:  # noqa: BLE001 - a broken connection is dropped; the full read decides
+        log.warning("event=claimable_probe_failed job_id=%s error=%r", job_id, exc)
+        conn.invalidate()
+        return True
+    finally:
+        if autocommit and conn.is_valid:
+            conn.driver_connection.autocommit = False  # idle: no round trip
+        conn.close()  # back to the pool
 
 
 def _prepare(job_id: int, token: int, settings: Settings) -> _Prepared | None:

@@ -7,10 +7,11 @@ attempt that lost its lease is refused with :class:`StaleAttempt` and changes no
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, bindparam, func, insert, or_, select, tuple_, update
+from sqlalchemy import Row, String, bindparam, cast, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app import model_registry, webhooks
@@ -23,7 +24,8 @@ from app.usage import Tally
 def claim(
     *, session: Session, job_id: int, token: int, worker: str, host: str, pid: int, lease_seconds: float,
     start: tuple[int, int] | None = None, resumed: bool = False, device: str | None = None,
-) -> Attempt | None:
+    tally: Tally | None = None,
+) -> Claimed | None:
     """Take a queued job for one new attempt, or None if it is not claimable with ``token``.
 
     ``start`` (epoch, step) is where the attempt really starts (the checkpoint it verified before
@@ -31,29 +33,59 @@ def claim(
     ``device`` (``cpu``, ``cuda``) is the kind of device it runs on, for usage accounting.
     """
     claimed = claim_many(session=session, jobs=[(job_id, token)], worker=worker, host=host, pid=pid,
-                         lease_seconds=lease_seconds, start=start, resumed=resumed, device=device)
+                         lease_seconds=lease_seconds, start=start, resumed=resumed, device=device, tally=tally)
     return claimed[0] if claimed else None
 
 
-_CLAIMED_AT = bindparam("kiln_claimed_at", type_=Job.__table__.c.started_at.type)
-_STARTED_AT = func.coalesce(Job.__table__.c.started_at, _CLAIMED_AT)
-_CLAIMABLE = (Job.__table__.c.cancel_requested_at.is_(None), Job.__table__.c.pause_requested_at.is_(None),
-              or_(Job.__table__.c.not_before.is_(None), Job.__table__.c.not_before <= _CLAIMED_AT))
+@dataclass
+class Claimed:
+    """The attempt a claim started, as written to its row (no ORM instance: a claim builds none)."""
+
+    job_id: int
+    number: int
+    worker: str
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    start_epoch: int | None = None
+    start_step: int | None = None
+    device: str | None = None
+    ended_at: datetime | None = None
+    outcome: str | None = None
+
+
+_JOBS = Job.__table__
+_CLAIMED_AT = bindparam("kiln_claimed_at", type_=_JOBS.c.started_at.type)
+_STARTED_AT = func.coalesce(_JOBS.c.started_at, _CLAIMED_AT)
+_CLAIMABLE = (_JOBS.c.cancel_requested_at.is_(None), _JOBS.c.pause_requested_at.is_(None),
+              or_(_JOBS.c.not_before.is_(None), _JOBS.c.not_before <= _CLAIMED_AT))
+# The attempt number and lease owner each claimed job gets, from its own row: ``attempts`` in SET
+# is the row's value before the UPDATE, i.e. the token the compare-and-set matched.
+_NEXT_ATTEMPT = _JOBS.c.attempts + 1
+_LEASE_OWNER = bindparam("kiln_owner_prefix", type_=String()) + cast(_JOBS.c.attempts + 1, String())
+_INSERT_ATTEMPT = insert(Attempt.__table__)
 
 
 def claim_many(
     *, session: Session, jobs: Sequence[tuple[int, int]], worker: str, host: str, pid: int, lease_seconds: float,
     start: tuple[int, int] | None = None, resumed: bool = False, device: str | None = None,
-) -> list[Attempt]:
+    tally: Tally | None = None,
+) -> list[Claimed]:
     """Take each queued job of ``jobs`` (id, token) for one new attempt, as :func:`claim` does, with
-    one compare-and-set each and no read before it; returns the attempts, in the order of ``jobs``,
-    of the ones that were claimable."""
+    no read before it; returns the attempts, in the order of ``jobs``, of the ones that were claimable.
+
+    One statement per step for the whole batch, whatever its size: the compare-and-set of every
+    job (one UPDATE matching each row on its own id and token), the state events (one INSERT), the
+    attempt rows (one INSERT), the usage totals (one upsert per owner; with ``tally``, added there
+    for the caller to apply with its other changes).
+    """
     if not jobs:
         return []
     now = utcnow()
-    moves = [states.Move(job_id, token, {"attempts": token + 1, "lease_owner": f"{worker}:{pid}:{token + 1}"},
-                         message=f"attempt {token + 1} started on {worker}") for job_id, token in jobs]
+    moves = [states.Move(job_id, token, message=f"attempt {token + 1} started on {worker}") for job_id, token in jobs]
     shared: dict[str, Any] = {
+        "attempts": _NEXT_ATTEMPT, "lease_owner": _LEASE_OWNER,
         "lease_expires_at": now + timedelta(seconds=lease_seconds), "started_at": _STARTED_AT,
         "error_class": None, "error_message": None,
     }
@@ -63,26 +95,32 @@ def claim_many(
             shared["resumed_from_epoch"] = start[0]
     # Claimable: queued with the token (the compare-and-set), no stop asked for, past its backoff;
     # all in the UPDATE, so a claim reads nothing first. Bound, not literal, so the statement is built once.
-    won = states.transition_all(session, moves, to=states.RUNNING, expect=states.QUEUED, values=shared,
-                                where=_CLAIMABLE, params={"kiln_claimed_at": now}, shape="claim")
-    _honour_stop_requests(session, [m for m in moves if m.job_id not in {w.move.job_id for w in won}])
-    claimed = []
+    won = states.transition_batch(session, moves, to=states.RUNNING, expect=states.QUEUED, values=shared,
+                                  where=_CLAIMABLE, shape="claim",
+                                  params={"kiln_claimed_at": now, "kiln_owner_prefix": f"{worker}:{pid}:"})
+    if len(won) < len(moves):
+        taken = {w.move.job_id for w in won}
+        _honour_stop_requests(session, [m for m in moves if m.job_id not in taken])
+    if not won:
+        return []
+    # Without ``start``, start_epoch/start_step stay NULL until mark_start knows where it began.
+    claimed = [Claimed(job_id=moved.move.job_id, number=moved.attempt, worker=worker, host=host, pid=pid,
+                       started_at=now, heartbeat_at=now, start_epoch=start[0] if start is not None else None,
+                       start_step=start[1] if start is not None else None, device=device) for moved in won]
+    conn = session.connection()
+    conn.execute(_INSERT_ATTEMPT, [
+        {"job_id": c.job_id, "number": c.number, "worker": worker, "host": host, "pid": pid, "started_at": now,
+         "heartbeat_at": now, "start_epoch": c.start_epoch, "start_step": c.start_step, "device": device}
+        for c in claimed])
+    if start is not None and resumed:
+        record_events(session=session, events=[
+            dict(job_id=c.job_id, attempt=c.number, kind="resumed", message=f"resumed from epoch {start[0]}")
+            for c in claimed])
+    usage = tally if tally is not None else Tally()
     for moved in won:
-        # Without ``start``, start_epoch/start_step stay NULL until mark_start knows where it began.
-        claimed.append(Attempt(
-            job_id=moved.move.job_id, number=moved.attempt, worker=worker, host=host, pid=pid, started_at=now,
-            heartbeat_at=now, start_epoch=start[0] if start is not None else None,
-            start_step=start[1] if start is not None else None, device=device,
-        ))
-        if start is not None and resumed:
-            record_event(session=session, job_id=moved.move.job_id, token=moved.attempt, kind="resumed",
-                         message=f"resumed from epoch {start[0]}")
-    session.add_all(claimed)
-    tally = Tally()
-    for moved in won:
-        tally.add(moved.owner_id, attempts=1)
-    tally.apply(session=session)
-    session.flush()
+        usage.add(moved.owner_id, attempts=1)
+    if tally is None:
+        usage.apply(session=session)
     return claimed
 
 
@@ -103,7 +141,7 @@ def _honour_stop_requests(session: Session, unclaimed: list[states.Move]) -> Non
         states.transition(session, job_id, to=to, expect=states.QUEUED, token=token, message=f"{to} as requested")
 
 
-def lease_owner(attempt: Attempt) -> str:
+def lease_owner(attempt: Attempt | Claimed) -> str:
     """The lease owner string :func:`claim` wrote for ``attempt``."""
     return f"{attempt.worker}:{attempt.pid}:{attempt.number}"
 
@@ -303,6 +341,17 @@ def end_attempt(*, session: Session, job_id: int, owner_id: int, token: int, out
 
 
 
+# Built once (every value bound): building and keying a fresh statement cost more than running it.
+_END_ATTEMPTS = (
+    update(_ATTEMPTS)
+    .where(tuple_(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number).in_(bindparam("kiln_pairs", expanding=True)),
+           _ATTEMPTS.c.ended_at.is_(None))
+    .values(ended_at=bindparam("kiln_at", type_=_ATTEMPTS.c.ended_at.type),
+            outcome=bindparam("kiln_outcome", type_=_ATTEMPTS.c.outcome.type))
+    .returning(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number, _ATTEMPTS.c.started_at, _ATTEMPTS.c.device)
+)
+
+
 def end_attempts(*, session: Session, ended: Sequence[tuple[int, int, int]], outcome: str, at: datetime,
                  tally: Tally | None = None) -> None:
     """End each attempt of ``ended`` (job id, owner id, token) at ``at``, if it has not ended, with one
@@ -310,12 +359,8 @@ def end_attempts(*, session: Session, ended: Sequence[tuple[int, int, int]], out
     if not ended:
         return
     owners = {(job_id, token): owner_id for job_id, owner_id, token in ended}
-    rows = session.execute(
-        update(_ATTEMPTS)
-        .where(tuple_(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number).in_(list(owners)), _ATTEMPTS.c.ended_at.is_(None))
-        .values(ended_at=at, outcome=outcome)
-        .returning(_ATTEMPTS.c.job_id, _ATTEMPTS.c.number, _ATTEMPTS.c.started_at, _ATTEMPTS.c.device)
-    ).all()
+    rows = session.connection().execute(_END_ATTEMPTS, {"kiln_pairs": list(owners), "kiln_at": at,
+                                                        "kiln_outcome": outcome}).all()
     usage = tally or Tally()
     for row in rows:
         usage.add(owners[row.job_id, row.number], device=row.device, seconds=(at - row.started_at).total_seconds())
@@ -336,10 +381,12 @@ def finish(
 def finish_many(
     *, session: Session, jobs: Sequence[tuple[int, int, dict[str, Any] | None, str | None]], to: str,
     error_class: str | None = None, values: dict[str, Any] | None = None,
+    also: dict[int, dict[str, Any]] | None = None,
 ) -> list[int]:
     """End each attempt of ``jobs`` (job id, token, result, message) by moving its job to ``to``, as
-    :func:`finish` does, one compare-and-set each; returns the ids of the jobs that ended (a stale
-    token ends nothing of its job)."""
+    :func:`finish` does, one compare-and-set each (all in one statement); returns the ids of the jobs
+    that ended (a stale token ends nothing of its job). ``also``: one more event by job id (kind,
+    message, data), written with the state events for the jobs that ended."""
     shared = dict(values or {})
     if to == states.SUCCEEDED:
         shared["progress"] = 1.0
@@ -354,7 +401,9 @@ def finish_many(
             own["error_message"] = message
         moves.append(states.Move(job_id, token, own, message=message,
                                  data={"error_class": error_class} if error_class else None))
-    moved = states.transition_all(session, moves, to=to, expect=states.RUNNING, values=shared)
+    # One compare-and-set statement for the batch (each row on its own token), one executemany for
+    # the results of the rows it won, one INSERT for the events.
+    moved = states.transition_batch(session, moves, to=to, expect=states.RUNNING, values=shared, also=also)
     if moved:
         now, tally = utcnow(), Tally()
         end_attempts(session=session, ended=[(m.move.job_id, m.owner_id, m.move.token) for m in moved],

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, select, tuple_, update
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.orm import Session
 
@@ -193,3 +193,116 @@ def _compare_and_set(current: str, to: str, move: Move, shared: dict[str, Any], 
         stmt = stmt.where(table.c.attempts == bindparam("kiln_token"))
     own = {k: bindparam(f"kiln_value_{k}", type_=table.c[k].type) for k in move.values}
     return stmt.values({**changes, **own}).returning(table.c.attempts, table.c.webhook, table.c.owner_id)
+
+
+def transition_batch(
+    session: Session,
+    moves: Sequence[Move],
+    *,
+    to: str,
+    expect: str,
+    values: dict[str, Any] | None = None,
+    event: str = "state",
+    where: Sequence[Any] = (),
+    params: dict[str, Any] | None = None,
+    shape: str | None = None,
+    also: dict[int, dict[str, Any]] | None = None,
+) -> list[Moved]:
+    """:func:`transition_all` for a batch of moves that each carry their fencing token, in one
+    statement for all of them: ``UPDATE jobs SET … WHERE (id, attempts) IN ((id, token), …) AND
+    state = expect … RETURNING``. Still a compare-and-set per row: a row matches only with its own
+    token and in ``expect``, and a move that loses changes nothing of its job.
+
+    ``values`` are shared by every move (SQL expressions of the row allowed, such as
+    ``attempts + 1``); each move's own ``values`` are written by one more statement (an
+    ``executemany``) for the moves that won, whose rows this transaction now holds. ``shape`` as in
+    :func:`transition_all`: with it, the statements are built once per process. ``also``: one more
+    event (kind, message, data) by job id, written after its state event in the same INSERT if, and
+    only if, its job moved.
+    """
+    if not moves:
+        return []
+    if not allowed(expect, to):
+        raise InvalidTransition(f"{expect} -> {to} is not a job transition")
+    if any(m.token is None for m in moves):
+        raise ValueError("transition_batch needs every move's fencing token")
+    now = utcnow()
+    shared = dict(values or {})
+    binds: dict[str, Any] = {"kiln_now": now, **(params or {})}
+    for key, value in shared.items():
+        if not isinstance(value, ClauseElement):
+            binds[f"kiln_shared_{key}"] = value
+    cacheable = shape is not None or not any(isinstance(v, ClauseElement) for v in shared.values()) and not where
+    statements = _STATEMENTS if cacheable else {}
+    session.flush()
+    conn = session.connection()
+    if len(moves) == 1:
+        # A lone move (an inline prediction's claim or finish): its own columns go in its
+        # compare-and-set, one statement (``WHERE id = … AND attempts = …``).
+        move = moves[0]
+        key = ("one", shape, expect, to, tuple(move.values), tuple(shared))
+        stmt = statements.get(key)
+        if stmt is None:
+            stmt = statements[key] = _compare_and_set(expect, to, move, shared, where)
+        row = conn.execute(stmt, {"kiln_job_id": move.job_id, "kiln_token": move.token, **binds,
+                                  **{f"kiln_value_{k}": v for k, v in move.values.items()}}).first()
+        won = [] if row is None else [(Moved(move, expect, row.attempts, row.owner_id), row.webhook)]
+        own_keys: set[tuple[str, ...]] = set()
+    else:
+        key = ("batch", shape, expect, to, tuple(shared))
+        stmt = statements.get(key)
+        if stmt is None:
+            stmt = statements[key] = _compare_and_set_batch(expect, to, shared, where)
+        rows = conn.execute(stmt, {"kiln_pairs": [(m.job_id, m.token) for m in moves], **binds}).all()
+        returned = {row.id: row for row in rows}
+        won = [(Moved(m, expect, returned[m.job_id].attempts, returned[m.job_id].owner_id),
+                returned[m.job_id].webhook) for m in moves if m.job_id in returned]
+        own_keys = {tuple(m.move.values) for m, _ in won}
+    for keys in own_keys:  # each move's own columns, for the moves that won (usually one shape)
+        if not keys:
+            continue
+        own = _STATEMENTS.get(("batch-own", keys))
+        if own is None:
+            own = _STATEMENTS[("batch-own", keys)] = _own_values(keys)
+        conn.execute(own, [{"kiln_job_id": m.move.job_id, **{f"kiln_value_{k}": v for k, v in m.move.values.items()}}
+                           for m, _ in won if tuple(m.move.values) == keys])
+    if won:
+        rows = []
+        for m, _ in won:
+            rows.append(dict(job_id=m.move.job_id, at=now, kind=event, from_state=m.from_state, to_state=to,
+                             attempt=m.attempt or None, message=m.move.message, data=m.move.data))
+            extra = also.get(m.move.job_id) if also else None
+            if extra is not None:
+                rows.append(dict(job_id=m.move.job_id, at=now, kind=extra["kind"], from_state=None, to_state=None,
+                                 attempt=m.attempt or None, message=extra.get("message"), data=extra.get("data")))
+        conn.execute(_INSERT_EVENT, rows)
+    for m, webhook in won:
+        webhooks.record_transition(session=session, job_id=m.move.job_id, webhook=webhook, to=to,
+                                   from_state=m.from_state, attempt=m.attempt or None, message=m.move.message)
+    return [m for m, _ in won]
+
+
+def _compare_and_set_batch(current: str, to: str, shared: dict[str, Any], where: Sequence[Any]):
+    """The one statement of :func:`transition_batch`; every value of a call is a bound parameter."""
+    table = Job.__table__
+    at = bindparam("kiln_now", type_=table.c.updated_at.type)
+    changes: dict[str, Any] = {"state": to, "updated_at": at}
+    if to in TERMINAL:
+        changes.update(finished_at=at, lease_owner=None, lease_expires_at=None)
+    elif to == QUEUED:
+        changes.update(queued_at=at, lease_owner=None, lease_expires_at=None, finished_at=None)
+    elif to == PAUSED:
+        changes.update(lease_owner=None, lease_expires_at=None)
+    for key, value in shared.items():
+        changes[key] = value if isinstance(value, ClauseElement) else bindparam(f"kiln_shared_{key}",
+                                                                                 type_=table.c[key].type)
+    pairs = tuple_(table.c.id, table.c.attempts).in_(bindparam("kiln_pairs", expanding=True))
+    return (update(table).where(pairs, table.c.state == current, *where).values(changes)
+            .returning(table.c.id, table.c.attempts, table.c.webhook, table.c.owner_id))
+
+
+def _own_values(keys: tuple[str, ...]):
+    """``UPDATE jobs SET <keys> WHERE id`` for :func:`transition_batch`'s per-move columns (executemany)."""
+    table = Job.__table__
+    return (update(table).where(table.c.id == bindparam("kiln_job_id"))
+            .values({k: bindparam(f"kiln_value_{k}", type_=table.c[k].type) for k in keys}))

@@ -17,7 +17,8 @@ def _claim(session, job: Job) -> Attempt:
                              lease_seconds=LEASE)
     assert attempt is not None
     session.refresh(job)
-    return attempt
+    # A claim returns what it wrote (no ORM instance); the test follows the attempt's row.
+    return session.query(Attempt).filter_by(job_id=attempt.job_id, number=attempt.number).one()
 
 
 def _lose(session, job: Job) -> None:

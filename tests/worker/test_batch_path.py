@@ -135,3 +135,26 @@ def test_a_lone_prediction_looks_for_company_inside_its_claim_transaction(settin
     # Found alone in the claim's own transaction: no transaction of its own, no second look.
     assert claim < company < seen.index("COMMIT", claim), seen
     assert sum(1 for s in seen if s.startswith("SELECT jobs.id, jobs.attempts, jobs.spec")) == 1, seen
+
+
+def test_a_message_of_a_job_another_process_claimed_costs_one_narrow_read(settings, trained):
+    from app.jobs import attempts
+
+    ids = _queue(settings, trained, 1)
+    with session_scope(settings.database_url, write=True) as s:  # another worker's batch took it
+        assert attempts.claim(session=s, job_id=ids[0], token=0, worker="other", host="h", pid=1, lease_seconds=600)
+    engine, seen = get_engine(settings.database_url), []
+
+    def on_execute(_conn, _cursor, statement, *_args):
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        assert runner.run(ids[0], 0, worker="inline", settings=settings) == "dropped"
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+    # Told apart by the probe on a driver connection: no session, no read of the job and its model.
+    assert seen == []
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, ids[0])
+        assert (job.state, job.attempts, job.lease_owner) == ("running", 1, "other:1:1")
