@@ -202,3 +202,28 @@ def test_a_submit_writes_its_job_its_event_and_one_more_job_on_its_usage_shard(c
             expected[i % SHARDS] = expected.get(i % SHARDS, 0) + 1
         assert shards == expected
         assert s.execute(select(func.sum(UsageTotal.attempts)).where(UsageTotal.user_id == user_id)).scalar() == 0
+
+
+@pytest.mark.parametrize("path", ["/api/v1/models/{ref}/predict?wait=0", "/api/v1/jobs?wait=0"])
+def test_an_inline_answer_reads_the_job_again_but_not_the_model_the_submit_resolved(client, settings, model, path):
+    """The answer after the wait is the job as a read answers it; the model version the submit's
+    validation loaded goes into the answer's session instead of being read a second time."""
+    headers, ref = model
+    seen: list[str] = []
+    engine = get_engine(settings.database_url)
+
+    def note(_conn, _cursor, statement, *_args):
+        seen.append(" ".join(statement.split()))
+
+    body = {"inputs": IRIS} if "/models/" in path else {"kind": "predict", "model": ref, "inputs": IRIS}
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        r = client.post(path.format(ref=ref), json=body, headers=headers)
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+    assert r.status_code == 202, r.get_json()  # no worker consumes this Redis: the wait ends unanswered
+    version_reads = [s for s in seen if s.startswith("SELECT") and "FROM model_versions" in s]
+    assert len(version_reads) == 1, "\n".join(s[:60] + " ... " + s[-80:] for s in seen)  # the submit's resolution only
+    read = client.get(r.headers["Location"], headers=headers)
+    assert r.get_json() == read.get_json()
+    assert r.get_json()["model"]["ref"] == ref
