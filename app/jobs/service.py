@@ -574,19 +574,19 @@ _INSERT_JOB = insert(Job.__table__)
 _INSERT_EVENT = insert(JobEvent.__table__)
 
 
-@lru_cache(maxsize=1)
-def _pg_submit():
+@lru_cache(maxsize=8)
+def _pg_submit(columns: tuple[str, ...]):
     """PostgreSQL's submit as one statement, built once: ``WITH new_job AS (INSERT INTO jobs .. RETURNING id),
     new_event AS (INSERT INTO job_events .. SELECT .. FROM new_job), counted AS (INSERT INTO usage_totals ..
     SELECT .. FROM new_job ON CONFLICT .. DO UPDATE) SELECT id FROM new_job``. It writes what the other
     databases' three statements write (the job, its ``submitted`` event, one more job on the owner's
     usage shard of the job id); the job row is new, so no other transaction can wait on it while this
-    one waits for the shard's row lock."""
+    one waits for the shard's row lock. ``columns``: the job columns given (a column left out gets its
+    default, as with the plain INSERT)."""
     from sqlalchemy.dialects import postgresql
 
     jobs, events, totals = Job.__table__, JobEvent.__table__, UsageTotal.__table__
-    # ``result`` is left out, as in the other path (SQL NULL; an explicit None would store JSON null).
-    new_job = (insert(jobs).values({c.name: bindparam(c.name, type_=c.type) for c in jobs.c if c.name not in ("id", "result")})
+    new_job = (insert(jobs).values({name: bindparam(name, type_=jobs.c[name].type) for name in columns})
                .returning(jobs.c.id).cte("new_job"))
     new_event = insert(events).from_select(
         ["job_id", "at", "kind", "to_state", "message"],
@@ -657,7 +657,7 @@ def record_submit(
     message = f"{values['kind']} job submitted"
     if conn.dialect.name == "postgresql":
         # One statement, one round trip: the job, its event and the usage count as data-modifying CTEs.
-        job_id = conn.execute(_pg_submit(), dict(values, event_at=now, event_message=message)).scalar_one()
+        job_id = conn.execute(_pg_submit(tuple(values)), dict(values, event_at=now, event_message=message)).scalar_one()
     else:
         job_id = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]
         conn.execute(_INSERT_EVENT, dict(job_id=job_id, at=now, kind="submitted", to_state=states.QUEUED,
