@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import threading
 import uuid
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -64,22 +65,48 @@ def task_message(settings: "Settings", name: str, args: list, priority: int) -> 
     Headers, properties and body come from Celery's protocol builder (``create_task_message``);
     the envelope is kombu's virtual transport's (JSON body, base64-encoded, persistent delivery,
     a fresh delivery tag), and the list is kombu's Redis list for the queue and priority step.
+    The builder runs once per task name, priority and thread (its ``reply_to`` is per thread):
+    each message fills that template's ids and arguments.
     """
-    celery = client(settings)
+    key, template, body_rest = _template(settings, name, priority)
     task_id = str(uuid.uuid4())
+    body = base64.b64encode(("[" + json_dumps(args) + body_rest).encode()).decode()
+    payload = (template.replace(_TASK_ID, task_id).replace(_DELIVERY_TAG, str(uuid.uuid4()))
+               .replace(_ARGSREPR, repr(args)).replace(_BODY, body))
+    return key, payload
+
+
+# Placeholders of a message template: JSON-safe strings no real value contains.
+_TASK_ID, _DELIVERY_TAG, _ARGSREPR, _BODY = ("@kiln-task-id@", "@kiln-delivery-tag@", "@kiln-argsrepr@",
+                                             "@kiln-body@")
+_templates = threading.local()
+
+
+def _template(settings: "Settings", name: str, priority: int) -> tuple[str, str, str]:
+    """(list, payload with placeholders, the body after its arguments) for this thread's messages."""
+    cache = _templates.__dict__.setdefault("by_key", {})
+    found = cache.get((settings, name, priority, os.getpid()))
+    if found is not None:
+        return found
+    celery = client(settings)
     # The reprs a plain list of ids needs no saferepr for (Celery's default walks it object by object).
     headers, properties, body, _ = celery.amqp.create_task_message(
-        task_id, name, args, {}, reply_to=celery.thread_oid, ignore_result=None, argsrepr=repr(args), kwargsrepr="{}")
+        _TASK_ID, name, [], {}, reply_to=celery.thread_oid, ignore_result=None, argsrepr=_ARGSREPR,
+        kwargsrepr="{}")
     content_type, content_encoding, data = serialize(body, serializer="json")
+    if not data.startswith("[[]"):
+        raise RuntimeError(f"unexpected Celery message body {data[:40]!r}")
     queue = celery.conf.task_routes[name]["queue"]
     properties.update(
         delivery_mode=2, delivery_info={"exchange": "", "routing_key": queue}, priority=priority,
-        body_encoding="base64", delivery_tag=str(uuid.uuid4()),
+        body_encoding="base64", delivery_tag=_DELIVERY_TAG,
     )
-    message = {"body": base64.b64encode(data.encode()).decode(), "content-encoding": content_encoding,
+    message = {"body": _BODY, "content-encoding": content_encoding,
                "content-type": content_type, "headers": headers, "properties": properties}
     step = max(s for s in REDIS_PRIORITY_STEPS if s <= priority)
-    return (f"{queue}{REDIS_PRIORITY_SEPARATOR}{step}" if step else queue), json_dumps(message)
+    found = ((f"{queue}{REDIS_PRIORITY_SEPARATOR}{step}" if step else queue), json_dumps(message), data[3:])
+    cache[(settings, name, priority, os.getpid())] = found
+    return found
 
 
 # kombu's Redis transport keeps one list per priority step, named "<queue>\x06\x16<step>" (0: "<queue>").

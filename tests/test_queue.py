@@ -47,3 +47,31 @@ def test_a_published_message_is_what_send_task_sends(broker, kind, priority):
 def test_an_unreachable_broker_is_a_false_publish_not_an_error(settings):
     unreachable = settings.with_overrides(redis_url="redis://127.0.0.1:1/0")
     assert queue.publish(unreachable, job_id=1, kind="train", token=0) is False
+
+
+def test_messages_from_one_template_carry_their_own_ids_and_arguments(broker):
+    """The template is built once per thread; every message still gets fresh ids, its own arguments
+    (body and argsrepr), and the ``reply_to`` Celery gives the publishing thread."""
+    import base64
+    import threading
+
+    settings, _ = broker
+    messages = [json.loads(queue.task_message(settings, queue.TRAIN_TASK, [job_id, 3], 3)[1]) for job_id in (7, 8)]
+    for job_id, message in zip((7, 8), messages):
+        assert json.loads(base64.b64decode(message["body"]))[0] == [job_id, 3]
+        assert message["headers"]["argsrepr"] == f"[{job_id}, 3]"
+        assert message["headers"]["id"] == message["headers"]["root_id"] == message["properties"]["correlation_id"]
+    assert messages[0]["headers"]["id"] != messages[1]["headers"]["id"]
+    assert messages[0]["properties"]["delivery_tag"] != messages[1]["properties"]["delivery_tag"]
+    assert messages[0]["properties"]["reply_to"] == queue.client(settings).thread_oid
+
+    other = {}
+
+    def publish_elsewhere():
+        other["message"] = json.loads(queue.task_message(settings, queue.TRAIN_TASK, [9, 0], 3)[1])
+        other["oid"] = queue.client(settings).thread_oid
+
+    thread = threading.Thread(target=publish_elsewhere)
+    thread.start()
+    thread.join(60)
+    assert other["message"]["properties"]["reply_to"] == other["oid"] != messages[0]["properties"]["reply_to"]

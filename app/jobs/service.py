@@ -5,17 +5,18 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Row, String, bindparam, cast, func, insert, select, update
+from sqlalchemy import Row, SmallInteger, String, bindparam, cast, func, insert, literal, select, update
 from sqlalchemy.orm import Session, aliased
 
 from app import catalog, images, model_registry, pretrained, sizing, task_rules, webhook_security
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import ARCHITECTURES, GENERATION_FIELDS, DatasetRef, PredictSpec, TrainSpec
-from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, JobListVersion, Metric, ModelVersion, User, utcnow
+from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, JobListVersion, Metric, ModelVersion, UsageTotal, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
 from app.usage import SHARDS, Tally
 
@@ -573,6 +574,35 @@ _INSERT_JOB = insert(Job.__table__)
 _INSERT_EVENT = insert(JobEvent.__table__)
 
 
+@lru_cache(maxsize=8)
+def _pg_submit(columns: tuple[str, ...]):
+    """PostgreSQL's submit as one statement, built once: ``WITH new_job AS (INSERT INTO jobs .. RETURNING id),
+    new_event AS (INSERT INTO job_events .. SELECT .. FROM new_job), counted AS (INSERT INTO usage_totals ..
+    SELECT .. FROM new_job ON CONFLICT .. DO UPDATE) SELECT id FROM new_job``. It writes what the other
+    databases' three statements write (the job, its ``submitted`` event, one more job on the owner's
+    usage shard of the job id); the job row is new, so no other transaction can wait on it while this
+    one waits for the shard's row lock. ``columns``: the job columns given (a column left out gets its
+    default, as with the plain INSERT)."""
+    from sqlalchemy.dialects import postgresql
+
+    jobs, events, totals = Job.__table__, JobEvent.__table__, UsageTotal.__table__
+    new_job = (insert(jobs).values({name: bindparam(name, type_=jobs.c[name].type) for name in columns})
+               .returning(jobs.c.id).cte("new_job"))
+    new_event = insert(events).from_select(
+        ["job_id", "at", "kind", "to_state", "message"],
+        select(new_job.c.id, bindparam("event_at", type_=events.c.at.type), literal("submitted"),
+               literal(states.QUEUED), bindparam("event_message", type_=events.c.message.type)),
+    ).cte("new_event")
+    count = postgresql.insert(totals).from_select(
+        ["user_id", "shard", "jobs", "attempts", "cpu_seconds", "gpu_seconds"],
+        select(bindparam("owner_id", type_=totals.c.user_id.type), cast(new_job.c.id % SHARDS, SmallInteger),
+               literal(1), literal(0), literal(0.0), literal(0.0)),
+    )
+    count = count.on_conflict_do_update(index_elements=[totals.c.user_id, totals.c.shard],
+                                        set_={"jobs": totals.c.jobs + count.excluded.jobs}).cte("counted")
+    return select(new_job.c.id).add_cte(new_event).add_cte(count)
+
+
 class SubmittedJob(SimpleNamespace):
     """A job as :func:`record_submit` inserted it: every column of the new row (``id`` included) as an
     attribute, like a row of :data:`DETAIL_COLUMNS`, plus ``model`` and ``base`` from its plan."""
@@ -624,10 +654,15 @@ def record_submit(
     # Core statements on the session's connection: no unit of work, no identity map, no read-back.
     # ``result`` is left out (SQL NULL, as the ORM writes it; an explicit None would store JSON null).
     conn = session.connection()
-    job_id = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]
-    conn.execute(_INSERT_EVENT, dict(job_id=job_id, at=now, kind="submitted", to_state=states.QUEUED,
-                                     message=f"{values['kind']} job submitted"))
-    Tally().add(owner.id, jobs=1, shard=job_id % SHARDS).apply(session=session)
+    message = f"{values['kind']} job submitted"
+    if conn.dialect.name == "postgresql":
+        # One statement, one round trip: the job, its event and the usage count as data-modifying CTEs.
+        job_id = conn.execute(_pg_submit(tuple(values)), dict(values, event_at=now, event_message=message)).scalar_one()
+    else:
+        job_id = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]
+        conn.execute(_INSERT_EVENT, dict(job_id=job_id, at=now, kind="submitted", to_state=states.QUEUED,
+                                         message=message))
+        Tally().add(owner.id, jobs=1, shard=job_id % SHARDS).apply(session=session)
     return SubmittedJob(id=job_id, **values, result=None, model=plan.model, base=plan.base)
 
 

@@ -117,7 +117,7 @@ def submit_job():
     session.commit()
     publish(job, recorded=True)
     if wait is not None:  # ?wait=N: 200 with the finished job, or 202 to poll
-        return inline.answer(job.id, wait)
+        return inline.answer(job.id, wait, known=(plan.model, plan.base))
     response = jsonify(serializers.submitted_job_detail(job))  # from the inserted values: nothing read back
     response.status_code = 201
     response.headers["Location"] = url_for("api.get_job", job_id=job.id)

@@ -39,7 +39,7 @@ def predict_with_model(ref: str):
     job = service.record_submit(session=session, owner=user, plan=plan, settings=settings(), published_at=utcnow())
     session.commit()
     publish(job, recorded=True)
-    return inline.answer(job.id, wait)
+    return inline.answer(job.id, wait, known=(plan.model, plan.base))
 
 
 def output_file(job_id: int):

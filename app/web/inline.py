@@ -36,8 +36,12 @@ def wait_arg(default: float | None) -> float | None:
     return min(value, cap)
 
 
-def answer(job_id: int, wait: float):
-    """200 with the finished job if it ends within ``wait`` seconds, else 202 with it (and ``Location``)."""
+def answer(job_id: int, wait: float, *, known: tuple = ()):
+    """200 with the finished job if it ends within ``wait`` seconds, else 202 with it (and ``Location``).
+
+    ``known``: model versions the submit already loaded (its plan's model and base); the answer's
+    session takes them as they are instead of reading them again, when the job still names them.
+    """
     user = current_user()
     deadline = time.monotonic() + wait
     while True:
@@ -50,7 +54,12 @@ def answer(job_id: int, wait: float):
         # A signal for an attempt that was requeued (a retryable failure) means: wait for the next one.
         if row.state in TERMINAL or not signalled or time.monotonic() >= deadline:
             break
+    # Into the answer's identity map (held here: it keeps clean objects weakly), so job_detail's
+    # get() of the job's model version reads no row.
+    merged = [db().merge(version, load=False) for version in known
+              if version is not None and version.id in (row.model_version_id, row.init_model_version_id)]
     response = jsonify(serializers.job_detail(db(), row))
     response.headers["Location"] = url_for("api.get_job", job_id=job_id)
     response.status_code = 200 if row.state in TERMINAL else 202
+    del merged
     return response

@@ -110,3 +110,38 @@ def test_a_304_costs_no_read_budget_and_a_changed_answer_is_counted(limited, mak
     assert r.status_code == 429 and r.mimetype == "application/problem+json" and "Retry-After" in r.headers
     assert limited.get("/api/v1/jobs", headers=auth).status_code == 429
     assert limited.get("/api/v1/jobs", headers=unchanged).status_code == 304  # a 304 still answers
+
+
+def test_a_write_is_counted_without_flask_limiters_resolution_and_answers_as_before(settings, make_user, monkeypatch):
+    """An API write's one budget (shared by every write endpoint) is counted directly; its headers
+    are Flask-Limiter's; a spent budget still answers Flask-Limiter's 429."""
+    from flask_limiter import Limiter
+
+    from app import create_app
+
+    app = create_app({"TESTING": True, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
+                      "STORAGE_ROOT": settings.storage_root, "RATE_LIMIT_READ": "50/minute",
+                      "RATE_LIMIT_WRITE": "3/minute"})
+    client = app.test_client()
+    _, token = make_user()
+    auth = {"Authorization": f"Bearer {token}"}
+    resolved = []
+    real = Limiter._check_request_limit
+
+    def noting(self, *args, **kwargs):
+        resolved.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Limiter, "_check_request_limit", noting)
+    answers = [client.post("/api/v1/jobs", json=MLP, headers=auth),
+               client.post("/api/v1/tokens", json={"name": "t"}, headers=auth),
+               client.post("/api/v1/jobs", json=MLP, headers=auth)]
+    assert [r.status_code for r in answers] == [201, 201, 201]
+    assert [r.headers["RateLimit-Remaining"] for r in answers] == ["2", "1", "0"]
+    assert all(r.headers["RateLimit-Limit"] == "3" and 0 < int(r.headers["RateLimit-Reset"]) <= 61 for r in answers)
+    assert resolved == []  # the writes never went through Flask-Limiter's check
+    refused = client.post("/api/v1/jobs", json=MLP, headers=auth)
+    assert refused.status_code == 429 and refused.get_json()["type"] == "/problems/rate-limited"
+    assert 0 < int(refused.headers["Retry-After"]) <= 61 and refused.headers["RateLimit-Remaining"] == "0"
+    read = client.get("/api/v1/jobs", headers=auth)  # the read budget is apart, and still Flask-Limiter's
+    assert read.status_code == 200 and read.headers["RateLimit-Limit"] == "50"
