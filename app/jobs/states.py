@@ -173,9 +173,8 @@ def transition_all(
 _STATEMENTS: dict[tuple, Any] = {}
 
 
-def _compare_and_set(current: str, to: str, move: Move, shared: dict[str, Any], where: Sequence[Any]):
-    """``UPDATE jobs SET <the transition's columns, shared values and the move's own> WHERE id, state
-    (and token) RETURNING``; every value of a call is a bound parameter."""
+def _changes(to: str, shared: dict[str, Any]) -> dict[str, Any]:
+    """The columns a move to ``to`` sets (state, times, lease) and the call's shared values, all bound."""
     table = Job.__table__
     at = bindparam("kiln_now", type_=table.c.updated_at.type)
     changes: dict[str, Any] = {"state": to, "updated_at": at}
@@ -188,6 +187,14 @@ def _compare_and_set(current: str, to: str, move: Move, shared: dict[str, Any], 
     for key, value in shared.items():
         changes[key] = value if isinstance(value, ClauseElement) else bindparam(f"kiln_shared_{key}",
                                                                                  type_=table.c[key].type)
+    return changes
+
+
+def _compare_and_set(current: str, to: str, move: Move, shared: dict[str, Any], where: Sequence[Any]):
+    """``UPDATE jobs SET <the transition's columns, shared values and the move's own> WHERE id, state
+    (and token) RETURNING``; every value of a call is a bound parameter."""
+    table = Job.__table__
+    changes = _changes(to, shared)
     stmt = update(table).where(table.c.id == bindparam("kiln_job_id"), table.c.state == current, *where)
     if move.token is not None:
         stmt = stmt.where(table.c.attempts == bindparam("kiln_token"))
@@ -285,17 +292,7 @@ def transition_batch(
 def _compare_and_set_batch(current: str, to: str, shared: dict[str, Any], where: Sequence[Any]):
     """The one statement of :func:`transition_batch`; every value of a call is a bound parameter."""
     table = Job.__table__
-    at = bindparam("kiln_now", type_=table.c.updated_at.type)
-    changes: dict[str, Any] = {"state": to, "updated_at": at}
-    if to in TERMINAL:
-        changes.update(finished_at=at, lease_owner=None, lease_expires_at=None)
-    elif to == QUEUED:
-        changes.update(queued_at=at, lease_owner=None, lease_expires_at=None, finished_at=None)
-    elif to == PAUSED:
-        changes.update(lease_owner=None, lease_expires_at=None)
-    for key, value in shared.items():
-        changes[key] = value if isinstance(value, ClauseElement) else bindparam(f"kiln_shared_{key}",
-                                                                                 type_=table.c[key].type)
+    changes = _changes(to, shared)
     pairs = tuple_(table.c.id, table.c.attempts).in_(bindparam("kiln_pairs", expanding=True))
     return (update(table).where(pairs, table.c.state == current, *where).values(changes)
             .returning(table.c.id, table.c.attempts, table.c.webhook, table.c.owner_id))
