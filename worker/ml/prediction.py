@@ -96,7 +96,10 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
         checkpoint = checkpoint()
     saved = checkpoints.decode(checkpoint)
     sig = saved.signature
-    config = _model_config.validate_python(sig["model"])
+    model = sig["model"]
+    if sig["input_kind"] == "tokens" and "wide" not in model:
+        model = {**model, "wide": None}  # saved before the wide path existed (a default now)
+    config = _model_config.validate_python(model)
     if sig["input_kind"] == pretrained.INPUT_KIND:
         pretrained.check_base(sig)
     network = build_model(config, ModelShape.from_signature(sig))

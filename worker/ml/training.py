@@ -114,6 +114,8 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     signature.update(parameter_counts(model))
     if getattr(spec.model, "embedding_init", "random") == "lsa" and signature["input_kind"] == "tokens":
         _init_embeddings(model, data, hp.seed)
+    if getattr(model, "wide", None) is not None:  # the wide path's idf weights, from the training split
+        model.wide.fit_idf(torch.from_numpy(data.splits["train"][0]))
     if init_from is not None:
         load_weights(model, checkpoints.decode(init_from).served_weights, "init_from")
     tensors = {name: (torch.from_numpy(x), torch.from_numpy(y)) for name, (x, y) in data.splits.items()}

@@ -138,6 +138,10 @@ def test_text_encoding_is_saved_and_a_resume_is_exact(corpus, name, model, data,
     if name == "bpe":
         assert saved.tokenizer is not None and straight.signature["tokenizer"] == "bpe"
         assert straight.signature["vocab_size"] <= 500
+        # The wide path is on by default: its n-gram weights and idf travel as tensors in the checkpoint.
+        vocab = straight.signature["vocab_size"]
+        assert saved.model["wide.weight.weight"].shape == (vocab + 65536, len(CATEGORIES))
+        assert saved.model["wide.idf"].shape == (vocab + 65536,) and float(saved.model["wide.idf"].max()) > 1.0
     else:
         assert len(saved.vocabulary) == straight.signature["vocab_size"] <= 2000
         assert saved.normalizer["tfidf.idf"].shape == (len(saved.vocabulary),)
@@ -153,3 +157,44 @@ def test_text_encoding_is_saved_and_a_resume_is_exact(corpus, name, model, data,
     texts = [frame["text"].iloc[0], " ".join(frame["text"].iloc[:5])]
     answer = predict(straight_hooks.checkpoints[-1].data, texts)["predictions"]
     assert [p["class"] in CATEGORIES for p in answer] == [True, True]
+
+
+def test_the_wide_path_is_a_tfidf_linear_model_split_exactly_over_tokens():
+    import torch
+
+    from worker.ml.architectures import WideNgrams
+
+    wide = WideNgrams(vocab_size=10, buckets=7, ngram_max=2, num_outputs=3)
+    train_ids = torch.tensor([[2, 3, 4, 0], [2, 5, 0, 0], [2, 3, 0, 0]])
+    wide.fit_idf(train_ids)
+    # Smoothed idf as scikit-learn's: 3 texts; token 2 in all of them, 3 in two, 4 and 5 in one.
+    idf = lambda df: float(torch.log(torch.tensor(4.0 / (1 + df)))) + 1.0  # noqa: E731
+    assert [float(wide.idf[i]) for i in (2, 3, 4, 5)] == pytest.approx([idf(3), idf(2), idf(1), idf(1)])
+    assert float(wide.idf[6]) == pytest.approx(idf(0))  # never seen
+    grams, weights, lengths = wide.grams(torch.tensor([[2, 3, 4, 0]]))
+    assert lengths == [4, 3] and grams[0, :3].tolist() == [2, 3, 4] and (grams[0, 4:] >= 10).all()
+    assert weights[0, 3] == 0 and weights[0, 6] == 0  # padding, and the bigram that reaches into it
+    assert float(weights.square().sum()) == pytest.approx(1.0)  # a unit-length TF-IDF row
+    torch.nn.init.normal_(wide.weight.weight)
+    ids = torch.tensor([[2, 3, 4, 0], [9, 0, 0, 0]])
+    torch.testing.assert_close(wide.per_token(ids).sum(dim=1), wide(ids))
+    assert wide.per_token(ids)[:, 3].abs().sum() == 0 and wide(torch.zeros_like(ids)).abs().sum() == 0
+
+
+def test_the_wide_path_is_optional_and_old_checkpoints_without_it_still_load(corpus, fake_hooks, spec_for):
+    from worker.ml import checkpoints
+    from worker.ml.prediction import predict
+    from worker.ml.training import train
+
+    path, frame = corpus
+    spec = spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": None}, epochs=1, batch_size=64,
+                    data={"text_column": "text", "target": "label", "max_tokens": 16, "split": SPLIT})
+    hooks = fake_hooks()
+    train(spec, hooks=hooks, dataset_file=path, dataset_format="csv")
+    saved = checkpoints.decode(hooks.checkpoints[-1].data)
+    assert not any(key.startswith("wide.") for key in saved.model)
+    # A checkpoint from before the option existed has no "wide" in its model settings at all.
+    del saved.signature["model"]["wide"]
+    old = checkpoints.encode(saved)
+    answer = predict(old, [frame["text"].iloc[0]])["predictions"]
+    assert answer[0]["class"] in CATEGORIES
