@@ -198,3 +198,15 @@ def test_the_wide_path_is_optional_and_old_checkpoints_without_it_still_load(cor
     old = checkpoints.encode(saved)
     answer = predict(old, [frame["text"].iloc[0]])["predictions"]
     assert answer[0]["class"] in CATEGORIES
+
+
+def test_the_size_estimate_counts_the_wide_path(spec_for):
+    from app import sizing
+
+    data = {"text_column": "text", "target": "label", "vocab_size": 3000}
+    with_wide = sizing.estimate(spec_for("gru", "dataset:1", model={"hidden_size": 8}, data=data),
+                                num_features=1, num_outputs=4)
+    without = sizing.estimate(spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": None}, data=data),
+                              num_features=1, num_outputs=4)
+    # A weight per n-gram id and class, and an idf per id: (vocabulary + buckets) x (classes + 1).
+    assert with_wide.parameters - without.parameters == (3000 + 65536) * 5
