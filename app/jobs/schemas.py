@@ -29,14 +29,6 @@ class Strict(BaseModel):
 # --- architectures --------------------------------------------------------------------------
 
 
-class WideNgrams(Strict):
-    """The wide path of a text classifier: a linear model over the bag of token n-grams of a text."""
-
-    ngram_max: int = Field(default=2, ge=1, le=3, description="longest token n-gram counted (1: single tokens)")
-    buckets: int = Field(default=65536, ge=1, le=4_194_304,
-                         description="hashed ids shared by the n-grams longer than one token")
-
-
 class _ReadsTokens(Strict):
     """A setting of every architecture that reads text through a token embedding."""
 
@@ -46,10 +38,12 @@ class _ReadsTokens(Strict):
     embedding_init: Literal["random", "lsa"] = Field(
         default="lsa",
         description="text: token embeddings start random, or from latent semantic analysis of the training split")
-    wide: WideNgrams | None = Field(
-        default_factory=WideNgrams,
-        description="text: a linear path over the text's bag of token n-grams, added to the network's "
-                    "logits (wide & deep); null turns it off")
+    wide: bool = Field(
+        default=True,
+        description="text: a linear TF-IDF path over the text's bag of token n-grams, added to the network's logits")
+    wide_ngram_max: int = Field(default=2, ge=1, le=3, description="text, wide path: longest token n-gram counted")
+    wide_buckets: int = Field(default=65536, ge=1, le=4_194_304,
+                              description="text, wide path: hashed ids shared by the n-grams longer than one token")
 
 
 class TfidfFeatures(Strict):

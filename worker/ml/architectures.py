@@ -412,11 +412,9 @@ def build_model(config, shape: ModelShape) -> nn.Module:
         # The MLP averages embeddings, so it sees one embedding-wide vector, not steps of them.
         steps = 1 if config.arch == "mlp" else steps
     body = architecture.build_body(config, per_step, steps)
-    wide = getattr(config, "wide", None)
-    if shape.input_kind == "tokens" and wide is not None:
-        wide = WideNgrams(shape.vocab_size, wide.buckets, wide.ngram_max, shape.num_outputs)
-    else:
-        wide = None
+    wide = None
+    if shape.input_kind == "tokens" and getattr(config, "wide", False):
+        wide = WideNgrams(shape.vocab_size, config.wide_buckets, config.wide_ngram_max, shape.num_outputs)
     return Network(body, shape, architecture.embedding_dim(config), getattr(config, "embedding_dropout", 0.0), wide)
 
 

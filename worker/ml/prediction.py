@@ -98,7 +98,7 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
     sig = saved.signature
     model = sig["model"]
     if sig["input_kind"] == "tokens" and "wide" not in model:
-        model = {**model, "wide": None}  # saved before the wide path existed (a default now)
+        model = {**model, "wide": False}  # saved before the wide path existed (a default now)
     config = _model_config.validate_python(model)
     if sig["input_kind"] == pretrained.INPUT_KIND:
         pretrained.check_base(sig)

@@ -189,7 +189,7 @@ def test_the_wide_path_is_optional_and_old_checkpoints_without_it_still_load(cor
     from worker.ml.training import train
 
     path, frame = corpus
-    spec = spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": None}, epochs=1, batch_size=64,
+    spec = spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": False}, epochs=1, batch_size=64,
                     data={"text_column": "text", "target": "label", "max_tokens": 16, "split": SPLIT})
     hooks = fake_hooks()
     train(spec, hooks=hooks, dataset_file=path, dataset_format="csv")
@@ -208,7 +208,7 @@ def test_the_size_estimate_counts_the_wide_path(spec_for):
     data = {"text_column": "text", "target": "label", "vocab_size": 3000}
     with_wide = sizing.estimate(spec_for("gru", "dataset:1", model={"hidden_size": 8}, data=data),
                                 num_features=1, num_outputs=4)
-    without = sizing.estimate(spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": None}, data=data),
+    without = sizing.estimate(spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": False}, data=data),
                               num_features=1, num_outputs=4)
     # A weight per n-gram id and class, and an idf per id: (vocabulary + buckets) x (classes + 1).
     assert with_wide.parameters - without.parameters == (3000 + 65536) * 5
