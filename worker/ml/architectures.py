@@ -240,15 +240,13 @@ class WideNgrams(nn.Module):
     ``buckets`` ids after the vocabulary. Each n-gram of a text weighs its inverse document
     frequency in the training split (``idf``, a saved buffer that :meth:`fit_idf` sets; smoothed as
     scikit-learn's), divided by the length of the text's vector of those weights, so a text's bag
-    is a TF-IDF row as the linear baseline reads it; the n-gram weights start at zero. It is the fastText / wide & deep recipe: the n-gram weights learn what the linear
-    TF-IDF baseline learns, and the deep body adds what word order and embeddings tell.
+    is a TF-IDF row as the linear baseline reads it. Training fits the n-gram weights first, to
+    convergence, as the TF-IDF + logistic-regression baseline (:meth:`fit`), then freezes them and
+    trains the deep body and head, the head starting at zero, on top: the wide & deep recipe, where
+    the deep part adds what word order and embeddings tell to a fully fitted linear model.
     """
 
     HASH_PRIME, HASH_MODULUS = 1_000_003, 2_147_483_647
-    # The n-gram weights are stored divided by this, so one optimizer step moves the wide logits
-    # 10 times as far as the deep ones: most n-grams are rare, and at the deep path's learning
-    # rate their weights would hardly move before early stopping ends the run.
-    SCALE = 10.0
 
     def __init__(self, vocab_size: int, buckets: int, ngram_max: int, num_outputs: int):
         super().__init__()
@@ -269,6 +267,35 @@ class WideNgrams(nn.Module):
         df = torch.bincount(pairs % len(self.idf), minlength=len(self.idf))
         self.idf.copy_(torch.log((1.0 + len(grams)) / (1.0 + df.to(self.idf.dtype))) + 1.0)
 
+    def fit(self, ids: torch.Tensor, targets: torch.Tensor, *, c: float = 1.0, max_iter: int = 100) -> torch.Tensor:
+        """Fit the n-gram weights as an L2-regularised multinomial logistic regression; its bias.
+
+        The objective is scikit-learn's ``LogisticRegression(C=c)`` divided by the number of
+        texts: mean cross-entropy + ||W||^2 / (2 c n), the bias unregularised, minimised full-batch
+        by L-BFGS with a strong-Wolfe line search for at most ``max_iter`` iterations; so it reaches
+        the same solution as the TF-IDF + logistic-regression baseline over the same n-grams. It
+        draws no random numbers. The caller puts the bias in the network's head.
+        """
+        grams, weights, _ = self.grams(ids.to(self.idf.device))
+        n, outputs = len(grams), self.weight.weight.shape[1]
+        w = torch.zeros_like(self.weight.weight, requires_grad=True)
+        b = torch.zeros(outputs, dtype=w.dtype, device=w.device, requires_grad=True)
+        targets = targets.to(w.device)
+        optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10,
+                                      tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            logits = nn.functional.embedding_bag(grams, w, per_sample_weights=weights, mode="sum") + b
+            loss = nn.functional.cross_entropy(logits, targets) + w.square().sum() / (2.0 * c * n)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            self.weight.weight.copy_(w)
+        return b.detach()
+
     def grams(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Ids (batch, grams) of every n-gram, their weights, and how many n-grams of each length."""
         mask = ids != PAD_ID
@@ -288,13 +315,13 @@ class WideNgrams(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (batch, outputs)."""
         grams, weights, _ = self.grams(ids)
-        return (self.weight(grams) * weights.unsqueeze(-1)).sum(dim=1) * self.SCALE
+        return (self.weight(grams) * weights.unsqueeze(-1)).sum(dim=1)
 
     def per_token(self, ids: torch.Tensor) -> torch.Tensor:
         """The logits split over the tokens (batch, tokens, outputs): each n-gram's share goes in
         equal parts to its tokens, so a text's shares sum to :meth:`forward`."""
         grams, weights, lengths = self.grams(ids)
-        parts = (self.weight(grams) * weights.unsqueeze(-1) * self.SCALE).split(lengths, dim=1)
+        parts = (self.weight(grams) * weights.unsqueeze(-1)).split(lengths, dim=1)
         shares = torch.zeros(*ids.shape, parts[0].shape[-1], dtype=parts[0].dtype, device=ids.device)
         for n, part in enumerate(parts, start=1):
             for offset in range(n):

@@ -108,9 +108,11 @@ def test_the_baseline_is_a_real_bar(baselines):
 def test_text_model_reaches_the_tfidf_baseline(corpus, baselines, name, fake_hooks, spec_for):
     short = []
     for seed in SEEDS:
-        result, _ = train_text(corpus, name, seed, fake_hooks, spec_for)
+        result, hooks = train_text(corpus, name, seed, fake_hooks, spec_for)
         accuracy, bar = result.test_metrics["test_accuracy"], baselines[seed]
-        print(f"{name} seed {seed}: {accuracy:.3f} (best epoch {result.best_epoch} of {result.epochs_completed}) "
+        start = [values for scope, epoch, _, values in hooks.metrics if scope == "epoch" and epoch == 0]
+        wide = f", the fitted wide path alone: val {start[0]['val_accuracy']:.3f}" if start else ""
+        print(f"{name} seed {seed}: {accuracy:.3f} (best epoch {result.best_epoch} of {result.epochs_completed}{wide}) "
               f"vs TF-IDF + LR {bar:.3f}: {accuracy - bar:+.3f}")
         if accuracy < bar - MARGIN:
             short.append((seed, round(accuracy, 3), round(bar, 3)))
@@ -150,6 +152,10 @@ def test_text_encoding_is_saved_and_a_resume_is_exact(corpus, name, model, data,
     resumed_hooks = fake_hooks()
     resumed = train(spec, hooks=resumed_hooks, dataset_file=path, dataset_format="csv",
                     resume=stopped_hooks.checkpoints[-1].data)
+    # The fitted wide path is in the checkpoint: only the first run fits it (reported as epoch 0).
+    fitted = [hooks for hooks in (straight_hooks, resumed_hooks)
+              if any(scope == "epoch" and epoch == 0 for scope, epoch, _, _ in hooks.metrics)]
+    assert fitted == ([straight_hooks] if name == "bpe" else [])
     assert resumed.steps == straight.steps and resumed.test_metrics == pytest.approx(straight.test_metrics, abs=1e-6)
     final_a = checkpoints.decode(straight_hooks.checkpoints[-1].data).model
     final_b = checkpoints.decode(resumed_hooks.checkpoints[-1].data).model
@@ -212,3 +218,74 @@ def test_the_size_estimate_counts_the_wide_path(spec_for):
                               num_features=1, num_outputs=4)
     # A weight per n-gram id and class, and an idf per id: (vocabulary + buckets) x (classes + 1).
     assert with_wide.parameters - without.parameters == (3000 + 65536) * 5
+
+
+def test_the_wide_path_fits_the_logistic_regression_of_scikit_learn():
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from worker.ml.architectures import WideNgrams
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 40, (120, 12), generator=generator)
+    ids[:, 9:] = 0  # padding
+    targets = (ids[:, :3].sum(dim=1) % 3).long()
+    wide = WideNgrams(vocab_size=40, buckets=31, ngram_max=2, num_outputs=3)
+    wide.fit_idf(ids)
+    bias = wide.fit(ids, targets)
+    # The same TF-IDF rows, dense, into scikit-learn's default (C=1.0, multinomial, lbfgs).
+    grams, weights, _ = wide.grams(ids)
+    rows = torch.zeros(len(ids), wide.weight.weight.shape[0], dtype=torch.float64)
+    rows.scatter_add_(1, grams, weights.double())
+    reference = LogisticRegression(C=1.0, max_iter=10_000, tol=1e-10).fit(rows.numpy(), targets.numpy())
+    np.testing.assert_allclose(wide.weight.weight.detach().T.double().numpy(), reference.coef_, atol=2e-3)
+    np.testing.assert_allclose(bias.double().numpy(), reference.intercept_, atol=2e-3)
+
+
+def test_the_network_starts_as_the_fitted_linear_model_and_keeps_it_unless_beaten(corpus, fake_hooks, spec_for):
+    from worker.ml import checkpoints
+    from worker.ml.training import train
+
+    path, _ = corpus
+    # A learning rate far too high: the deep part only makes the linear model worse.
+    spec = spec_for("gru", "dataset:1", model={"hidden_size": 8}, epochs=3, batch_size=64, learning_rate=5.0,
+                    data={"text_column": "text", "target": "label", "max_tokens": 16, "split": SPLIT},
+                    early_stopping={"metric": "val_accuracy", "patience": 2})
+    hooks = fake_hooks()
+    result = train(spec, hooks=hooks, dataset_file=path, dataset_format="csv")
+    start = next(values for scope, epoch, _, values in hooks.metrics if scope == "epoch" and epoch == 0)
+    assert result.best_epoch == 0 and result.best_metric_value == start["val_accuracy"] > 0.5
+    served = checkpoints.decode(hooks.checkpoints[-1].data).served_weights
+    assert float(served["head.weight"].abs().sum()) == 0.0  # the head as it started: zero
+
+
+def test_a_job_from_before_the_wide_path_resumes_and_starts_from_its_checkpoints(corpus, fake_hooks, spec_for):
+    import torch
+
+    from worker.ml import checkpoints
+    from worker.ml.training import train
+
+    path, _ = corpus
+    settings = dict(epochs=2, batch_size=64, learning_rate=0.01,
+                    data={"text_column": "text", "target": "label", "max_tokens": 16, "split": SPLIT})
+    old_spec = spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": False}, **settings)
+    straight = train(old_spec, hooks=fake_hooks(), dataset_file=path, dataset_format="csv")
+    stopped = fake_hooks(stop_at_step=5, stop_reason_value="shutdown")
+    train(old_spec, hooks=stopped, dataset_file=path, dataset_format="csv")
+    # The checkpoint and the stored spec of a job from before model.wide: no "wide" anywhere.
+    saved = checkpoints.decode(stopped.checkpoints[-1].data)
+    del saved.signature["model"]["wide"]
+    del saved.spec["model"]["wide"]
+    old = checkpoints.encode(saved)
+    spec = spec_for("gru", "dataset:1", model={"hidden_size": 8}, **settings)  # reads wide as on, the default
+    assert spec.model.wide
+    hooks = fake_hooks()
+    resumed = train(spec, hooks=hooks, dataset_file=path, dataset_format="csv", resume=old)
+    assert resumed.steps == straight.steps and resumed.test_metrics == pytest.approx(straight.test_metrics, abs=1e-6)
+    assert not any(key.startswith("wide.") for key in checkpoints.decode(hooks.checkpoints[-1].data).model)
+    # init_from a checkpoint without wide weights: the model is built as that checkpoint's, without the path.
+    hooks = fake_hooks()
+    train(spec, hooks=hooks, dataset_file=path, dataset_format="csv", init_from=old)
+    weights = checkpoints.decode(hooks.checkpoints[-1].data).model
+    assert not any(key.startswith("wide.") for key in weights) and torch.isfinite(weights["head.weight"]).all()
