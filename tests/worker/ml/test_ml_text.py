@@ -8,20 +8,22 @@ minus ``MARGIN``.
 
 ``MARGIN`` comes from split seeds 0-4, not one (``KILN_TEXT_SEEDS=0,1,2,3,4`` runs them all).
 Accuracy minus the baseline's at these presets (test split of 156 texts: one text is 0.0064), with
-the wide path (``model.wide``, the default for every token-reading model since issue 12):
+the wide path (``model.wide``) fitted first as a logistic regression (C=10) and the deep part
+trained on top of it, kept only where it beats the linear model on validation:
 
-    preset       seed 0  seed 1  seed 2  seed 3  seed 4   mean   (mean without the wide path)
+    preset       seed 0  seed 1  seed 2  seed 3  seed 4   mean   (wide path trained jointly, before)
     mlp-tfidf    -0.071  -0.032  +0.026  -0.026  -0.045  -0.030  (no wide path: reads TF-IDF)
-    mlp          -0.071  -0.013  +0.006  -0.090  -0.051  -0.044  (-0.056)
-    lstm         -0.109  -0.115  -0.006  -0.077  +0.000  -0.061  (-0.061)
-    gru          -0.026  -0.090  -0.038  -0.071  -0.109  -0.067  (-0.051)
-    cnn1d        -0.103  -0.019  +0.026  -0.090  -0.006  -0.038  (-0.055)
-    transformer  -0.038  -0.071  +0.006  -0.077  -0.064  -0.049  (-0.076)
+    mlp          -0.077  -0.038  +0.032  -0.026  +0.000  -0.022  (-0.044)
+    lstm         -0.019  -0.032  +0.045  -0.013  +0.013  -0.001  (-0.061)
+    gru          -0.026  -0.032  +0.038  -0.006  +0.013  -0.003  (-0.067)
+    cnn1d        -0.045  -0.038  +0.019  -0.013  -0.013  -0.018  (-0.038)
+    transformer  -0.032  -0.032  +0.045  -0.013  -0.064  -0.019  (-0.049)
 
-so the margin is the worst of those (0.115) and two texts more. It is not small: on 260 training
-texts and 156 test texts one seed's shortfall swings by 0.1, and the wide path, a linear TF-IDF
-model trained by the same optimizer with early stopping, does not reach the fully fitted
-logistic regression (alone, on these splits, it trails it by about 0.05).
+so the margin is the worst of those (0.077, ``mlp`` on seed 0, where the deep part beat the
+linear model on the 104 validation texts but not on the test texts; ``mlp-tfidf``, which has
+no wide path, is as far short on that seed) and two texts more. The fitted wide path alone
+trails the baseline by about 0.01 on average (it reads at most ``max_tokens`` tokens and
+counts repeats linearly; the baseline reads whole texts with sublinear tf).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tests.worker.ml.corpora import fortunes
 CATEGORIES = ("computers", "food", "law", "love")
 PER_CATEGORY = 130
 SPLIT = {"val_fraction": 0.2, "test_fraction": 0.3}
-MARGIN = 0.13
+MARGIN = 0.09
 SEEDS = [int(s) for s in os.environ.get("KILN_TEXT_SEEDS", "0").split(",")]
 EARLY = {"early_stopping": {"metric": "val_accuracy", "patience": 4}}
 TOKENS = {"max_tokens": 48}
