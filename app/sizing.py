@@ -103,6 +103,8 @@ def estimate(spec: TrainSpec, *, num_features: int, num_outputs: int, sequence_s
     if text and getattr(model, "tfidf", None) is not None:  # one n-gram-wide vector, no embedding
         steps, per_step, vocab = 1, model.tfidf.max_features, 0
     parameters, width, layers = _own_model(model, steps=steps, per_step=per_step, outputs=num_outputs, vocab=vocab)
+    if text and vocab and getattr(model, "wide", False):  # the wide path: a weight per n-gram id and class, and its idf
+        parameters += (vocab + (model.wide_buckets if model.wide_ngram_max > 1 else 0)) * (num_outputs + 1)
     activations = batch * steps * width * layers * 4 * ACTIVATION_FACTOR
     return SizeEstimate(parameters, BYTES_PER_PARAMETER * parameters, activations)
 

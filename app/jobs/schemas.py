@@ -38,6 +38,13 @@ class _ReadsTokens(Strict):
     embedding_init: Literal["random", "lsa"] = Field(
         default="lsa",
         description="text: token embeddings start random, or from latent semantic analysis of the training split")
+    wide: bool = Field(
+        default=True,
+        description="text: a linear TF-IDF path over the text's bag of token n-grams, fitted first as a logistic "
+                    "regression; the network trains on top of it")
+    wide_ngram_max: int = Field(default=2, ge=1, le=3, description="text, wide path: longest token n-gram counted")
+    wide_buckets: int = Field(default=65536, ge=1, le=4_194_304,
+                              description="text, wide path: hashed ids shared by the n-grams longer than one token")
 
 
 class TfidfFeatures(Strict):

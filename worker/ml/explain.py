@@ -4,7 +4,9 @@ Attributions are computed for the output a prediction reports: the predicted cla
 classifier, the (standardised) first value for regression and forecasting. Numeric inputs are
 attributed in the model's standardised input space against the training mean (standardised
 zero); text is attributed per token at the embedding layer against the all-padding embedding
-(zero vectors), with the padding mask of the real text held fixed so the path is a straight line.
+(zero vectors), with the padding mask of the real text held fixed so the path is a straight line;
+a text model's wide path (``model.wide``, linear in its n-grams) adds each token's exact share of
+the wide logits (an n-gram's part split equally over its tokens), against zero for all padding.
 Integrated gradients are complete: the attributions sum to f(input) - f(baseline); each
 explanation reports that difference and how far the sum is from it (``completeness_error``).
 """
@@ -77,6 +79,10 @@ def _integrated_gradients(loaded, batch: torch.Tensor, outputs: np.ndarray, step
             per_input = attributions.sum(dim=-1)  # one number per token: summed over the embedding
             end = forward(inputs, mask)
             start = forward(baseline, mask)
+            if getattr(network, "wide", None) is not None:  # all padding has no n-gram: its wide logits are 0
+                shares = network.wide.per_token(inputs)
+                per_input = per_input + shares.gather(2, target.view(-1, 1, 1).expand(-1, shares.shape[1], 1)).squeeze(2)
+                end = end + network.wide(inputs)
         else:
             baseline = torch.zeros_like(inputs)
             ig = IntegratedGradients(network)

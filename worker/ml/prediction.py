@@ -31,6 +31,8 @@ CACHE_SIZE = 8  # defaults; a worker sets its own from settings with configure_c
 CACHE_BYTES = 2 * 1024**3
 BATCH_SIZE = 1024
 _model_config = TypeAdapter(ModelConfig)
+# The text classifiers that may have a wide path (``model.wide``); the generators read tokens too but have none.
+_WIDE_ARCHITECTURES = ("mlp", "rnn", "lstm", "gru", "transformer", "cnn1d")
 
 
 @dataclass
@@ -96,7 +98,10 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
         checkpoint = checkpoint()
     saved = checkpoints.decode(checkpoint)
     sig = saved.signature
-    config = _model_config.validate_python(sig["model"])
+    model = sig["model"]
+    if sig["input_kind"] == "tokens" and "wide" not in model and model.get("arch") in _WIDE_ARCHITECTURES:
+        model = {**model, "wide": False}  # saved before the wide path existed (a default now)
+    config = _model_config.validate_python(model)
     if sig["input_kind"] == pretrained.INPUT_KIND:
         pretrained.check_base(sig)
     network = build_model(config, ModelShape.from_signature(sig))

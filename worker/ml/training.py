@@ -102,6 +102,8 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     hp = spec.hyperparameters
     torch.manual_seed(hp.seed)
     saved = checkpoints.decode(resume) if resume is not None else None
+    init = checkpoints.decode(init_from).served_weights if init_from is not None else None
+    spec = _without_wide_for_old_checkpoints(spec, saved.model if saved is not None else init)
     data = prepare(spec.dataset, load_table(spec.dataset, dataset_file, dataset_format), spec.model,
                    checkpoints.saved_text(saved) if saved is not None else None)
     refused = architecture_error(spec.model.arch, data.task)
@@ -114,8 +116,13 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     signature.update(parameter_counts(model))
     if getattr(spec.model, "embedding_init", "random") == "lsa" and signature["input_kind"] == "tokens":
         _init_embeddings(model, data, hp.seed)
-    if init_from is not None:
-        load_weights(model, checkpoints.decode(init_from).served_weights, "init_from")
+    if getattr(model, "wide", None) is not None:  # the wide path's idf weights, from the training split
+        model.wide.fit_idf(torch.from_numpy(data.splits["train"][0]))
+    if init is not None:
+        load_weights(model, init, "init_from")
+    wide = getattr(model, "wide", None)
+    if wide is not None:  # fitted before the deep part trains (below), then frozen
+        wide.weight.weight.requires_grad_(False)
     tensors = {name: (torch.from_numpy(x), torch.from_numpy(y)) for name, (x, y) in data.splits.items()}
     num_batches = -(-len(tensors["train"][0]) // hp.batch_size)
     optimizer = build_optimizer(hp, model)
@@ -126,6 +133,8 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     resumed_from = None
     if saved is not None:
         resumed_from = _restore(run, saved, signature)
+    elif wide is not None and init is None:
+        _fit_wide(run)
     progress = run.progress
     while not progress.finished and progress.epoch < hp.epochs:
         reason = train_epoch(run)
@@ -137,6 +146,42 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     test_metrics = _test(run)
     hooks.on_progress(progress.epoch, progress.step, 1.0)
     return _result(run, signature, test_metrics, None, resumed_from)
+
+
+def _without_wide_for_old_checkpoints(spec: TrainSpec, weights: dict[str, torch.Tensor] | None) -> TrainSpec:
+    """The spec with ``wide: false`` when the checkpoint it resumes or starts from has no wide path.
+
+    A job submitted before ``model.wide`` existed reads it as on (the default now), but its
+    checkpoints hold no wide weights: it goes on as it was built.
+    """
+    if weights is None or not getattr(spec.model, "wide", False) or any(k.startswith("wide.") for k in weights):
+        return spec
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"wide": False})})
+
+
+def _fit_wide(run: Run) -> None:
+    """Fit the wide path as TF-IDF + logistic regression, and start the deep part at zero on top of it.
+
+    The head's weights are zeroed and its bias takes the regression's, so the network starts as
+    the fitted linear model. Validated, that start is the first candidate for the best weights
+    (epoch 0): the deep part is kept only where it beats it. Reported as epoch 0's metrics.
+    """
+    model, progress = run.model, run.progress
+    started = time.perf_counter()
+    x, y = run.tensors["train"]
+    bias = model.wide.fit(to_device(x, run.device), to_device(y, run.device))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(bias.to(model.head.bias.dtype))
+    metrics = {"wide_fit_time_s": time.perf_counter() - started}
+    if len(run.tensors["val"][0]):
+        val = _evaluate(run, "val")
+        val.pop("naive_rmse", None)
+        metrics.update({f"val_{k}": v for k, v in val.items()})
+    run.hooks.on_metrics("epoch", 0, 0, metrics)
+    if run.monitor.name in metrics:
+        progress.best_value, progress.best_epoch, progress.best_step = metrics[run.monitor.name], 0, 0
+        run.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _init_embeddings(model: torch.nn.Module, data: PreparedData, seed: int) -> None:

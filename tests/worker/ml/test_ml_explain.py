@@ -77,6 +77,21 @@ def test_integrated_gradients_are_complete_on_a_transformer_and_per_token_for_te
     assert len(first["attributions"]) == 3 and len(second["attributions"]) == 2
     _assert_complete(first)
     _assert_complete(second)
+    # The difference explained is the whole network's, wide path (model.wide, on by default) included.
+    import torch
+
+    from worker.ml.prediction import encode_inputs, load_model
+
+    loaded = load_model(text, torch.device("cpu"))
+    assert loaded.network.wide is not None
+    ids = encode_inputs(loaded, ["a good day", "bad night"])
+    network = loaded.network
+    with torch.no_grad():  # the baseline: padding embeddings under the real text's mask
+        logits = network(ids)
+        start = network.head(network.body(network.embedding(torch.zeros_like(ids)), ids != 0))
+    for row, e in enumerate((first, second)):
+        target = int(logits[row].argmax())
+        assert e["output_difference"] == pytest.approx(float(logits[row, target] - start[row, target]), abs=1e-4)
 
 
 def test_attention_maps_have_one_distribution_per_row(tmp_path, fake_hooks, spec_for):

@@ -7,19 +7,23 @@ rows. Each of Kiln's text architectures, on a tiny CPU preset, must reach the ba
 minus ``MARGIN``.
 
 ``MARGIN`` comes from split seeds 0-4, not one (``KILN_TEXT_SEEDS=0,1,2,3,4`` runs them all).
-Accuracy minus the baseline's at these presets (test split of 156 texts: one text is 0.0064):
+Accuracy minus the baseline's at these presets (test split of 156 texts: one text is 0.0064), with
+the wide path (``model.wide``) fitted first as a logistic regression (C=10) and the deep part
+trained on top of it, kept only where it beats the linear model on validation:
 
-    preset       seed 0  seed 1  seed 2  seed 3  seed 4   mean
-    mlp-tfidf    -0.071  -0.032  +0.026  -0.026  -0.045  -0.030
-    mlp          -0.077  -0.064  +0.013  -0.103  -0.051  -0.056
-    lstm         -0.077  -0.115  +0.000  -0.064  -0.051  -0.061
-    gru          -0.006  -0.122  -0.019  -0.077  -0.032  -0.051
-    cnn1d        -0.109  -0.064  +0.019  -0.115  -0.006  -0.055
-    transformer  -0.122  -0.096  -0.058  -0.083  -0.019  -0.076
+    preset       seed 0  seed 1  seed 2  seed 3  seed 4   mean   (wide path trained jointly, before)
+    mlp-tfidf    -0.071  -0.032  +0.026  -0.026  -0.045  -0.030  (no wide path: reads TF-IDF)
+    mlp          -0.077  -0.038  +0.032  -0.026  +0.000  -0.022  (-0.044)
+    lstm         -0.019  -0.032  +0.045  -0.013  +0.013  -0.001  (-0.061)
+    gru          -0.026  -0.032  +0.038  -0.006  +0.013  -0.003  (-0.067)
+    cnn1d        -0.045  -0.038  +0.019  -0.013  -0.013  -0.018  (-0.038)
+    transformer  -0.032  -0.032  +0.045  -0.013  -0.064  -0.019  (-0.049)
 
-so the margin is the worst of those (0.122) and one text more. It is not small: with embeddings
-learnt from 260 training texts, Kiln's sequence models still trail the linear baseline by about
-0.05 on average (before LSA-initialised embeddings they trailed by about 0.2, see docs/results.md).
+so the margin is the worst of those (0.077, ``mlp`` on seed 0, where the deep part beat the
+linear model on the 104 validation texts but not on the test texts; ``mlp-tfidf``, which has
+no wide path, is as far short on that seed) and two texts more. The fitted wide path alone
+trails the baseline by about 0.01 on average (it reads at most ``max_tokens`` tokens and
+counts repeats linearly; the baseline reads whole texts with sublinear tf).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from tests.worker.ml.corpora import fortunes
 CATEGORIES = ("computers", "food", "law", "love")
 PER_CATEGORY = 130
 SPLIT = {"val_fraction": 0.2, "test_fraction": 0.3}
-MARGIN = 0.13
+MARGIN = 0.09
 SEEDS = [int(s) for s in os.environ.get("KILN_TEXT_SEEDS", "0").split(",")]
 EARLY = {"early_stopping": {"metric": "val_accuracy", "patience": 4}}
 TOKENS = {"max_tokens": 48}
@@ -106,9 +110,11 @@ def test_the_baseline_is_a_real_bar(baselines):
 def test_text_model_reaches_the_tfidf_baseline(corpus, baselines, name, fake_hooks, spec_for):
     short = []
     for seed in SEEDS:
-        result, _ = train_text(corpus, name, seed, fake_hooks, spec_for)
+        result, hooks = train_text(corpus, name, seed, fake_hooks, spec_for)
         accuracy, bar = result.test_metrics["test_accuracy"], baselines[seed]
-        print(f"{name} seed {seed}: {accuracy:.3f} (best epoch {result.best_epoch} of {result.epochs_completed}) "
+        start = [values for scope, epoch, _, values in hooks.metrics if scope == "epoch" and epoch == 0]
+        wide = f", the fitted wide path alone: val {start[0]['val_accuracy']:.3f}" if start else ""
+        print(f"{name} seed {seed}: {accuracy:.3f} (best epoch {result.best_epoch} of {result.epochs_completed}{wide}) "
               f"vs TF-IDF + LR {bar:.3f}: {accuracy - bar:+.3f}")
         if accuracy < bar - MARGIN:
             short.append((seed, round(accuracy, 3), round(bar, 3)))
@@ -138,12 +144,20 @@ def test_text_encoding_is_saved_and_a_resume_is_exact(corpus, name, model, data,
     if name == "bpe":
         assert saved.tokenizer is not None and straight.signature["tokenizer"] == "bpe"
         assert straight.signature["vocab_size"] <= 500
+        # The wide path is on by default: its n-gram weights and idf travel as tensors in the checkpoint.
+        vocab = straight.signature["vocab_size"]
+        assert saved.model["wide.weight.weight"].shape == (vocab + 65536, len(CATEGORIES))
+        assert saved.model["wide.idf"].shape == (vocab + 65536,) and float(saved.model["wide.idf"].max()) > 1.0
     else:
         assert len(saved.vocabulary) == straight.signature["vocab_size"] <= 2000
         assert saved.normalizer["tfidf.idf"].shape == (len(saved.vocabulary),)
     resumed_hooks = fake_hooks()
     resumed = train(spec, hooks=resumed_hooks, dataset_file=path, dataset_format="csv",
                     resume=stopped_hooks.checkpoints[-1].data)
+    # The fitted wide path is in the checkpoint: only the first run fits it (reported as epoch 0).
+    fitted = [hooks for hooks in (straight_hooks, resumed_hooks)
+              if any(scope == "epoch" and epoch == 0 for scope, epoch, _, _ in hooks.metrics)]
+    assert fitted == ([straight_hooks] if name == "bpe" else [])
     assert resumed.steps == straight.steps and resumed.test_metrics == pytest.approx(straight.test_metrics, abs=1e-6)
     final_a = checkpoints.decode(straight_hooks.checkpoints[-1].data).model
     final_b = checkpoints.decode(resumed_hooks.checkpoints[-1].data).model
@@ -153,3 +167,127 @@ def test_text_encoding_is_saved_and_a_resume_is_exact(corpus, name, model, data,
     texts = [frame["text"].iloc[0], " ".join(frame["text"].iloc[:5])]
     answer = predict(straight_hooks.checkpoints[-1].data, texts)["predictions"]
     assert [p["class"] in CATEGORIES for p in answer] == [True, True]
+
+
+def test_the_wide_path_is_a_tfidf_linear_model_split_exactly_over_tokens():
+    import torch
+
+    from worker.ml.architectures import WideNgrams
+
+    wide = WideNgrams(vocab_size=10, buckets=7, ngram_max=2, num_outputs=3)
+    train_ids = torch.tensor([[2, 3, 4, 0], [2, 5, 0, 0], [2, 3, 0, 0]])
+    wide.fit_idf(train_ids)
+    # Smoothed idf as scikit-learn's: 3 texts; token 2 in all of them, 3 in two, 4 and 5 in one.
+    idf = lambda df: float(torch.log(torch.tensor(4.0 / (1 + df)))) + 1.0  # noqa: E731
+    assert [float(wide.idf[i]) for i in (2, 3, 4, 5)] == pytest.approx([idf(3), idf(2), idf(1), idf(1)])
+    assert float(wide.idf[6]) == pytest.approx(idf(0))  # never seen
+    grams, weights, lengths = wide.grams(torch.tensor([[2, 3, 4, 0]]))
+    assert lengths == [4, 3] and grams[0, :3].tolist() == [2, 3, 4] and (grams[0, 4:] >= 10).all()
+    assert weights[0, 3] == 0 and weights[0, 6] == 0  # padding, and the bigram that reaches into it
+    assert float(weights.square().sum()) == pytest.approx(1.0)  # a unit-length TF-IDF row
+    torch.nn.init.normal_(wide.weight.weight)
+    ids = torch.tensor([[2, 3, 4, 0], [9, 0, 0, 0]])
+    torch.testing.assert_close(wide.per_token(ids).sum(dim=1), wide(ids))
+    assert wide.per_token(ids)[:, 3].abs().sum() == 0 and wide(torch.zeros_like(ids)).abs().sum() == 0
+
+
+def test_the_wide_path_is_optional_and_old_checkpoints_without_it_still_load(corpus, fake_hooks, spec_for):
+    from worker.ml import checkpoints
+    from worker.ml.prediction import predict
+    from worker.ml.training import train
+
+    path, frame = corpus
+    spec = spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": False}, epochs=1, batch_size=64,
+                    data={"text_column": "text", "target": "label", "max_tokens": 16, "split": SPLIT})
+    hooks = fake_hooks()
+    train(spec, hooks=hooks, dataset_file=path, dataset_format="csv")
+    saved = checkpoints.decode(hooks.checkpoints[-1].data)
+    assert not any(key.startswith("wide.") for key in saved.model)
+    # A checkpoint from before the option existed has no "wide" in its model settings at all.
+    del saved.signature["model"]["wide"]
+    old = checkpoints.encode(saved)
+    answer = predict(old, [frame["text"].iloc[0]])["predictions"]
+    assert answer[0]["class"] in CATEGORIES
+
+
+def test_the_size_estimate_counts_the_wide_path(spec_for):
+    from app import sizing
+
+    data = {"text_column": "text", "target": "label", "vocab_size": 3000}
+    with_wide = sizing.estimate(spec_for("gru", "dataset:1", model={"hidden_size": 8}, data=data),
+                                num_features=1, num_outputs=4)
+    without = sizing.estimate(spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": False}, data=data),
+                              num_features=1, num_outputs=4)
+    # A weight per n-gram id and class, and an idf per id: (vocabulary + buckets) x (classes + 1).
+    assert with_wide.parameters - without.parameters == (3000 + 65536) * 5
+
+
+def test_the_wide_path_fits_the_logistic_regression_of_scikit_learn():
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from worker.ml.architectures import WideNgrams
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 40, (120, 12), generator=generator)
+    ids[:, 9:] = 0  # padding
+    targets = (ids[:, :3].sum(dim=1) % 3).long()
+    wide = WideNgrams(vocab_size=40, buckets=31, ngram_max=2, num_outputs=3)
+    wide.fit_idf(ids)
+    bias = wide.fit(ids, targets, c=1.0)
+    # The same TF-IDF rows, dense, into scikit-learn's default (C=1.0, multinomial, lbfgs).
+    grams, weights, _ = wide.grams(ids)
+    rows = torch.zeros(len(ids), wide.weight.weight.shape[0], dtype=torch.float64)
+    rows.scatter_add_(1, grams, weights.double())
+    reference = LogisticRegression(C=1.0, max_iter=10_000, tol=1e-10).fit(rows.numpy(), targets.numpy())
+    np.testing.assert_allclose(wide.weight.weight.detach().T.double().numpy(), reference.coef_, atol=2e-3)
+    np.testing.assert_allclose(bias.double().numpy(), reference.intercept_, atol=2e-3)
+
+
+def test_the_network_starts_as_the_fitted_linear_model_and_keeps_it_unless_beaten(corpus, fake_hooks, spec_for):
+    from worker.ml import checkpoints
+    from worker.ml.training import train
+
+    path, _ = corpus
+    # A learning rate far too high: the deep part only makes the linear model worse.
+    spec = spec_for("gru", "dataset:1", model={"hidden_size": 8}, epochs=3, batch_size=64, learning_rate=5.0,
+                    data={"text_column": "text", "target": "label", "max_tokens": 16, "split": SPLIT},
+                    early_stopping={"metric": "val_accuracy", "patience": 2})
+    hooks = fake_hooks()
+    result = train(spec, hooks=hooks, dataset_file=path, dataset_format="csv")
+    start = next(values for scope, epoch, _, values in hooks.metrics if scope == "epoch" and epoch == 0)
+    assert result.best_epoch == 0 and result.best_metric_value == start["val_accuracy"] > 0.5
+    served = checkpoints.decode(hooks.checkpoints[-1].data).served_weights
+    assert float(served["head.weight"].abs().sum()) == 0.0  # the head as it started: zero
+
+
+def test_a_job_from_before_the_wide_path_resumes_and_starts_from_its_checkpoints(corpus, fake_hooks, spec_for):
+    import torch
+
+    from worker.ml import checkpoints
+    from worker.ml.training import train
+
+    path, _ = corpus
+    settings = dict(epochs=2, batch_size=64, learning_rate=0.01,
+                    data={"text_column": "text", "target": "label", "max_tokens": 16, "split": SPLIT})
+    old_spec = spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": False}, **settings)
+    straight = train(old_spec, hooks=fake_hooks(), dataset_file=path, dataset_format="csv")
+    stopped = fake_hooks(stop_at_step=5, stop_reason_value="shutdown")
+    train(old_spec, hooks=stopped, dataset_file=path, dataset_format="csv")
+    # The checkpoint and the stored spec of a job from before model.wide: no "wide" anywhere.
+    saved = checkpoints.decode(stopped.checkpoints[-1].data)
+    del saved.signature["model"]["wide"]
+    del saved.spec["model"]["wide"]
+    old = checkpoints.encode(saved)
+    spec = spec_for("gru", "dataset:1", model={"hidden_size": 8}, **settings)  # reads wide as on, the default
+    assert spec.model.wide
+    hooks = fake_hooks()
+    resumed = train(spec, hooks=hooks, dataset_file=path, dataset_format="csv", resume=old)
+    assert resumed.steps == straight.steps and resumed.test_metrics == pytest.approx(straight.test_metrics, abs=1e-6)
+    assert not any(key.startswith("wide.") for key in checkpoints.decode(hooks.checkpoints[-1].data).model)
+    # init_from a checkpoint without wide weights: the model is built as that checkpoint's, without the path.
+    hooks = fake_hooks()
+    train(spec, hooks=hooks, dataset_file=path, dataset_format="csv", init_from=old)
+    weights = checkpoints.decode(hooks.checkpoints[-1].data).model
+    assert not any(key.startswith("wide.") for key in weights) and torch.isfinite(weights["head.weight"]).all()
