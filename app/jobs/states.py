@@ -116,14 +116,7 @@ def transition_all(
     its statements are then built once per process, not per call. Plain values are always bound.
     """
     expected = (expect,) if isinstance(expect, str) else tuple(expect)
-    now = utcnow()
-    shared = dict(values or {})
-    binds: dict[str, Any] = {"kiln_now": now, **(params or {})}
-    for key, value in shared.items():
-        if not isinstance(value, ClauseElement):
-            binds[f"kiln_shared_{key}"] = value
-    # Without a shape, an expression may hold a literal of this call: its statements are built for it alone.
-    cacheable = shape is not None or not any(isinstance(v, ClauseElement) for v in shared.values()) and not where
+    now, shared, binds, cacheable = _bound(values, params, shape, where)
     # The conditional UPDATE is the only guard, with no read before it: whatever a writer saw
     # earlier, only one UPDATE can match the row in a given state (and with the fencing token).
     # One statement per allowed source state, so the event knows which state the job left; it
@@ -171,6 +164,20 @@ def transition_all(
 # The compare-and-set statements of this process, by shape (at most a few dozen: one per caller,
 # source state, target state and set of columns).
 _STATEMENTS: dict[tuple, Any] = {}
+
+
+def _bound(values, params, shape, where) -> tuple[Any, dict[str, Any], dict[str, Any], bool]:
+    """A move's time, its shared values, their binds (plain values bound, expressions kept), and
+    whether its statements may be cached: without a shape, an expression may hold a literal of this
+    call, so its statements are built for it alone."""
+    now = utcnow()
+    shared = dict(values or {})
+    binds: dict[str, Any] = {"kiln_now": now, **(params or {})}
+    for key, value in shared.items():
+        if not isinstance(value, ClauseElement):
+            binds[f"kiln_shared_{key}"] = value
+    cacheable = shape is not None or not any(isinstance(v, ClauseElement) for v in shared.values()) and not where
+    return now, shared, binds, cacheable
 
 
 def _changes(to: str, shared: dict[str, Any]) -> dict[str, Any]:
@@ -233,13 +240,7 @@ def transition_batch(
         raise InvalidTransition(f"{expect} -> {to} is not a job transition")
     if any(m.token is None for m in moves):
         raise ValueError("transition_batch needs every move's fencing token")
-    now = utcnow()
-    shared = dict(values or {})
-    binds: dict[str, Any] = {"kiln_now": now, **(params or {})}
-    for key, value in shared.items():
-        if not isinstance(value, ClauseElement):
-            binds[f"kiln_shared_{key}"] = value
-    cacheable = shape is not None or not any(isinstance(v, ClauseElement) for v in shared.values()) and not where
+    now, shared, binds, cacheable = _bound(values, params, shape, where)
     statements = _STATEMENTS if cacheable else {}
     session.flush()
     conn = session.connection()
