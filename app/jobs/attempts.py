@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, String, bindparam, cast, func, insert, or_, select, tuple_, update
+from sqlalchemy import (Float, Integer, Row, SmallInteger, String, bindparam, case, cast, func, insert, literal, or_,
+                        select, tuple_, update)
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.selectable import CTE
 
 from app import model_registry, webhooks
 from app.jobs import metric_curves, states
 from app.jobs.errors import StaleAttempt
-from app.models import Attempt, Checkpoint, Job, JobEvent, Metric, ModelVersion, utcnow
+from app.models import Attempt, Checkpoint, Job, JobEvent, Metric, ModelVersion, UsageTotal, utcnow
 from app.usage import Tally
 
 
@@ -95,9 +97,16 @@ def claim_many(
             shared["resumed_from_epoch"] = start[0]
     # Claimable: queued with the token (the compare-and-set), no stop asked for, past its backoff;
     # all in the UPDATE, so a claim reads nothing first. Bound, not literal, so the statement is built once.
+    params = {"kiln_claimed_at": now, "kiln_owner_prefix": f"{worker}:{pid}:"}
+    postgres = session.connection().dialect.name == "postgresql"
+    if postgres:
+        # The attempt rows go in the compare-and-set's own statement (a CTE over the rows it moved).
+        params.update(kiln_worker=worker, kiln_host=host, kiln_pid=pid, kiln_device=device,
+                      kiln_start_epoch=start[0] if start is not None else None,
+                      kiln_start_step=start[1] if start is not None else None)
     won = states.transition_batch(session, moves, to=states.RUNNING, expect=states.QUEUED, values=shared,
-                                  where=_CLAIMABLE, shape="claim",
-                                  params={"kiln_claimed_at": now, "kiln_owner_prefix": f"{worker}:{pid}:"})
+                                  where=_CLAIMABLE, shape="claim", params=params,
+                                  follow=_attempts_started if postgres else None)
     if len(won) < len(moves):
         taken = {w.move.job_id for w in won}
         _honour_stop_requests(session, [m for m in moves if m.job_id not in taken])
@@ -107,11 +116,11 @@ def claim_many(
     claimed = [Claimed(job_id=moved.move.job_id, number=moved.attempt, worker=worker, host=host, pid=pid,
                        started_at=now, heartbeat_at=now, start_epoch=start[0] if start is not None else None,
                        start_step=start[1] if start is not None else None, device=device) for moved in won]
-    conn = session.connection()
-    conn.execute(_INSERT_ATTEMPT, [
-        {"job_id": c.job_id, "number": c.number, "worker": worker, "host": host, "pid": pid, "started_at": now,
-         "heartbeat_at": now, "start_epoch": c.start_epoch, "start_step": c.start_step, "device": device}
-        for c in claimed])
+    if not postgres:
+        session.connection().execute(_INSERT_ATTEMPT, [
+            {"job_id": c.job_id, "number": c.number, "worker": worker, "host": host, "pid": pid, "started_at": now,
+             "heartbeat_at": now, "start_epoch": c.start_epoch, "start_step": c.start_step, "device": device}
+            for c in claimed])
     if start is not None and resumed:
         record_events(session=session, events=[
             dict(job_id=c.job_id, attempt=c.number, kind="resumed", message=f"resumed from epoch {start[0]}")
@@ -122,6 +131,24 @@ def claim_many(
     if tally is None:
         usage.apply(session=session)
     return claimed
+
+
+def _attempts_started(moved: CTE) -> list[CTE]:
+    """PostgreSQL's attempt rows of a claim, as a CTE of its compare-and-set statement: one per job
+    it moved, numbered with the job's new ``attempts`` (the ``kiln_*`` values of :func:`claim_many`)."""
+    columns = _ATTEMPT_ROWS.c
+    at = bindparam("kiln_claimed_at", type_=columns.started_at.type)
+    rows = select(moved.c.id, moved.c.attempts, bindparam("kiln_worker", type_=columns.worker.type),
+                  bindparam("kiln_host", type_=columns.host.type), bindparam("kiln_pid", type_=columns.pid.type),
+                  at, at, bindparam("kiln_start_epoch", type_=columns.start_epoch.type),
+                  bindparam("kiln_start_step", type_=columns.start_step.type),
+                  bindparam("kiln_device", type_=columns.device.type))
+    return [insert(_ATTEMPT_ROWS).from_select(
+        ["job_id", "number", "worker", "host", "pid", "started_at", "heartbeat_at", "start_epoch", "start_step",
+         "device"], rows).cte("kiln_attempts")]
+
+
+_ATTEMPT_ROWS = Attempt.__table__
 
 
 def _honour_stop_requests(session: Session, unclaimed: list[states.Move]) -> None:
@@ -401,6 +428,13 @@ def finish_many(
             own["error_message"] = message
         moves.append(states.Move(job_id, token, own, message=message,
                                  data={"error_class": error_class} if error_class else None))
+    if session.connection().dialect.name == "postgresql":
+        # One statement: the compare-and-set of every job with its result, the events, the attempts'
+        # ends and the usage totals (data-modifying CTEs over the rows that moved).
+        moved = states.transition_batch(session, moves, to=to, expect=states.RUNNING, values=shared, also=also,
+                                        follow=_ended_and_counted,
+                                        params={"kiln_at": utcnow(), "kiln_outcome": error_class or to})
+        return [m.move.job_id for m in moved]
     # One compare-and-set statement for the batch (each row on its own token), one executemany for
     # the results of the rows it won, one INSERT for the events.
     moved = states.transition_batch(session, moves, to=to, expect=states.RUNNING, values=shared, also=also)
@@ -410,6 +444,35 @@ def finish_many(
                      outcome=error_class or to, at=now, tally=tally)
         tally.apply(session=session)
     return [m.move.job_id for m in moved]
+
+
+def _ended_and_counted(moved: CTE) -> list[CTE]:
+    """PostgreSQL's :func:`end_attempts` over the jobs a finish moved, as CTEs of its statement: the
+    attempts' ends (``kiln_at``, ``kiln_outcome``) and their run time added to the owners' usage totals
+    (one row per owner, in owner order: after the job and attempt rows, the lock order of
+    :class:`~app.usage.Tally`)."""
+    from sqlalchemy.dialects import postgresql
+
+    totals = UsageTotal.__table__
+    at = bindparam("kiln_at", type_=_ATTEMPTS.c.ended_at.type)
+    ended = (update(_ATTEMPTS)
+             .where(_ATTEMPTS.c.job_id == moved.c.id, _ATTEMPTS.c.number == moved.c.attempts,
+                    _ATTEMPTS.c.ended_at.is_(None))
+             .values(ended_at=at, outcome=bindparam("kiln_outcome", type_=_ATTEMPTS.c.outcome.type))
+             .returning(_ATTEMPTS.c.job_id, _ATTEMPTS.c.started_at, _ATTEMPTS.c.device)
+             .cte("kiln_ended"))
+    seconds = cast(func.extract("epoch", at - ended.c.started_at), Float())
+    on_gpu = ended.c.device == "cuda"  # as usage.device_kind: anything else (NULL too) is CPU time
+    per_owner = (select(moved.c.owner_id, literal(0, SmallInteger()), literal(0, Integer()), literal(0, Integer()),
+                        func.sum(case((on_gpu, 0.0), else_=seconds)), func.sum(case((on_gpu, seconds), else_=0.0)))
+                 .join_from(moved, ended, ended.c.job_id == moved.c.id)
+                 .group_by(moved.c.owner_id).order_by(moved.c.owner_id))
+    upsert = postgresql.insert(totals).from_select(
+        ["user_id", "shard", "jobs", "attempts", "cpu_seconds", "gpu_seconds"], per_owner)
+    counted = upsert.on_conflict_do_update(index_elements=[totals.c.user_id, totals.c.shard], set_={
+        "cpu_seconds": totals.c.cpu_seconds + upsert.excluded.cpu_seconds,
+        "gpu_seconds": totals.c.gpu_seconds + upsert.excluded.gpu_seconds}).cte("kiln_counted")
+    return [ended, counted]
 
 
 def register_model_version(

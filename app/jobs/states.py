@@ -6,12 +6,15 @@ given, the fencing token), so two writers can never both win; each records a ``J
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, tuple_, update
+from sqlalchemy import (JSON, Boolean, Integer, Text, bindparam, case, cast, func, insert, literal, null, select,
+                        tuple_, union_all, update)
 from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.selectable import CTE
 from sqlalchemy.orm import Session
 
 from app import webhooks
@@ -221,6 +224,7 @@ def transition_batch(
     params: dict[str, Any] | None = None,
     shape: str | None = None,
     also: dict[int, dict[str, Any]] | None = None,
+    follow: Callable[[CTE], list[CTE]] | None = None,
 ) -> list[Moved]:
     """:func:`transition_all` for a batch of moves that each carry their fencing token, in one
     statement for all of them: ``UPDATE jobs SET … WHERE (id, attempts) IN ((id, token), …) AND
@@ -233,6 +237,12 @@ def transition_batch(
     :func:`transition_all`: with it, the statements are built once per process. ``also``: one more
     event (kind, message, data) by job id, written after its state event in the same INSERT if, and
     only if, its job moved.
+
+    On PostgreSQL all of it is one statement (:func:`_batch_in_one_statement`): the compare-and-set
+    with each move's own values, and the events as a data-modifying CTE. ``follow`` (PostgreSQL
+    only; built once per process with the statement, so it must bind every value it uses, through
+    ``params``) adds the caller's own data-modifying CTEs over the moved rows (``id``, ``attempts``,
+    ``owner_id``): an attempt's row or end, usage totals.
     """
     if not moves:
         return []
@@ -244,6 +254,13 @@ def transition_batch(
     statements = _STATEMENTS if cacheable else {}
     session.flush()
     conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        won = _batch_in_one_statement(conn, statements, moves, to=to, expect=expect, shared=shared, binds=binds,
+                                      event=event, where=where, shape=shape, also=also, follow=follow)
+        for m, webhook in won:
+            webhooks.record_transition(session=session, job_id=m.move.job_id, webhook=webhook, to=to,
+                                       from_state=m.from_state, attempt=m.attempt or None, message=m.move.message)
+        return [m for m, _ in won]
     if len(moves) == 1:
         # A lone move (an inline prediction's claim or finish): its own columns go in its
         # compare-and-set, one statement (``WHERE id = … AND attempts = …``).
@@ -304,3 +321,102 @@ def _own_values(keys: tuple[str, ...]):
     table = Job.__table__
     return (update(table).where(table.c.id == bindparam("kiln_job_id"))
             .values({k: bindparam(f"kiln_value_{k}", type_=table.c[k].type) for k in keys}))
+
+
+def _batch_in_one_statement(conn, statements: dict, moves: Sequence[Move], *, to: str, expect: str,
+                            shared: dict[str, Any], binds: dict[str, Any], event: str, where: Sequence[Any],
+                            shape: str | None, also: dict[int, dict[str, Any]] | None,
+                            follow: Callable[[CTE], list[CTE]] | None) -> list[tuple[Moved, Any]]:
+    """PostgreSQL's :func:`transition_batch`: one round trip for the batch, whatever its size.
+
+    Every move's id, token, own values and event texts go in as arrays (one bound parameter each,
+    so the statement is built once per shape): ``WITH kiln_moves AS (SELECT unnest(ids), unnest(tokens), …),
+    kiln_moved AS (UPDATE jobs SET … FROM kiln_moves WHERE jobs.id = kiln_moves.id AND jobs.attempts =
+    kiln_moves.token AND state = expect … RETURNING …), kiln_events AS (INSERT INTO job_events …
+    SELECT … FROM kiln_moved) SELECT … FROM kiln_moved``. Still a compare-and-set per row: a row
+    matches only on its own id, token and state, and a move that loses changes nothing of its job.
+    """
+    table = Job.__table__
+    keys = sorted({k for m in moves for k in m.values})
+    own = tuple((k, not all(k in m.values for m in moves)) for k in keys)  # (column, not every move sets it)
+    key = ("pg-batch", shape, expect, to, event, tuple(shared), own, follow)
+    stmt = statements.get(key)
+    if stmt is None:
+        stmt = statements[key] = _one_statement(expect, to, event, shared, where, own, follow)
+    extra = [also.get(m.job_id) if also else None for m in moves]
+    params: dict[str, Any] = {
+        **binds, "kiln_ids": [m.job_id for m in moves], "kiln_tokens": [m.token for m in moves],
+        "kiln_ord": list(range(len(moves))), "kiln_messages": [m.message for m in moves],
+        "kiln_data": [_json_text(m.data) for m in moves],
+        "kiln_also_kinds": [e["kind"] if e else None for e in extra],
+        "kiln_also_messages": [e.get("message") if e else None for e in extra],
+        "kiln_also_data": [_json_text(e.get("data")) if e else None for e in extra],
+    }
+    for column, partial in own:
+        is_json = isinstance(table.c[column].type, JSON)
+        params[f"kiln_own_{column}"] = [
+            (json.dumps(m.values[column]) if is_json else m.values[column]) if column in m.values else None
+            for m in moves]
+        if partial:
+            params[f"kiln_has_{column}"] = [column in m.values for m in moves]
+    rows = sorted(conn.execute(stmt, params).all(), key=lambda row: row.ord)
+    return [(Moved(moves[row.ord], expect, row.attempts, row.owner_id), row.webhook) for row in rows]
+
+
+def _json_text(value: Any) -> str | None:
+    """A JSON column's value as the text bound for it in an array (None: SQL NULL)."""
+    return None if value is None else json.dumps(value)
+
+
+def _one_statement(current: str, to: str, event: str, shared: dict[str, Any], where: Sequence[Any],
+                   own: tuple[tuple[str, bool], ...], follow: Callable[[CTE], list[CTE]] | None):
+    """The statement of :func:`_batch_in_one_statement`; every value of a call is a bound parameter."""
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    table, events = Job.__table__, JobEvent.__table__
+
+    def unnest(name: str, item_type: Any):
+        return func.unnest(bindparam(name, type_=ARRAY(item_type)))
+
+    columns = [unnest("kiln_ids", table.c.id.type).label("id"), unnest("kiln_tokens", table.c.attempts.type).label("token"),
+               unnest("kiln_ord", Integer()).label("ord"), unnest("kiln_messages", Text()).label("message"),
+               unnest("kiln_data", Text()).label("data"), unnest("kiln_also_kinds", Text()).label("also_kind"),
+               unnest("kiln_also_messages", Text()).label("also_message"),
+               unnest("kiln_also_data", Text()).label("also_data")]
+    for column, partial in own:
+        is_json = isinstance(table.c[column].type, JSON)
+        columns.append(unnest(f"kiln_own_{column}", Text() if is_json else table.c[column].type).label(f"own_{column}"))
+        if partial:
+            columns.append(unnest(f"kiln_has_{column}", Boolean()).label(f"has_{column}"))
+    given = select(*columns).cte("kiln_moves")
+    changes = _changes(to, shared)
+    for column, partial in own:
+        value = given.c[f"own_{column}"]
+        if isinstance(table.c[column].type, JSON):
+            value = cast(value, table.c[column].type)
+        changes[column] = case((given.c[f"has_{column}"], value), else_=table.c[column]) if partial else value
+    moved = (update(table)
+             .where(table.c.id == given.c.id, table.c.attempts == given.c.token, table.c.state == current, *where)
+             .values(changes)
+             .returning(table.c.id, table.c.attempts, table.c.webhook, table.c.owner_id, given.c.ord,
+                        given.c.message, given.c.data, given.c.also_kind, given.c.also_message, given.c.also_data)
+             .cte("kiln_moved"))
+    at = bindparam("kiln_now", type_=events.c.at.type)
+    attempt = func.nullif(moved.c.attempts, 0)
+    state_events = select(moved.c.id.label("job_id"), at.label("at"), literal(event, Text()).label("kind"),
+                          literal(current, Text()).label("from_state"), literal(to, Text()).label("to_state"),
+                          attempt.label("attempt"), moved.c.message.label("message"),
+                          cast(moved.c.data, events.c.data.type).label("data"), moved.c.ord.label("ord"),
+                          literal(0, Integer()).label("n"))
+    also_events = select(moved.c.id, at, moved.c.also_kind, cast(null(), Text()), cast(null(), Text()), attempt,
+                         moved.c.also_message, cast(moved.c.also_data, events.c.data.type), moved.c.ord,
+                         literal(1, Integer())).where(moved.c.also_kind.is_not(None))
+    both = union_all(state_events, also_events).subquery("kiln_event_rows")
+    # Ordered, so a job's extra event gets a higher id than its state event, as with the other databases.
+    inserted = insert(events).from_select(
+        ["job_id", "at", "kind", "from_state", "to_state", "attempt", "message", "data"],
+        select(both.c.job_id, both.c.at, both.c.kind, both.c.from_state, both.c.to_state, both.c.attempt,
+               both.c.message, both.c.data).order_by(both.c.ord, both.c.n),
+    ).cte("kiln_events")
+    ctes = [inserted, *(follow(moved) if follow is not None else [])]
+    return select(moved.c.id, moved.c.attempts, moved.c.webhook, moved.c.owner_id, moved.c.ord).add_cte(*ctes)

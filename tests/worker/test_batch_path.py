@@ -117,7 +117,7 @@ def test_a_lone_prediction_looks_for_company_inside_its_claim_transaction(settin
 
     def on_execute(_conn, _cursor, statement, *_args):
         if threading.current_thread() is main:
-            seen.append(" ".join(statement.split())[:60])
+            seen.append(" ".join(statement.split()))
 
     def on_commit(_conn):
         if threading.current_thread() is main:
@@ -130,7 +130,8 @@ def test_a_lone_prediction_looks_for_company_inside_its_claim_transaction(settin
     finally:
         event.remove(engine, "before_cursor_execute", on_execute)
         event.remove(engine, "commit", on_commit)
-    claim = next(i for i, s in enumerate(seen) if s.startswith("UPDATE jobs SET state="))
+    # On PostgreSQL the compare-and-set is a CTE of the claim's one statement (``WITH … AS (UPDATE …``).
+    claim = next(i for i, s in enumerate(seen) if "UPDATE jobs SET state=" in s)
     company = next(i for i, s in enumerate(seen) if s.startswith("SELECT jobs.id, jobs.attempts, jobs.spec"))
     # Found alone in the claim's own transaction: no transaction of its own, no second look.
     assert claim < company < seen.index("COMMIT", claim), seen

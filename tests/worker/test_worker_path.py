@@ -53,7 +53,9 @@ class WriteTransactions:
         self.engine, self.by_thread = engine, Counter()
 
     def _statement(self, conn, _cursor, statement, _parameters, _context, _many):
-        if statement.lstrip().split(" ", 1)[0].upper() in ("INSERT", "UPDATE", "DELETE"):
+        words = statement.upper().split()
+        # A statement of data-modifying CTEs (PostgreSQL's claim and finish) starts with WITH.
+        if words[0] in ("INSERT", "UPDATE", "DELETE") or words[0] == "WITH" and {"INSERT", "UPDATE", "DELETE"} & set(words):
             conn.info["kiln_test_wrote"] = True
 
     def _commit(self, conn):
