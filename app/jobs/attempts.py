@@ -80,7 +80,8 @@ def claim_many(
     One statement per step for the whole batch, whatever its size: the compare-and-set of every
     job (one UPDATE matching each row on its own id and token), the state events (one INSERT), the
     attempt rows (one INSERT), the usage totals (one upsert per owner; with ``tally``, added there
-    for the caller to apply with its other changes).
+    for the caller to apply with its other changes). On PostgreSQL all of them are one statement
+    (data-modifying CTEs; ``tally`` is then left as it is).
     """
     if not jobs:
         return []
@@ -125,6 +126,8 @@ def claim_many(
         record_events(session=session, events=[
             dict(job_id=c.job_id, attempt=c.number, kind="resumed", message=f"resumed from epoch {start[0]}")
             for c in claimed])
+    if postgres:
+        return claimed  # counted in the claim's statement
     usage = tally if tally is not None else Tally()
     for moved in won:
         usage.add(moved.owner_id, attempts=1)
@@ -134,8 +137,13 @@ def claim_many(
 
 
 def _attempts_started(moved: CTE) -> list[CTE]:
-    """PostgreSQL's attempt rows of a claim, as a CTE of its compare-and-set statement: one per job
-    it moved, numbered with the job's new ``attempts`` (the ``kiln_*`` values of :func:`claim_many`)."""
+    """PostgreSQL's attempt rows of a claim and its usage count, as CTEs of its compare-and-set
+    statement: one attempt per job it moved, numbered with the job's new ``attempts`` (the ``kiln_*``
+    values of :func:`claim_many`), and one more attempt per job on its owner's totals.
+
+    The totals row is then locked before the rest of the claim's transaction runs: a lead's company
+    is taken with ``SKIP LOCKED`` (it never waits on a job row), and a claim that lost its job adds
+    nothing to the totals, so nothing waits on a job row while holding a totals row."""
     columns = _ATTEMPT_ROWS.c
     at = bindparam("kiln_claimed_at", type_=columns.started_at.type)
     rows = select(moved.c.id, moved.c.attempts, bindparam("kiln_worker", type_=columns.worker.type),
@@ -143,9 +151,12 @@ def _attempts_started(moved: CTE) -> list[CTE]:
                   at, at, bindparam("kiln_start_epoch", type_=columns.start_epoch.type),
                   bindparam("kiln_start_step", type_=columns.start_step.type),
                   bindparam("kiln_device", type_=columns.device.type))
+    per_owner = (select(moved.c.owner_id, literal(0, SmallInteger()), literal(0, Integer()),
+                        cast(func.count(), Integer()), literal(0.0, Float()), literal(0.0, Float()))
+                 .group_by(moved.c.owner_id).order_by(moved.c.owner_id))
     return [insert(_ATTEMPT_ROWS).from_select(
         ["job_id", "number", "worker", "host", "pid", "started_at", "heartbeat_at", "start_epoch", "start_step",
-         "device"], rows).cte("kiln_attempts")]
+         "device"], rows).cte("kiln_attempts"), _added_to_totals(per_owner, ("attempts",))]
 
 
 _ATTEMPT_ROWS = Attempt.__table__
@@ -451,9 +462,6 @@ def _ended_and_counted(moved: CTE) -> list[CTE]:
     attempts' ends (``kiln_at``, ``kiln_outcome``) and their run time added to the owners' usage totals
     (one row per owner, in owner order: after the job and attempt rows, the lock order of
     :class:`~app.usage.Tally`)."""
-    from sqlalchemy.dialects import postgresql
-
-    totals = UsageTotal.__table__
     at = bindparam("kiln_at", type_=_ATTEMPTS.c.ended_at.type)
     ended = (update(_ATTEMPTS)
              .where(_ATTEMPTS.c.job_id == moved.c.id, _ATTEMPTS.c.number == moved.c.attempts,
@@ -467,12 +475,20 @@ def _ended_and_counted(moved: CTE) -> list[CTE]:
                         func.sum(case((on_gpu, 0.0), else_=seconds)), func.sum(case((on_gpu, seconds), else_=0.0)))
                  .join_from(moved, ended, ended.c.job_id == moved.c.id)
                  .group_by(moved.c.owner_id).order_by(moved.c.owner_id))
+    return [ended, _added_to_totals(per_owner, ("cpu_seconds", "gpu_seconds"))]
+
+
+def _added_to_totals(per_owner, added: tuple[str, ...]) -> CTE:
+    """PostgreSQL's :meth:`~app.usage.Tally.apply` as a CTE: ``per_owner`` selects (user id, shard,
+    jobs, attempts, cpu seconds, gpu seconds) rows, one per owner in owner order; the ``added``
+    columns are added to the owners' totals rows (created if missing)."""
+    from sqlalchemy.dialects import postgresql
+
+    totals = UsageTotal.__table__
     upsert = postgresql.insert(totals).from_select(
         ["user_id", "shard", "jobs", "attempts", "cpu_seconds", "gpu_seconds"], per_owner)
-    counted = upsert.on_conflict_do_update(index_elements=[totals.c.user_id, totals.c.shard], set_={
-        "cpu_seconds": totals.c.cpu_seconds + upsert.excluded.cpu_seconds,
-        "gpu_seconds": totals.c.gpu_seconds + upsert.excluded.gpu_seconds}).cte("kiln_counted")
-    return [ended, counted]
+    return upsert.on_conflict_do_update(index_elements=[totals.c.user_id, totals.c.shard], set_={
+        column: totals.c[column] + upsert.excluded[column] for column in added}).cte("kiln_counted")
 
 
 def register_model_version(
