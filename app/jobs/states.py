@@ -336,7 +336,6 @@ def _batch_in_one_statement(conn, statements: dict, moves: Sequence[Move], *, to
     SELECT … FROM kiln_moved) SELECT … FROM kiln_moved``. Still a compare-and-set per row: a row
     matches only on its own id, token and state, and a move that loses changes nothing of its job.
     """
-    table = Job.__table__
     keys = sorted({k for m in moves for k in m.values})
     own = tuple((k, not all(k in m.values for m in moves)) for k in keys)  # (column, not every move sets it)
     key = ("pg-batch", shape, expect, to, event, tuple(shared), own, follow)
@@ -353,14 +352,21 @@ def _batch_in_one_statement(conn, statements: dict, moves: Sequence[Move], *, to
         "kiln_also_data": [_json_text(e.get("data")) if e else None for e in extra],
     }
     for column, partial in own:
-        is_json = isinstance(table.c[column].type, JSON)
-        params[f"kiln_own_{column}"] = [
-            (json.dumps(m.values[column]) if is_json else m.values[column]) if column in m.values else None
-            for m in moves]
+        kind = Job.__table__.c[column].type
+        params[f"kiln_own_{column}"] = [_array_item(kind, m.values[column]) if column in m.values else None
+                                        for m in moves]
         if partial:
             params[f"kiln_has_{column}"] = [column in m.values for m in moves]
     rows = sorted(conn.execute(stmt, params).all(), key=lambda row: row.ord)
     return [(Moved(moves[row.ord], expect, row.attempts, row.owner_id), row.webhook) for row in rows]
+
+
+def _array_item(kind: Any, value: Any) -> Any:
+    """A move's own value as bound in its column's array: a JSON column's as text (its None is JSON
+    null, or SQL NULL where the column stores it so, as SQLAlchemy writes them)."""
+    if not isinstance(kind, JSON):
+        return value
+    return None if value is None and kind.none_as_null else json.dumps(value)
 
 
 def _json_text(value: Any) -> str | None:
