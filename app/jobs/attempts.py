@@ -81,7 +81,7 @@ def claim_many(
     job (one UPDATE matching each row on its own id and token), the state events (one INSERT), the
     attempt rows (one INSERT), the usage totals (one upsert per owner; with ``tally``, added there
     for the caller to apply with its other changes). On PostgreSQL all of them are one statement
-    (data-modifying CTEs; ``tally`` is then left as it is).
+    (data-modifying CTEs; the usage totals too unless ``tally`` is given).
     """
     if not jobs:
         return []
@@ -107,7 +107,8 @@ def claim_many(
                       kiln_start_step=start[1] if start is not None else None)
     won = states.transition_batch(session, moves, to=states.RUNNING, expect=states.QUEUED, values=shared,
                                   where=_CLAIMABLE, shape="claim", params=params,
-                                  follow=_attempts_started if postgres else None)
+                                  follow=None if not postgres else _attempts_started if tally is not None
+                                  else _attempts_started_and_counted)
     if len(won) < len(moves):
         taken = {w.move.job_id for w in won}
         _honour_stop_requests(session, [m for m in moves if m.job_id not in taken])
@@ -126,7 +127,7 @@ def claim_many(
         record_events(session=session, events=[
             dict(job_id=c.job_id, attempt=c.number, kind="resumed", message=f"resumed from epoch {start[0]}")
             for c in claimed])
-    if postgres:
+    if postgres and tally is None:
         return claimed  # counted in the claim's statement
     usage = tally if tally is not None else Tally()
     for moved in won:
@@ -137,13 +138,8 @@ def claim_many(
 
 
 def _attempts_started(moved: CTE) -> list[CTE]:
-    """PostgreSQL's attempt rows of a claim and its usage count, as CTEs of its compare-and-set
-    statement: one attempt per job it moved, numbered with the job's new ``attempts`` (the ``kiln_*``
-    values of :func:`claim_many`), and one more attempt per job on its owner's totals.
-
-    The totals row is then locked before the rest of the claim's transaction runs: a lead's company
-    is taken with ``SKIP LOCKED`` (it never waits on a job row), and a claim that lost its job adds
-    nothing to the totals, so nothing waits on a job row while holding a totals row."""
+    """PostgreSQL's attempt rows of a claim, as a CTE of its compare-and-set statement: one per job
+    it moved, numbered with the job's new ``attempts`` (the ``kiln_*`` values of :func:`claim_many`)."""
     columns = _ATTEMPT_ROWS.c
     at = bindparam("kiln_claimed_at", type_=columns.started_at.type)
     rows = select(moved.c.id, moved.c.attempts, bindparam("kiln_worker", type_=columns.worker.type),
@@ -151,12 +147,19 @@ def _attempts_started(moved: CTE) -> list[CTE]:
                   at, at, bindparam("kiln_start_epoch", type_=columns.start_epoch.type),
                   bindparam("kiln_start_step", type_=columns.start_step.type),
                   bindparam("kiln_device", type_=columns.device.type))
+    return [insert(_ATTEMPT_ROWS).from_select(
+        ["job_id", "number", "worker", "host", "pid", "started_at", "heartbeat_at", "start_epoch", "start_step",
+         "device"], rows).cte("kiln_attempts")]
+
+
+def _attempts_started_and_counted(moved: CTE) -> list[CTE]:
+    """:func:`_attempts_started`, and one more attempt per job on its owner's totals: for a claim
+    that is its transaction's last write (with ``tally``, the caller writes the totals last instead,
+    so that the totals row is not held while the rest of its transaction runs)."""
     per_owner = (select(moved.c.owner_id, literal(0, SmallInteger()), literal(0, Integer()),
                         cast(func.count(), Integer()), literal(0.0, Float()), literal(0.0, Float()))
                  .group_by(moved.c.owner_id).order_by(moved.c.owner_id))
-    return [insert(_ATTEMPT_ROWS).from_select(
-        ["job_id", "number", "worker", "host", "pid", "started_at", "heartbeat_at", "start_epoch", "start_step",
-         "device"], rows).cte("kiln_attempts"), _added_to_totals(per_owner, ("attempts",))]
+    return [*_attempts_started(moved), _added_to_totals(per_owner, ("attempts",))]
 
 
 _ATTEMPT_ROWS = Attempt.__table__
