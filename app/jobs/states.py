@@ -379,7 +379,7 @@ def _one_statement(current: str, to: str, event: str, shared: dict[str, Any], wh
     """The statement of :func:`_batch_in_one_statement`; every value of a call is a bound parameter."""
     from sqlalchemy.dialects.postgresql import ARRAY
 
-    table, events = Job.__table__, JobEvent.__table__
+    table = Job.__table__
 
     def unnest(name: str, item_type: Any):
         return func.unnest(bindparam(name, type_=ARRAY(item_type)))
@@ -407,6 +407,14 @@ def _one_statement(current: str, to: str, event: str, shared: dict[str, Any], wh
              .returning(table.c.id, table.c.attempts, table.c.webhook, table.c.owner_id, given.c.ord,
                         given.c.message, given.c.data, given.c.also_kind, given.c.also_message, given.c.also_data)
              .cte("kiln_moved"))
+    ctes = [_events_inserted(moved, current, to, event), *(follow(moved) if follow is not None else [])]
+    return select(moved.c.id, moved.c.attempts, moved.c.webhook, moved.c.owner_id, moved.c.ord).add_cte(*ctes)
+
+
+def _events_inserted(moved: CTE, current: str, to: str, event: str) -> CTE:
+    """The events of :func:`_one_statement`'s moved rows, as a CTE: each job's state event, then
+    its extra one (``also``) where it has one."""
+    events = JobEvent.__table__
     at = bindparam("kiln_now", type_=events.c.at.type)
     attempt = func.nullif(moved.c.attempts, 0)
     state_events = select(moved.c.id.label("job_id"), at.label("at"), literal(event, Text()).label("kind"),
@@ -419,10 +427,8 @@ def _one_statement(current: str, to: str, event: str, shared: dict[str, Any], wh
                          literal(1, Integer())).where(moved.c.also_kind.is_not(None))
     both = union_all(state_events, also_events).subquery("kiln_event_rows")
     # Ordered, so a job's extra event gets a higher id than its state event, as with the other databases.
-    inserted = insert(events).from_select(
+    return insert(events).from_select(
         ["job_id", "at", "kind", "from_state", "to_state", "attempt", "message", "data"],
         select(both.c.job_id, both.c.at, both.c.kind, both.c.from_state, both.c.to_state, both.c.attempt,
                both.c.message, both.c.data).order_by(both.c.ord, both.c.n),
     ).cte("kiln_events")
-    ctes = [inserted, *(follow(moved) if follow is not None else [])]
-    return select(moved.c.id, moved.c.attempts, moved.c.webhook, moved.c.owner_id, moved.c.ord).add_cte(*ctes)
