@@ -13,7 +13,7 @@ import secrets
 from datetime import date, datetime, time, timedelta, timezone
 
 from sqlalchemy import Engine, bindparam, or_, select, update
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm import Session, configure_mappers, make_transient_to_detached
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from app import token_cache
@@ -118,6 +118,7 @@ def detached_user(**columns) -> User:
     """A :class:`User` holding ``columns`` as a query would load them (values straight into the
     instance's dict, no attribute events: a third of the constructor's cost), detached: clean, and
     any other column loads once a session adopts it (``Session.merge(load=False)``)."""
+    configure_mappers()  # what the constructor would do first; a no-op once configured
     user = _NEW_USER()
     user.__dict__.update(columns)
     make_transient_to_detached(user)
