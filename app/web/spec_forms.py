@@ -71,6 +71,7 @@ HELP = {
     "model.wide": "Text: add a linear TF-IDF model over the token n-grams to the logits.",
     "model.wide_ngram_max": "Text, wide path: longest token n-gram counted.",
     "model.wide_buckets": "Text, wide path: hashed ids shared by the longer n-grams.",
+    "model.wide_min_gain": "Text, wide path: validation gain the network needs over the linear model to be kept.",
     "model.tfidf": "Text (MLP): read TF-IDF n-gram features instead of token embeddings.",
     "model.tfidf.ngram_max": "Longest word n-gram counted.",
     "model.tfidf.max_features": "Most frequent n-grams kept.",

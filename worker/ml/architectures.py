@@ -8,7 +8,8 @@ Every architecture serves every task through the same three inputs:
   ``embedding_dropout`` drops whole token embeddings (and scales up the rest);
   with ``model.wide`` (the default), a linear path over the text's bag of token n-grams adds its
   logits to the head's (wide & deep, :class:`WideNgrams`);
-- ``tfidf``: a text's TF-IDF n-gram features (``mlp`` only), read as a flat vector;
+- ``tfidf``: a text's TF-IDF n-gram features (``mlp`` only), read as a flat vector; with ``model.wide``
+  a linear model over the same features adds its logits to the head's (:class:`WideTfidf`);
 - ``image``: pixels (channels, height, width); the 2-D CNN reads them as they are, the MLP flat.
 The text generators (``causal_lm``, ``seq2seq``) are whole networks of their own modules, registered
 with ``build_network``. Which architecture serves which task is ``app.task_rules.ARCHITECTURE_TASKS``.
@@ -268,35 +269,15 @@ class WideNgrams(nn.Module):
         self.idf.copy_(torch.log((1.0 + len(grams)) / (1.0 + df.to(self.idf.dtype))) + 1.0)
 
     def fit(self, ids: torch.Tensor, targets: torch.Tensor, *, c: float = 10.0, max_iter: int = 100) -> torch.Tensor:
-        """Fit the n-gram weights as an L2-regularised multinomial logistic regression; its bias.
+        """Fit the n-gram weights as the TF-IDF + logistic-regression baseline (:func:`fit_logistic`); its bias.
 
-        The objective is scikit-learn's ``LogisticRegression(C=c)`` divided by the number of
-        texts: mean cross-entropy + ||W||^2 / (2 c n), the bias unregularised, minimised full-batch
-        by L-BFGS with a strong-Wolfe line search for at most ``max_iter`` iterations; so it reaches
-        the same solution as the TF-IDF + logistic-regression baseline over the same n-grams. It
-        draws no random numbers. The caller puts the bias in the network's head. ``c`` = 10 was
-        measured on the fortunes corpus (split seeds 0-4, against TF-IDF + LR): C=1 trails the
-        baseline by 0.04 on average, C=10 by 0.01 (C=30 no better).
+        ``c`` = 10 was measured on the fortunes corpus (split seeds 0-4, against TF-IDF + LR): C=1
+        trails the baseline by 0.04 on average, C=10 by 0.01 (C=30 no better).
         """
         grams, weights, _ = self.grams(ids.to(self.idf.device))
-        n, outputs = len(grams), self.weight.weight.shape[1]
-        w = torch.zeros_like(self.weight.weight, requires_grad=True)
-        b = torch.zeros(outputs, dtype=w.dtype, device=w.device, requires_grad=True)
-        targets = targets.to(w.device)
-        optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10,
-                                      tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            logits = nn.functional.embedding_bag(grams, w, per_sample_weights=weights, mode="sum") + b
-            loss = nn.functional.cross_entropy(logits, targets) + w.square().sum() / (2.0 * c * n)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        with torch.no_grad():
-            self.weight.weight.copy_(w)
-        return b.detach()
+        return fit_logistic(self.weight.weight,
+                            lambda w: nn.functional.embedding_bag(grams, w, per_sample_weights=weights, mode="sum"),
+                            targets, outputs=self.weight.weight.shape[1], c=c, max_iter=max_iter)
 
     def grams(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Ids (batch, grams) of every n-gram, their weights, and how many n-grams of each length."""
@@ -331,11 +312,63 @@ class WideNgrams(nn.Module):
         return shares
 
 
+class WideTfidf(nn.Module):
+    """The wide path of ``mlp`` + ``tfidf``: a linear model over the TF-IDF features the MLP reads.
+
+    Fitted first as the TF-IDF + logistic-regression baseline (:func:`fit_logistic`), then frozen,
+    as :class:`WideNgrams` is for the token-reading classifiers.
+    """
+
+    def __init__(self, features: int, num_outputs: int):
+        super().__init__()
+        self.weight = nn.Linear(features, num_outputs, bias=False)
+        nn.init.zeros_(self.weight.weight)
+
+    def fit(self, features: torch.Tensor, targets: torch.Tensor, *, c: float = 10.0,
+            max_iter: int = 100) -> torch.Tensor:
+        """Fit the weights as a logistic regression over ``features`` (rows, features); its bias."""
+        return fit_logistic(self.weight.weight, lambda w: features @ w.T, targets,
+                            outputs=self.weight.weight.shape[0], c=c, max_iter=max_iter)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, outputs)."""
+        return self.weight(features)
+
+
+def fit_logistic(weight: torch.Tensor, logits_of: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, *,
+                 outputs: int, c: float, max_iter: int) -> torch.Tensor:
+    """Fit ``weight`` as an L2 multinomial logistic regression over ``outputs`` classes; its bias.
+
+    ``logits_of(w)`` is every training row's logits under weights ``w`` (bias left out). The
+    objective is scikit-learn's ``LogisticRegression(C=c)`` divided by the number of rows: mean
+    cross-entropy + ||W||^2 / (2 c n), the bias unregularised, minimised full-batch by L-BFGS with
+    a strong-Wolfe line search for at most ``max_iter`` iterations; so it reaches the baseline's
+    solution over the same features. It draws no random numbers. The caller puts the bias in the
+    network's head.
+    """
+    w = torch.zeros_like(weight, requires_grad=True)
+    targets, n = targets.to(w.device), len(targets)
+    b = torch.zeros(outputs, dtype=w.dtype, device=w.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10,
+                                  tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(logits_of(w) + b, targets) + w.square().sum() / (2.0 * c * n)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        weight.copy_(w)
+    return b.detach()
+
+
 class Network(nn.Module):
     """Input front (reshape or token embedding), an architecture's body, and a linear head."""
 
     def __init__(self, body: nn.Module, shape: ModelShape, embedding_dim: int, embedding_dropout: float = 0.0,
-                 wide: WideNgrams | None = None):
+                 wide: WideNgrams | WideTfidf | None = None):
         super().__init__()
         self.embedding_dropout = embedding_dropout
         self.input_kind = shape.input_kind
@@ -444,6 +477,8 @@ def build_model(config, shape: ModelShape) -> nn.Module:
     wide = None
     if shape.input_kind == "tokens" and getattr(config, "wide", False):
         wide = WideNgrams(shape.vocab_size, config.wide_buckets, config.wide_ngram_max, shape.num_outputs)
+    elif shape.input_kind == "tfidf" and getattr(config, "wide", False):
+        wide = WideTfidf(shape.sequence_shape[0], shape.num_outputs)
     return Network(body, shape, architecture.embedding_dim(config), getattr(config, "embedding_dropout", 0.0), wide)
 
 

@@ -99,8 +99,10 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
     saved = checkpoints.decode(checkpoint)
     sig = saved.signature
     model = sig["model"]
-    if sig["input_kind"] == "tokens" and "wide" not in model and model.get("arch") in _WIDE_ARCHITECTURES:
-        model = {**model, "wide": False}  # saved before the wide path existed (a default now)
+    if (sig["input_kind"] in ("tokens", "tfidf") and model.get("arch") in _WIDE_ARCHITECTURES
+            and not any(name.startswith("wide.") for name in saved.served_weights)):
+        # Saved before the wide path existed (a default now), or (mlp + tfidf) before it had one.
+        model = {**model, "wide": False}
     config = _model_config.validate_python(model)
     if sig["input_kind"] == pretrained.INPUT_KIND:
         pretrained.check_base(sig)

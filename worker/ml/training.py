@@ -16,7 +16,7 @@ from app.jobs.errors import UserError
 from app.jobs.schemas import TrainSpec
 from app.task_rules import architecture_error
 from worker.ml import checkpoints
-from worker.ml.architectures import ModelShape, build_model, parameter_counts
+from worker.ml.architectures import ModelShape, WideNgrams, build_model, parameter_counts
 from worker.ml.datasets import load_table
 from worker.ml.devices import (
     autocast_for, out_of_memory, release_cuda_memory, resolve_device, stage, to_device, uses_bf16,
@@ -116,7 +116,7 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     signature.update(parameter_counts(model))
     if getattr(spec.model, "embedding_init", "random") == "lsa" and signature["input_kind"] == "tokens":
         _init_embeddings(model, data, hp.seed)
-    if getattr(model, "wide", None) is not None:  # the wide path's idf weights, from the training split
+    if isinstance(getattr(model, "wide", None), WideNgrams):  # the token n-grams' idf, from the training split
         model.wide.fit_idf(torch.from_numpy(data.splits["train"][0]))
     if init is not None:
         load_weights(model, init, "init_from")
@@ -164,7 +164,8 @@ def _fit_wide(run: Run) -> None:
 
     The head's weights are zeroed and its bias takes the regression's, so the network starts as
     the fitted linear model. Validated, that start is the first candidate for the best weights
-    (epoch 0): the deep part is kept only where it beats it. Reported as epoch 0's metrics.
+    (epoch 0): the deep part is kept only where it beats it by more than ``model.wide_min_gain``
+    (:func:`_improves`). Reported as epoch 0's metrics.
     """
     model, progress = run.model, run.progress
     started = time.perf_counter()
@@ -280,7 +281,7 @@ def _end_epoch(run: Run, signature: dict) -> None:
     run.hooks.on_metrics("epoch", progress.epoch, progress.step, metrics)
     run.hooks.on_progress(progress.epoch, progress.step, progress.epoch / hp.epochs)
     value = metrics[run.monitor.name]
-    improved = run.monitor.improves(value, progress.best_value)
+    improved = _improves(run, value)
     if improved:
         progress.best_value, progress.best_epoch, progress.best_step = value, progress.epoch, progress.step
         progress.bad_epochs = 0
@@ -293,6 +294,17 @@ def _end_epoch(run: Run, signature: dict) -> None:
     if progress.finished or progress.epoch % run.spec.checkpoint.every_epochs == 0:
         save_checkpoint(run, signature, reason="periodic", metric_name=run.monitor.name,
                         metric_value=value, is_best=improved)
+
+
+def _improves(run: Run, value: float) -> bool:
+    """Whether ``value`` beats the best so far; the fitted linear start (epoch 0) by more than ``model.wide_min_gain``.
+
+    A small validation split picks the deep part over the linear model by chance as often as not
+    when they are close; the margin keeps the linear model unless the deep part is clearly better.
+    """
+    progress = run.progress
+    margin = getattr(run.spec.model, "wide_min_gain", 0.0) if progress.best_epoch == 0 else 0.0
+    return run.monitor.improves(value, progress.best_value, margin=margin)
 
 
 def save_checkpoint(run: Run, signature: dict, *, reason: str, metric_name: str | None = None,
