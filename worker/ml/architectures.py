@@ -6,8 +6,9 @@ Every architecture serves every task through the same three inputs:
 - ``sequence``: a forecasting window (steps, 1); the MLP flattens it;
 - ``tokens``: token ids, embedded; the MLP averages the embeddings of the real tokens; in training,
   ``embedding_dropout`` drops whole token embeddings (and scales up the rest);
-  with ``model.wide`` (the default), a linear path over the text's bag of token n-grams adds its
-  logits to the head's (wide & deep, :class:`WideNgrams`);
+  with ``model.wide`` (the default), a linear path over the text's word n-grams (read from the
+  whole text, after the token ids) adds its logits to the head's (wide & deep, :class:`WideTerms`;
+  checkpoints from before it read the token n-grams, :class:`WideNgrams`);
 - ``tfidf``: a text's TF-IDF n-gram features (``mlp`` only), read as a flat vector; with ``model.wide``
   a linear model over the same features adds its logits to the head's (:class:`WideTfidf`);
 - ``image``: pixels (channels, height, width); the 2-D CNN reads them as they are, the MLP flat.
@@ -45,6 +46,7 @@ class ModelShape:
     num_outputs: int
     vocab_size: int = 0
     image_shape: tuple[int, int, int] | None = None  # (channels, height, width) of images
+    wide_terms: int = 0  # text: word n-grams of the wide path (WideTerms), read after the token ids
 
     @classmethod
     def from_signature(cls, signature: dict) -> "ModelShape":
@@ -52,7 +54,8 @@ class ModelShape:
         steps, channels = signature["sequence_shape"]
         image = signature.get("image_shape")
         return cls(signature["input_kind"], (int(steps), int(channels)), int(signature["num_outputs"]),
-                   int(signature.get("vocab_size") or 0), tuple(int(n) for n in image) if image else None)
+                   int(signature.get("vocab_size") or 0), tuple(int(n) for n in image) if image else None,
+                   int(signature.get("wide_terms") or 0))
 
 
 def masked_mean(seq: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -235,7 +238,9 @@ class CNN2DBody(nn.Module):
 
 
 class WideNgrams(nn.Module):
-    """The wide path of a text classifier: a linear model over a text's bag of token n-grams.
+    """The wide path of a text classifier before :class:`WideTerms`: a linear model over a text's bag of token n-grams.
+
+    Kept so that checkpoints saved with it resume and predict as they were trained.
 
     A single token is its own id; a run of 2 to ``ngram_max`` real tokens is hashed into one of
     ``buckets`` ids after the vocabulary. Each n-gram of a text weighs its inverse document
@@ -312,6 +317,49 @@ class WideNgrams(nn.Module):
         return shares
 
 
+class WideTerms(nn.Module):
+    """The wide path of a token-reading classifier: a linear model over the text's word n-grams.
+
+    It reads what :class:`worker.ml.text.WordNgrams` appends to the token ids: the ids of a text's
+    distinct n-grams (0 pads) and their counts. Each weighs (1 + ln count) x its idf in the
+    training split (``idf``, a saved buffer set from the fit), divided by the length of the
+    text's vector of those weights: the TF-IDF row of the baseline, over the whole text. Training
+    fits the weights first, to convergence, as the TF-IDF + logistic-regression baseline
+    (:meth:`fit`), then freezes them and trains the deep body and head, the head starting at
+    zero, on top: the wide & deep recipe, where the deep part adds what word order and embeddings
+    tell to a fully fitted linear model.
+    """
+
+    def __init__(self, terms: int, num_outputs: int):
+        super().__init__()
+        self.terms = nn.Embedding(terms + 1, num_outputs, padding_idx=0)
+        nn.init.zeros_(self.terms.weight)
+        self.register_buffer("idf", torch.ones(terms + 1))
+
+    def fit(self, columns: torch.Tensor, targets: torch.Tensor, *, c: float = 10.0, max_iter: int = 100) -> torch.Tensor:
+        """Fit the n-gram weights as the TF-IDF + logistic-regression baseline (:func:`fit_logistic`); its bias."""
+        ids, weights = self.weighted(columns.to(self.idf.device))
+        return fit_logistic(self.terms.weight,
+                            lambda w: nn.functional.embedding_bag(ids, w, per_sample_weights=weights, mode="sum"),
+                            targets, outputs=self.terms.weight.shape[1], c=c, max_iter=max_iter)
+
+    def weighted(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n-gram ids (batch, width) and their TF-IDF weights, each row of unit length."""
+        ids, counts = columns.chunk(2, dim=1)
+        tf = torch.where(counts > 0, 1.0 + torch.log(counts.clamp(min=1).to(torch.float32)), 0.0)
+        weights = tf * self.idf[ids]
+        return ids, weights / weights.square().sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12)
+
+    def per_term(self, columns: torch.Tensor) -> torch.Tensor:
+        """Each n-gram's share of the logits (batch, width, outputs); a text's shares sum to :meth:`forward`."""
+        ids, weights = self.weighted(columns)
+        return self.terms(ids) * weights.unsqueeze(-1)
+
+    def forward(self, columns: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, outputs)."""
+        return self.per_term(columns).sum(dim=1)
+
+
 class WideTfidf(nn.Module):
     """The wide path of ``mlp`` + ``tfidf``: a linear model over the TF-IDF features the MLP reads.
 
@@ -368,7 +416,7 @@ class Network(nn.Module):
     """Input front (reshape or token embedding), an architecture's body, and a linear head."""
 
     def __init__(self, body: nn.Module, shape: ModelShape, embedding_dim: int, embedding_dropout: float = 0.0,
-                 wide: WideNgrams | WideTfidf | None = None):
+                 wide: WideNgrams | WideTerms | WideTfidf | None = None):
         super().__init__()
         self.embedding_dropout = embedding_dropout
         self.input_kind = shape.input_kind
@@ -379,10 +427,19 @@ class Network(nn.Module):
         self.body = body
         self.head = nn.Linear(body.out_features, shape.num_outputs)
         self.wide = wide
+        # Token ids come first in a row; the word n-grams of a WideTerms path after them.
+        self.steps = shape.sequence_shape[0] if isinstance(wide, WideTerms) else None
+
+    def split(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the deep part reads and what the wide path reads, of a row of inputs."""
+        if self.steps is None:
+            return inputs, inputs
+        return inputs[:, :self.steps], inputs[:, self.steps:]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits (classification) or standardised values (regression, forecasting)."""
         mask = None
+        inputs, wide_inputs = self.split(inputs)
         if self.embedding is not None:
             mask = inputs != PAD_ID
             seq = self.embedding(inputs)
@@ -392,7 +449,7 @@ class Network(nn.Module):
             seq = inputs.reshape(inputs.shape[0], *self.sequence_shape)
         logits = self.head(self.body(seq, mask))
         if self.wide is not None:
-            logits = logits + self.wide(inputs).to(logits.dtype)
+            logits = logits + self.wide(wide_inputs).to(logits.dtype)
         return logits
 
 
@@ -475,7 +532,9 @@ def build_model(config, shape: ModelShape) -> nn.Module:
         steps = 1 if config.arch == "mlp" else steps
     body = architecture.build_body(config, per_step, steps)
     wide = None
-    if shape.input_kind == "tokens" and getattr(config, "wide", False):
+    if shape.input_kind == "tokens" and shape.wide_terms:
+        wide = WideTerms(shape.wide_terms, shape.num_outputs)
+    elif shape.input_kind == "tokens" and getattr(config, "wide", False):  # checkpoints from before WideTerms
         wide = WideNgrams(shape.vocab_size, config.wide_buckets, config.wide_ngram_max, shape.num_outputs)
     elif shape.input_kind == "tfidf" and getattr(config, "wide", False):
         wide = WideTfidf(shape.sequence_shape[0], shape.num_outputs)

@@ -25,7 +25,7 @@ from worker.ml.architectures import ModelShape, build_model
 from worker.ml.devices import out_of_memory, resolve_device
 from worker.ml.preparation import FORECASTING, REGRESSION, Standardizer
 from worker.ml.progress import load_weights
-from worker.ml.text import TfidfFeaturizer, Tokenizer
+from worker.ml.text import TfidfFeaturizer, Tokenizer, WithWordNgrams, WordNgrams
 
 CACHE_SIZE = 8  # defaults; a worker sets its own from settings with configure_cache
 CACHE_BYTES = 2 * 1024**3
@@ -118,6 +118,8 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
         if saved.tokenizer is None:
             raise UserError("the checkpoint of this text model has no tokenizer")
         tokenizer = text_codecs.from_json(saved.tokenizer, sig["tokenizer_sha256"])
+    if sig.get("wide_terms"):  # the wide path's word n-grams follow the token ids
+        tokenizer = WithWordNgrams(tokenizer, WordNgrams(saved.wide_terms, config.wide_ngram_max, int(sig["wide_width"])))
     if sig["input_kind"] == pretrained.INPUT_KIND:
         network.merge_adapters()
         tokenizer = pretrained.PretrainedTokenizer(config.base, int(sig["max_length"]))

@@ -144,20 +144,23 @@ def test_text_encoding_is_saved_and_a_resume_is_exact(corpus, name, model, data,
     if name == "bpe":
         assert saved.tokenizer is not None and straight.signature["tokenizer"] == "bpe"
         assert straight.signature["vocab_size"] <= 500
-        # The wide path is on by default: its n-gram weights and idf travel as tensors in the checkpoint.
-        vocab = straight.signature["vocab_size"]
-        assert saved.model["wide.weight.weight"].shape == (vocab + 65536, len(CATEGORIES))
-        assert saved.model["wide.idf"].shape == (vocab + 65536,) and float(saved.model["wide.idf"].max()) > 1.0
+        # The wide path is on by default: it reads the whole text's words, not the BPE pieces; its
+        # n-grams travel in the checkpoint, their weights and idf as tensors.
+        terms = saved.wide_terms
+        assert "computer" in terms and any(" " in term for term in terms)
+        assert saved.model["wide.terms.weight"].shape == (len(terms) + 1, len(CATEGORIES))
+        assert saved.model["wide.idf"].shape == (len(terms) + 1,) and float(saved.model["wide.idf"].max()) > 1.0
     else:
         assert len(saved.vocabulary) == straight.signature["vocab_size"] <= 2000
         assert saved.normalizer["tfidf.idf"].shape == (len(saved.vocabulary),)
+        assert saved.model["wide.weight.weight"].shape == (len(CATEGORIES), len(saved.vocabulary))
     resumed_hooks = fake_hooks()
     resumed = train(spec, hooks=resumed_hooks, dataset_file=path, dataset_format="csv",
                     resume=stopped_hooks.checkpoints[-1].data)
     # The fitted wide path is in the checkpoint: only the first run fits it (reported as epoch 0).
     fitted = [hooks for hooks in (straight_hooks, resumed_hooks)
               if any(scope == "epoch" and epoch == 0 for scope, epoch, _, _ in hooks.metrics)]
-    assert fitted == ([straight_hooks] if name == "bpe" else [])
+    assert fitted == [straight_hooks]
     assert resumed.steps == straight.steps and resumed.test_metrics == pytest.approx(straight.test_metrics, abs=1e-6)
     final_a = checkpoints.decode(straight_hooks.checkpoints[-1].data).model
     final_b = checkpoints.decode(resumed_hooks.checkpoints[-1].data).model
@@ -291,3 +294,45 @@ def test_a_job_from_before_the_wide_path_resumes_and_starts_from_its_checkpoints
     train(spec, hooks=hooks, dataset_file=path, dataset_format="csv", init_from=old)
     weights = checkpoints.decode(hooks.checkpoints[-1].data).model
     assert not any(key.startswith("wide.") for key in weights) and torch.isfinite(weights["head.weight"]).all()
+
+
+def test_a_job_whose_wide_path_read_token_ngrams_resumes_and_predicts_as_it_was_trained(
+        corpus, fake_hooks, spec_for, monkeypatch):
+    import torch
+
+    from worker.ml import checkpoints, training
+    from worker.ml.prediction import encode_inputs, load_model, predict
+
+    path, frame = corpus
+    spec = spec_for("gru", "dataset:1", model={"hidden_size": 8}, epochs=2, batch_size=64, learning_rate=0.01,
+                    data={"text_column": "text", "target": "label", "max_tokens": 16, "split": SPLIT})
+    # Jobs from before the word n-grams: the wide path read the token ids' n-grams (WideNgrams).
+    with monkeypatch.context() as before:
+        before.setattr(training, "_reads_word_ngrams", lambda spec, weights: False)
+        straight = training.train(spec, hooks=fake_hooks(), dataset_file=path, dataset_format="csv")
+        stopped = fake_hooks(stop_at_step=5, stop_reason_value="shutdown")
+        training.train(spec, hooks=stopped, dataset_file=path, dataset_format="csv")
+    old = stopped.checkpoints[-1].data
+    assert "wide.weight.weight" in checkpoints.decode(old).model and checkpoints.decode(old).wide_terms is None
+    hooks = fake_hooks()
+    resumed = training.train(spec, hooks=hooks, dataset_file=path, dataset_format="csv", resume=old)
+    assert resumed.steps == straight.steps and resumed.test_metrics == pytest.approx(straight.test_metrics, abs=1e-6)
+    final = hooks.checkpoints[-1].data
+    assert "wide.weight.weight" in checkpoints.decode(final).model
+    loaded = load_model(final, torch.device("cpu"))
+    assert tuple(encode_inputs(loaded, [frame["text"].iloc[0]]).shape) == (1, 16)  # token ids only
+    assert predict(final, [frame["text"].iloc[0]])["predictions"][0]["class"] in CATEGORIES
+
+
+def test_the_wide_path_alone_is_the_tfidf_baseline(corpus, baselines, fake_hooks, spec_for):
+    from worker.ml.training import train
+
+    path, _ = corpus
+    for seed in SEEDS:
+        # A gain no deep part can reach keeps the fitted linear start: the network is the wide path alone.
+        spec = spec_for("cnn1d", "dataset:1", model={"channels": [8], "wide_min_gain": 1.0}, epochs=1, batch_size=64,
+                        data={"text_column": "text", "target": "label", "max_tokens": 8, "split": {**SPLIT, "seed": seed}})
+        result = train(spec, hooks=fake_hooks(), dataset_file=path, dataset_format="csv")
+        assert result.best_epoch == 0
+        # The baseline's features (whole texts, not the 8 tokens the deep part reads) and objective.
+        assert result.test_metrics["test_accuracy"] == pytest.approx(baselines[seed], abs=0.0065), seed
