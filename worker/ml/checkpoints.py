@@ -271,7 +271,7 @@ def saved_text(saved: Checkpoint) -> SavedText:
     """A checkpoint's text encoding (words, BPE or TF-IDF), to resume with instead of fitting again."""
     idf = saved.normalizer.get("tfidf.idf")
     return SavedText(saved.vocabulary, saved.tokenizer, idf.numpy() if idf is not None else None, saved.wide_terms,
-                     saved.signature.get("wide_width"))
+                     saved.signature.get("wide_width"), saved.signature.get("tfidf_words", "kiln"))
 
 
 def pack_standardizers(features: Standardizer | None, targets: Standardizer | None,

@@ -111,7 +111,7 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
     tokenizer = None
     if sig["input_kind"] == "tfidf":  # TF-IDF features: the training split's n-grams and idf weights
         tokenizer = TfidfFeaturizer(saved.vocabulary, saved.normalizer["tfidf.idf"].numpy(), config.tfidf.ngram_max,
-                                    config.tfidf.sublinear_tf)
+                                    config.tfidf.sublinear_tf, sig.get("tfidf_words", "kiln"))
     elif saved.vocabulary is not None:
         tokenizer = Tokenizer(saved.vocabulary, int(sig["max_tokens"]))
     if sig.get("tokenizer_sha256"):  # a text generator's codec, or a BPE, checked against the signature

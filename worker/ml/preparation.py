@@ -86,6 +86,7 @@ class SavedText:
     idf: np.ndarray | None = None
     wide_terms: list[str] | None = None  # the wide path's word n-grams, and how many a row holds
     wide_width: int | None = None
+    tfidf_words: str = "kiln"  # how the TF-IDF features read words (worker.ml.text.TfidfFeaturizer)
 
 
 def prepare(dataset: DatasetRef, table: Table, model=None, saved: SavedText | None = None, *,
@@ -316,7 +317,8 @@ def _prepare_text(dataset: DatasetRef, table: Table, tfidf=None, saved: SavedTex
         if dataset.tokenizer is not None:
             raise UserError("model.tfidf reads word n-grams; drop dataset.tokenizer")
         if saved is not None and saved.idf is not None:
-            featurizer = TfidfFeaturizer(saved.vocabulary, saved.idf, tfidf.ngram_max, tfidf.sublinear_tf)
+            featurizer = TfidfFeaturizer(saved.vocabulary, saved.idf, tfidf.ngram_max, tfidf.sublinear_tf,
+                                         saved.tfidf_words)
         else:
             featurizer = TfidfFeaturizer.fit([texts[i] for i in parts["train"]], ngram_max=tfidf.ngram_max,
                                              max_features=tfidf.max_features, min_df=tfidf.min_df,
@@ -324,7 +326,7 @@ def _prepare_text(dataset: DatasetRef, table: Table, tfidf=None, saved: SavedTex
         x = featurizer.transform(texts)
         width = len(featurizer.ngrams)
         signature.update(input_kind="tfidf", input_shape=[width], sequence_shape=[width, 1], tokenizer="tfidf",
-                         vocab_size=width)
+                         vocab_size=width, tfidf_words=featurizer.words)
         splits = {name: (x[idx], y[idx]) for name, idx in parts.items()}
         return PreparedData(TEXT_CLASSIFICATION, splits, signature, featurizer=featurizer)
     kind = dataset.tokenizer.kind if dataset.tokenizer is not None else "word"

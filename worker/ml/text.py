@@ -127,21 +127,27 @@ class SubwordTokenizer:
 
 @dataclass
 class TfidfFeaturizer:
-    """Texts to L2-normalised TF-IDF vectors over the word n-grams kept from the training split."""
+    """Texts to L2-normalised TF-IDF vectors over the word n-grams kept from the training split.
+
+    ``words``: ``"scikit-learn"`` reads words as scikit-learn's default does (two or more word
+    characters), as the TF-IDF + logistic-regression baseline; ``"kiln"`` (featurizers fitted
+    before that) reads them as the word tokenizer does (:func:`words`).
+    """
 
     ngrams: list[str]
     idf: np.ndarray
     ngram_max: int
     sublinear_tf: bool
+    words: str = "kiln"
 
     @classmethod
     def fit(cls, texts: list[str], *, ngram_max: int, max_features: int, min_df: int,
             sublinear_tf: bool) -> "TfidfFeaturizer":
-        """Keep the ``max_features`` most frequent n-grams of ``texts`` and their smoothed idf."""
+        """Keep the ``max_features`` most frequent n-grams of ``texts`` (scikit-learn's words) and their smoothed idf."""
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         vectorizer = TfidfVectorizer(max_features=max_features, min_df=min_df,
-                                     sublinear_tf=sublinear_tf, analyzer=_analyzer(ngram_max))
+                                     sublinear_tf=sublinear_tf, ngram_range=(1, ngram_max))
         try:
             vectorizer.fit(texts)
         except ValueError:  # no n-gram survives (empty texts, or min_df above every count)
@@ -149,14 +155,16 @@ class TfidfFeaturizer:
 
             raise UserError("the training texts leave no n-gram for TF-IDF features; lower model.tfidf.min_df") from None
         names = vectorizer.get_feature_names_out().tolist()
-        return cls(names, vectorizer.idf_.astype(np.float64), ngram_max, sublinear_tf)
+        return cls(names, vectorizer.idf_.astype(np.float64), ngram_max, sublinear_tf, "scikit-learn")
 
     def transform(self, texts: Iterable[str]) -> np.ndarray:
         """Features (rows, n-grams) as float32 (weighted while sparse; only the result is dense)."""
         from sklearn.feature_extraction.text import CountVectorizer
         from sklearn.preprocessing import normalize
 
-        counts = CountVectorizer(vocabulary=self.ngrams, analyzer=_analyzer(self.ngram_max)).transform(list(texts))
+        reading = ({"ngram_range": (1, self.ngram_max)} if self.words == "scikit-learn"
+                   else {"analyzer": _analyzer(self.ngram_max)})
+        counts = CountVectorizer(vocabulary=self.ngrams, **reading).transform(list(texts))
         tf = counts.astype(np.float64)
         if self.sublinear_tf:
             tf.data = 1.0 + np.log(tf.data)
@@ -228,7 +236,7 @@ class WithWordNgrams:
 
 
 def _analyzer(ngram_max: int):
-    """The n-grams of a text: its words (as the word tokenizer reads them) and their runs up to ``ngram_max``."""
+    """The n-grams of a text as featurizers fitted before ``words="scikit-learn"`` read them: the word tokenizer's words and their runs."""
 
     def analyze(text: str) -> list[str]:
         tokens = words(text)

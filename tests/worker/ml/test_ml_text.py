@@ -336,3 +336,34 @@ def test_the_wide_path_alone_is_the_tfidf_baseline(corpus, baselines, fake_hooks
         assert result.best_epoch == 0
         # The baseline's features (whole texts, not the 8 tokens the deep part reads) and objective.
         assert result.test_metrics["test_accuracy"] == pytest.approx(baselines[seed], abs=0.0065), seed
+
+
+def test_an_mlp_tfidf_job_from_before_its_wide_path_resumes_and_predicts_as_it_was_trained(
+        corpus, fake_hooks, spec_for):
+    import torch
+
+    from worker.ml import checkpoints
+    from worker.ml.prediction import load_model, predict
+    from worker.ml.training import train
+
+    path, frame = corpus
+    settings = dict(epochs=2, batch_size=64, learning_rate=0.01,
+                    data={"text_column": "text", "target": "label", "split": SPLIT})
+    old_spec = spec_for("mlp", "dataset:1", model={"hidden_sizes": [8], "tfidf": {}, "wide": False}, **settings)
+    straight = train(old_spec, hooks=fake_hooks(), dataset_file=path, dataset_format="csv")
+    stopped = fake_hooks(stop_at_step=5, stop_reason_value="shutdown")
+    train(old_spec, hooks=stopped, dataset_file=path, dataset_format="csv")
+    # Such a job's settings read wide as on (the field existed, unused by mlp + tfidf); its
+    # signature does not say how its features read words: as the word tokenizer does.
+    saved = checkpoints.decode(stopped.checkpoints[-1].data)
+    saved.signature["model"]["wide"] = saved.spec["model"]["wide"] = True
+    del saved.signature["tfidf_words"]
+    old = checkpoints.encode(saved)
+    loaded = load_model(old, torch.device("cpu"))
+    assert loaded.network.wide is None and loaded.tokenizer.words == "kiln"
+    assert predict(old, [frame["text"].iloc[0]])["predictions"][0]["class"] in CATEGORIES
+    spec = spec_for("mlp", "dataset:1", model={"hidden_sizes": [8], "tfidf": {}}, **settings)
+    hooks = fake_hooks()
+    resumed = train(spec, hooks=hooks, dataset_file=path, dataset_format="csv", resume=old)
+    assert resumed.steps == straight.steps and resumed.signature["tfidf_words"] == "kiln"
+    assert not any(key.startswith("wide.") for key in checkpoints.decode(hooks.checkpoints[-1].data).model)
