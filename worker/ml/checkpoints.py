@@ -6,8 +6,9 @@ Nothing is pickled, so reading a checkpoint cannot run code. Tensor names:
 states), ``normalizer.{features,targets}.{mean,std}`` and ``normalizer.tfidf.idf`` (TF-IDF text features). Header metadata keys: ``format``,
 ``signature``, ``spec``, ``training`` (position, best metric, early stopping), ``optimizer``
 (param groups and non-tensor state), ``scheduler`` (its state_dict), ``vocabulary`` (a text classifier's words, or its TF-IDF n-grams)
-and ``tokenizer`` (a text generator's character, word or BPE tokenizer, or a text classifier's BPE,
-as JSON; its sha256 is the signature's ``tokenizer_sha256``).
+``tokenizer`` (a text generator's character, word or BPE tokenizer, or a text classifier's BPE,
+as JSON; its sha256 is the signature's ``tokenizer_sha256``) and ``wide_terms`` (the word n-grams
+of a text classifier's wide path).
 """
 
 from __future__ import annotations

@@ -7,23 +7,23 @@ rows. Each of Kiln's text architectures, on a tiny CPU preset, must reach the ba
 minus ``MARGIN``.
 
 ``MARGIN`` comes from split seeds 0-4, not one (``KILN_TEXT_SEEDS=0,1,2,3,4`` runs them all).
-Accuracy minus the baseline's at these presets (test split of 156 texts: one text is 0.0064), with
-the wide path (``model.wide``) fitted first as a logistic regression (C=10) and the deep part
-trained on top of it, kept only where it beats the linear model on validation:
+Accuracy minus the baseline's at these presets (test split of 156 texts: one text is 0.0064). The
+wide path (``model.wide``) reads the whole text's word 1-2-grams as the baseline does (``mlp`` +
+``tfidf``: its own TF-IDF features, words read as scikit-learn reads them), is fitted first as the
+baseline's logistic regression (C=10), and the deep part trained on top of it is kept only where
+it beats the linear model on validation by more than ``model.wide_min_gain`` (0.02):
 
-    preset       seed 0  seed 1  seed 2  seed 3  seed 4   mean   (wide path trained jointly, before)
-    mlp-tfidf    -0.071  -0.032  +0.026  -0.026  -0.045  -0.030  (no wide path: reads TF-IDF)
-    mlp          -0.077  -0.038  +0.032  -0.026  +0.000  -0.022  (-0.044)
-    lstm         -0.019  -0.032  +0.045  -0.013  +0.013  -0.001  (-0.061)
-    gru          -0.026  -0.032  +0.038  -0.006  +0.013  -0.003  (-0.067)
-    cnn1d        -0.045  -0.038  +0.019  -0.013  -0.013  -0.018  (-0.038)
-    transformer  -0.032  -0.032  +0.045  -0.013  -0.064  -0.019  (-0.049)
+    preset       seed 0  seed 1  seed 2  seed 3  seed 4   worst  (before: token n-grams, no gain, no tfidf start)
+    mlp-tfidf    +0.000  -0.006  +0.000  +0.000  +0.000  -0.006  (-0.071)
+    mlp          +0.000  -0.006  +0.000  +0.000  +0.000  -0.006  (-0.077)
+    lstm         -0.013  -0.006  +0.026  +0.000  +0.000  -0.013  (-0.032)
+    gru          +0.006  -0.006  +0.000  +0.000  +0.000  -0.006  (-0.032)
+    cnn1d        +0.000  -0.013  +0.000  +0.000  +0.000  -0.013  (-0.045)
+    transformer  +0.000  -0.006  +0.000  +0.000  +0.000  -0.006  (-0.064)
 
-so the margin is the worst of those (0.077, ``mlp`` on seed 0, where the deep part beat the
-linear model on the 104 validation texts but not on the test texts; ``mlp-tfidf``, which has
-no wide path, is as far short on that seed) and two texts more. The fitted wide path alone
-trails the baseline by about 0.01 on average (it reads at most ``max_tokens`` tokens and
-counts repeats linearly; the baseline reads whole texts with sublinear tf).
+so the margin is the worst of those (0.013, two texts) and one text more. Where the linear
+model is kept (best epoch 0) the model is the baseline up to L-BFGS's tolerance (one text on
+seed 1); ``test_the_wide_path_alone_is_the_tfidf_baseline`` checks that on its own.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tests.worker.ml.corpora import fortunes
 CATEGORIES = ("computers", "food", "law", "love")
 PER_CATEGORY = 130
 SPLIT = {"val_fraction": 0.2, "test_fraction": 0.3}
-MARGIN = 0.09
+MARGIN = 0.02
 SEEDS = [int(s) for s in os.environ.get("KILN_TEXT_SEEDS", "0").split(",")]
 EARLY = {"early_stopping": {"metric": "val_accuracy", "patience": 4}}
 TOKENS = {"max_tokens": 48}
