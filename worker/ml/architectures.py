@@ -364,7 +364,7 @@ class WideTfidf(nn.Module):
     """The wide path of ``mlp`` + ``tfidf``: a linear model over the TF-IDF features the MLP reads.
 
     Fitted first as the TF-IDF + logistic-regression baseline (:func:`fit_logistic`), then frozen,
-    as :class:`WideNgrams` is for the token-reading classifiers.
+    as :class:`WideTerms` is for the token-reading classifiers.
     """
 
     def __init__(self, features: int, num_outputs: int):

@@ -221,8 +221,13 @@ def test_the_size_estimate_counts_the_wide_path(spec_for):
                                 num_features=1, num_outputs=4)
     without = sizing.estimate(spec_for("gru", "dataset:1", model={"hidden_size": 8, "wide": False}, data=data),
                               num_features=1, num_outputs=4)
-    # A weight per n-gram id and class, and an idf per id: (vocabulary + buckets) x (classes + 1).
+    # At most a weight per n-gram and class, and an idf per n-gram: (vocabulary + buckets) x (classes + 1).
     assert with_wide.parameters - without.parameters == (3000 + 65536) * 5
+    tfidf = {"hidden_sizes": [8], "tfidf": {"max_features": 500}}
+    with_wide = sizing.estimate(spec_for("mlp", "dataset:1", model=tfidf, data=data), num_features=1, num_outputs=4)
+    without = sizing.estimate(spec_for("mlp", "dataset:1", model={**tfidf, "wide": False}, data=data),
+                              num_features=1, num_outputs=4)
+    assert with_wide.parameters - without.parameters == 500 * 4  # mlp + tfidf: a weight per feature and class
 
 
 def test_the_wide_path_fits_the_logistic_regression_of_scikit_learn():
