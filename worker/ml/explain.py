@@ -23,8 +23,9 @@ from captum.attr import IntegratedGradients, LayerIntegratedGradients
 
 from app.catalog import CLASSIFICATION, TEXT_CLASSIFICATION
 from app.jobs.errors import UserError
-from worker.ml.architectures import TransformerBody, WideTerms
+from worker.ml.architectures import TransformerBody
 from worker.ml.text import PAD_ID
+from worker.ml.wide import WideTerms
 
 INTEGRATED_GRADIENTS = "integrated_gradients"
 ATTENTION = "attention"

@@ -16,7 +16,7 @@ from app.jobs.errors import UserError
 from app.jobs.schemas import TrainSpec
 from app.task_rules import architecture_error
 from worker.ml import checkpoints
-from worker.ml.architectures import ModelShape, WideNgrams, build_model, parameter_counts
+from worker.ml.architectures import ModelShape, build_model, parameter_counts
 from worker.ml.datasets import load_table
 from worker.ml.devices import (
     autocast_for, out_of_memory, release_cuda_memory, resolve_device, stage, to_device, uses_bf16,
@@ -29,6 +29,7 @@ from worker.ml.text import lsa_vectors
 from worker.ml.progress import (
     Monitor, Progress, check_resumable, epoch_permutation, load_weights, restore_rng, rng_state,
 )
+from worker.ml.wide import WideNgrams
 
 SIGNATURE_FORMAT = 1
 

@@ -179,7 +179,7 @@ def test_text_encoding_is_saved_and_a_resume_is_exact(corpus, name, model, data,
 def test_the_wide_path_is_a_tfidf_linear_model_split_exactly_over_tokens():
     import torch
 
-    from worker.ml.architectures import WideNgrams
+    from worker.ml.wide import WideNgrams
 
     wide = WideNgrams(vocab_size=10, buckets=7, ngram_max=2, num_outputs=3)
     train_ids = torch.tensor([[2, 3, 4, 0], [2, 5, 0, 0], [2, 3, 0, 0]])
@@ -239,7 +239,7 @@ def test_the_wide_path_fits_the_logistic_regression_of_scikit_learn():
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from worker.ml.architectures import WideNgrams
+    from worker.ml.wide import WideNgrams
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 40, (120, 12), generator=generator)
