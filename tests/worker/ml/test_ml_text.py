@@ -376,3 +376,13 @@ def test_an_mlp_tfidf_job_from_before_its_wide_path_resumes_and_predicts_as_it_w
     resumed = train(spec, hooks=hooks, dataset_file=path, dataset_format="csv", resume=old)
     assert resumed.steps == straight.steps and resumed.signature["tfidf_words"] == "kiln"
     assert not any(key.startswith("wide.") for key in checkpoints.decode(hooks.checkpoints[-1].data).model)
+
+
+def test_the_deep_part_must_beat_the_linear_start_by_the_minimum_gain():
+    from worker.ml.progress import Monitor
+
+    accuracy, loss = Monitor("val_accuracy", "max"), Monitor("val_loss", "min", min_delta=0.001)
+    # model.wide_min_gain is asked of an epoch against the fitted linear start only (training._improves).
+    assert not accuracy.improves(0.715, 0.70, margin=0.02) and accuracy.improves(0.725, 0.70, margin=0.02)
+    assert accuracy.improves(0.705, 0.70)
+    assert not loss.improves(0.88, 0.90, margin=0.02) and loss.improves(0.878, 0.90, margin=0.02)
