@@ -105,6 +105,8 @@ def estimate(spec: TrainSpec, *, num_features: int, num_outputs: int, sequence_s
     parameters, width, layers = _own_model(model, steps=steps, per_step=per_step, outputs=num_outputs, vocab=vocab)
     if text and vocab and getattr(model, "wide", False):  # the wide path: a weight per n-gram id and class, and its idf
         parameters += (vocab + (model.wide_buckets if model.wide_ngram_max > 1 else 0)) * (num_outputs + 1)
+    elif text and getattr(model, "wide", False):  # mlp + tfidf's wide path: a weight per feature and class
+        parameters += per_step * num_outputs
     activations = batch * steps * width * layers * 4 * ACTIVATION_FACTOR
     return SizeEstimate(parameters, BYTES_PER_PARAMETER * parameters, activations)
 

@@ -12,7 +12,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select
+from sqlalchemy import Connection, bindparam, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -67,6 +67,13 @@ class Tally:
             conn.execute(stmt, {"user_id": owner_id, "shard": shard, "jobs": jobs, "attempts": attempts,
                                 "cpu_seconds": cpu, "gpu_seconds": gpu})
         self._deltas.clear()
+
+
+def count_submit(*, connection: Connection, owner_id: int, job_id: int) -> None:
+    """One more job on its owner's shard of ``job_id``: a submit's upsert, on the connection of its
+    Core statements, after its job row (the lock order :class:`Tally` keeps; nothing to flush first)."""
+    connection.execute(_upsert(connection.dialect.name), {"user_id": owner_id, "shard": job_id % SHARDS, "jobs": 1,
+                                                          "attempts": 0, "cpu_seconds": 0.0, "gpu_seconds": 0.0})
 
 
 @lru_cache(maxsize=4)

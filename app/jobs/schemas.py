@@ -40,11 +40,16 @@ class _ReadsTokens(Strict):
         description="text: token embeddings start random, or from latent semantic analysis of the training split")
     wide: bool = Field(
         default=True,
-        description="text: a linear TF-IDF path over the text's bag of token n-grams, fitted first as a logistic "
-                    "regression; the network trains on top of it")
-    wide_ngram_max: int = Field(default=2, ge=1, le=3, description="text, wide path: longest token n-gram counted")
+        description="text: a linear TF-IDF path over the whole text's word n-grams (mlp + tfidf: over its TF-IDF "
+                    "features), fitted first as a logistic regression; the network trains on top of it")
+    wide_ngram_max: int = Field(default=2, ge=1, le=3, description="text, wide path: longest word n-gram counted")
     wide_buckets: int = Field(default=65536, ge=1, le=4_194_304,
-                              description="text, wide path: hashed ids shared by the n-grams longer than one token")
+                              description="text, wide path: word n-grams kept beyond the vocabulary size (the most "
+                                          "frequent); in checkpoints of the token n-gram path, its hashed ids")
+    wide_min_gain: float = Field(
+        default=0.02, ge=0.0, le=1.0,
+        description="text, wide path: the deep part replaces the fitted linear model as the best weights only when "
+                    "it beats the linear model's monitored validation metric by more than this")
 
 
 class TfidfFeatures(Strict):

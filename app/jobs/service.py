@@ -12,13 +12,13 @@ from typing import Any
 from sqlalchemy import Row, SmallInteger, String, bindparam, cast, func, insert, literal, select, update
 from sqlalchemy.orm import Session, aliased
 
-from app import catalog, images, model_registry, pretrained, sizing, task_rules, webhook_security
+from app import catalog, images, model_registry, pretrained, sizing, task_rules, usage, webhook_security
 from app.jobs import states
 from app.jobs.errors import Conflict, NotFound, SpecError
 from app.jobs.schemas import ARCHITECTURES, GENERATION_FIELDS, DatasetRef, PredictSpec, TrainSpec
 from app.models import MAX_ID, Checkpoint, Dataset, Job, JobEvent, JobListVersion, Metric, ModelVersion, UsageTotal, User, utcnow
 from app.settings import PREDICT_QUEUE, TRAIN_QUEUE, Settings
-from app.usage import SHARDS, Tally
+from app.usage import SHARDS
 
 
 # What a job list shows, read as plain rows (no spec or result JSON, no ORM identity map);
@@ -662,7 +662,7 @@ def record_submit(
         job_id = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]
         conn.execute(_INSERT_EVENT, dict(job_id=job_id, at=now, kind="submitted", to_state=states.QUEUED,
                                          message=message))
-        Tally().add(owner.id, jobs=1, shard=job_id % SHARDS).apply(session=session)
+        usage.count_submit(connection=conn, owner_id=owner.id, job_id=job_id)
     return SubmittedJob(id=job_id, **values, result=None, model=plan.model, base=plan.base)
 
 

@@ -31,8 +31,14 @@ def db() -> Session:
     return g.db_session
 
 
+def poll_bind():
+    """What a GET's session runs on, for one statement without a session: on PostgreSQL autocommit
+    (no BEGIN or ROLLBACK round trip); on SQLite pysqlite's lock-free autocommit reads."""
+    return session_factory(settings().database_url, poll=True).kw["bind"]
+
+
 def reader() -> Session:
-    """A session for reads that need no write lock (a token lookup, a submit's validation).
+    """A session for reads that need no write lock (a submit's validation).
 
     It is the request's own session, except on SQLite in a request that may write: there it is a
     read session of its own, so the write session's ``BEGIN IMMEDIATE`` (the database-wide write

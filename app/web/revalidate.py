@@ -21,13 +21,11 @@ from typing import Any
 
 from flask import g, request
 from sqlalchemy import and_, bindparam, case, func, or_, select
-from sqlalchemy.orm import make_transient_to_detached
 
-from app.accounts import _TOKEN_OWNER, TOKEN_USE_RESOLUTION, hash_token
-from app.db import session_factory
+from app.accounts import _TOKEN_OWNER, TOKEN_USE_RESOLUTION, detached_user, hash_token
 from app.jobs import service
 from app.models import Job, JobListVersion, Metric, User, utcnow
-from app.web.context import settings
+from app.web.context import poll_bind
 
 _PREFETCHED = "kiln_prefetched_version"
 _ADMIN = User.role == "admin"  # User.is_admin, in SQL
@@ -54,14 +52,6 @@ _LIST = _TOKEN_OWNER.add_columns(
     .where(JobListVersion.owner_id == case((_ADMIN, 0), else_=User.id)).scalar_subquery())
 
 
-_NEW_USER = User.__mapper__.class_manager.new_instance
-
-
-def _poll_bind(url: str):
-    # What the request's read session would run on: on PostgreSQL autocommit (no BEGIN or ROLLBACK round trip).
-    return session_factory(url, poll=True).kw["bind"]
-
-
 def _statement() -> tuple[Any, dict[str, Any]] | None:
     """This request's combined statement and its parameters, or None if it has none."""
     endpoint = request.endpoint
@@ -85,7 +75,7 @@ def authenticate(token: str) -> User | None:
         return None
     stmt, params = found
     params["sha256"] = hash_token(token)
-    with _poll_bind(settings().database_url).connect() as connection:
+    with poll_bind().connect() as connection:
         row = connection.execute(stmt, params).first()
     if row is None:
         return None  # unknown, revoked, or a disabled owner: 401 on the ordinary path
@@ -102,11 +92,7 @@ def authenticate(token: str) -> User | None:
         return None  # no such job, or not theirs: the ordinary path answers 404
     else:
         value = version[1:] if request.endpoint == "api.get_job" else version[1]
-    # As a query loads it (values into the instance's dict, no attribute events: a third of the
-    # constructor's cost), then detached: clean, and any other column loads once it is attached.
-    user = _NEW_USER()
-    user.__dict__.update(id=user_id, email=email, role=role, active=active, created_at=created_at)
-    make_transient_to_detached(user)
+    user = detached_user(id=user_id, email=email, role=role, active=active, created_at=created_at)
     g.setdefault(_PREFETCHED, {})[request.endpoint] = value
     return user
 

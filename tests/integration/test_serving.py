@@ -68,17 +68,37 @@ def unbatched(cluster: Cluster, inputs: list, model: str | None = None) -> list[
     return prediction.predict(data, inputs)["predictions"]
 
 
-def test_without_a_worker_the_request_answers_202_holds_no_connection_and_finishes_later(cluster):
+def test_without_a_worker_the_request_answers_202_holds_no_connection_and_finishes_later(cluster, monkeypatch):
     stop_workers(cluster)
     engine = get_engine(cluster.settings.database_url)
+    from app.web import inline
+
+    # The wait is watched from inside: a counter odd while the request waits on Redis, so a sample
+    # counts only when the counter was odd and unchanged around it (not the submit before the wait,
+    # nor the read of the job after it).
+    phase = [0]
+    at_entry: list[int] = []
+    real_wait = inline.wait_finished
+
+    def watched_wait(*args, **kwargs):
+        at_entry.append(engine.pool.checkedout())
+        phase[0] += 1
+        try:
+            return real_wait(*args, **kwargs)
+        finally:
+            phase[0] += 1
+
+    monkeypatch.setattr(inline, "wait_finished", watched_wait)
     samples: list[int] = []
     done = threading.Event()
 
     def sample():
-        time.sleep(0.5)
         while not done.is_set():
-            samples.append(engine.pool.checkedout())
-            time.sleep(0.1)
+            before = phase[0]
+            held = engine.pool.checkedout()
+            if before % 2 == 1 and phase[0] == before:
+                samples.append(held)
+            time.sleep(0.05)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -92,6 +112,7 @@ def test_without_a_worker_the_request_answers_202_holds_no_connection_and_finish
     assert r.get_json()["state"] == "queued" and r.headers["Location"].endswith(f"/jobs/{r.get_json()['id']}")
     assert waited >= 2.5  # it did wait for the result before giving up
     # While it waited on Redis, the web process held no database connection.
+    assert at_entry and max(at_entry) == 0, at_entry
     assert len(samples) >= 10 and max(samples) == 0, samples
     cluster.start_worker(queues="predict")
     job = cluster.wait(r.get_json()["id"], timeout=120)

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import event, update
 
 from app import token_cache
-from app.db import get_engine
+from app.db import WRITE_OPTION, get_engine
 from app.models import ApiToken, utcnow
 from tests.conftest import run_inline
-from tests.web.test_polls import statements
 
 READS = ("SELECT",)
 WRITES = ("INSERT", "UPDATE", "DELETE")
@@ -69,6 +69,39 @@ def test_the_201_answer_is_the_job_as_a_read_of_it_answers(client, model, kind):
         assert created.get_json()["init_from"] == ref
 
 
+@contextmanager
+def traced(settings):
+    """Every SQL statement the app's engine runs inside the block (whole text), the positions of its
+    commits, and where each write transaction began (a write session's, whatever its first statement)."""
+    seen: list[str] = []
+    commits: list[int] = []
+    write_begins: list[int] = []
+    engine = get_engine(settings.database_url)
+
+    def on_execute(_conn, _cursor, statement, *_args):
+        seen.append(" ".join(statement.split()))
+
+    def on_commit(_conn):
+        commits.append(len(seen))
+
+    def on_begin(conn):
+        if conn.get_execution_options().get(WRITE_OPTION):
+            write_begins.append(len(seen))
+
+    hooks = (("before_cursor_execute", on_execute), ("commit", on_commit), ("begin", on_begin))
+    for name, hook in hooks:
+        event.listen(engine, name, hook)
+    try:
+        yield seen, commits, write_begins
+    finally:
+        for name, hook in hooks:
+            event.remove(engine, name, hook)
+
+
+def _verb(statement: str) -> str:
+    return statement.split(None, 1)[0].upper()
+
+
 def test_a_submit_takes_the_write_lock_only_for_its_inserts(client, settings, model, make_user):
     headers, ref = model
     _, token = make_user()
@@ -76,9 +109,10 @@ def test_a_submit_takes_the_write_lock_only_for_its_inserts(client, settings, mo
     token_cache.clear()  # not cached: its lookup is one of the submit's reads
     for spec in ({**TRAIN, "name": "locked"}, {"kind": "predict", "model": ref, "inputs": IRIS}):
         use = bearer(token) if spec["kind"] == "train" else headers
-        with statements(settings) as (seen, commits):
+        with traced(settings) as (full, commits, write_begins):
             r = client.post("/api/v1/jobs", json=spec, headers=use)
         assert r.status_code == 201, r.get_json()
+        seen = [_verb(s) for s in full]
         assert len(commits) == 1, seen
         sqlite = settings.database_url.startswith("sqlite")
         first_write = next(i for i, s in enumerate(seen) if s in WRITES or s == "WITH")
@@ -89,10 +123,55 @@ def test_a_submit_takes_the_write_lock_only_for_its_inserts(client, settings, mo
         # (data-modifying CTEs): one round trip.
         assert transaction == (["INSERT", "INSERT", "INSERT"] if sqlite else ["WITH"]), seen
         assert any(s in READS for s in seen[:first_write]), seen
-        if settings.database_url.startswith("sqlite"):
-            # The database-wide write lock is taken by the first write, after every read.
-            assert seen[first_write - 1] == "BEGIN", seen
-            assert all(s not in READS for s in seen[first_write:]), seen
+        # One write transaction. On SQLite it begins at its first write, after every read (its BEGIN
+        # IMMEDIATE takes the database-wide write lock there); on PostgreSQL the validation's reads
+        # (the model a prediction names) run in it, the token lookup never does.
+        assert len(write_begins) == 1, (write_begins, seen)
+        assert write_begins[0] == first_write if sqlite else 0 < write_begins[0] <= first_write, (write_begins, seen)
+        assert [i for i, s in enumerate(full) if "api_tokens" in s] < write_begins, full
+        assert all(s not in READS for s in seen[first_write:]), seen
+
+
+def test_an_api_request_resolves_its_token_with_one_statement_outside_its_transaction(client, settings, make_user):
+    """A GET and a submit each read their token once, on a connection of its own (not in the write
+    transaction) and write nothing for it while its use was recorded less than five minutes ago."""
+    _, token = make_user()
+    assert client.get("/api/v1/jobs", headers=bearer(token)).status_code == 200  # its first use recorded
+    for method, path, body in (("GET", "/api/v1/jobs", None), ("GET", "/api/v1/usage", None),
+                               ("POST", "/api/v1/jobs", {**TRAIN, "name": "one-lookup"})):
+        with traced(settings) as (full, commits, write_begins):
+            r = client.open(path, method=method, json=body, headers=bearer(token))
+        assert r.status_code in (200, 201), r.get_json()
+        lookups = [i for i, s in enumerate(full) if "api_tokens" in s]
+        assert len(lookups) == 1 and _verb(full[lookups[0]]) == "SELECT", full  # no UPDATE of its use
+        if method == "GET":
+            assert not commits and not write_begins, full  # a read writes nothing
+        else:
+            assert len(commits) == 1 and len(write_begins) == 1 and lookups[0] < write_begins[0], full
+
+
+@pytest.mark.parametrize("change", ["revoked", "expired", "disabled"])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_token_changed_by_another_process_is_refused_at_the_next_request(client, settings, make_user, change,
+                                                                          method):
+    """With the token cache off (the default) the one-statement lookup reads the token's row at every
+    request: a revocation, an expiry or a disabled owner, written by anyone, applies at once."""
+    from app.models import User
+
+    user_id, token = make_user()
+    spec = {**TRAIN, "name": f"after-{change}"} if method == "POST" else None
+    assert client.open("/api/v1/jobs", method=method, json=spec, headers=bearer(token)).status_code in (200, 201)
+    # Another process changes it: a plain UPDATE no session of this process sees.
+    with get_engine(settings.database_url).begin() as conn:
+        if change == "disabled":
+            conn.execute(update(User.__table__).where(User.id == user_id).values(active=False))
+        else:
+            column = "revoked_at" if change == "revoked" else "expires_at"
+            conn.execute(update(ApiToken.__table__).where(ApiToken.user_id == user_id)
+                         .values({column: utcnow() - timedelta(seconds=1)}))
+    refused = client.open("/api/v1/jobs", method=method, json=spec, headers=bearer(token))
+    assert refused.status_code == 401, refused.get_json()
+    assert refused.headers["Content-Type"].startswith("application/problem+json")
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,11 @@ Every architecture serves every task through the same three inputs:
 - ``sequence``: a forecasting window (steps, 1); the MLP flattens it;
 - ``tokens``: token ids, embedded; the MLP averages the embeddings of the real tokens; in training,
   ``embedding_dropout`` drops whole token embeddings (and scales up the rest);
-  with ``model.wide`` (the default), a linear path over the text's bag of token n-grams adds its
-  logits to the head's (wide & deep, :class:`WideNgrams`);
-- ``tfidf``: a text's TF-IDF n-gram features (``mlp`` only), read as a flat vector;
+  with ``model.wide`` (the default), a linear path over the text's word n-grams (read from the
+  whole text, after the token ids) adds its logits to the head's (wide & deep, :class:`WideTerms`;
+  checkpoints from before it read the token n-grams, :class:`WideNgrams`);
+- ``tfidf``: a text's TF-IDF n-gram features (``mlp`` only), read as a flat vector; with ``model.wide``
+  a linear model over the same features adds its logits to the head's (:class:`WideTfidf`);
 - ``image``: pixels (channels, height, width); the 2-D CNN reads them as they are, the MLP flat.
 The text generators (``causal_lm``, ``seq2seq``) are whole networks of their own modules, registered
 with ``build_network``. Which architecture serves which task is ``app.task_rules.ARCHITECTURE_TASKS``.
@@ -31,6 +33,7 @@ from app.task_rules import ARCHITECTURE_TASKS
 from worker.ml.causal_lm import CausalLM
 from worker.ml.seq2seq import Seq2Seq
 from worker.ml.text import PAD_ID
+from worker.ml.wide import WideNgrams, WideTerms, WideTfidf
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -44,6 +47,7 @@ class ModelShape:
     num_outputs: int
     vocab_size: int = 0
     image_shape: tuple[int, int, int] | None = None  # (channels, height, width) of images
+    wide_terms: int = 0  # text: word n-grams of the wide path (WideTerms), read after the token ids
 
     @classmethod
     def from_signature(cls, signature: dict) -> "ModelShape":
@@ -51,7 +55,8 @@ class ModelShape:
         steps, channels = signature["sequence_shape"]
         image = signature.get("image_shape")
         return cls(signature["input_kind"], (int(steps), int(channels)), int(signature["num_outputs"]),
-                   int(signature.get("vocab_size") or 0), tuple(int(n) for n in image) if image else None)
+                   int(signature.get("vocab_size") or 0), tuple(int(n) for n in image) if image else None,
+                   int(signature.get("wide_terms") or 0))
 
 
 def masked_mean(seq: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -233,109 +238,11 @@ class CNN2DBody(nn.Module):
         return self.blocks(images).mean(dim=(2, 3))
 
 
-class WideNgrams(nn.Module):
-    """The wide path of a text classifier: a linear model over a text's bag of token n-grams.
-
-    A single token is its own id; a run of 2 to ``ngram_max`` real tokens is hashed into one of
-    ``buckets`` ids after the vocabulary. Each n-gram of a text weighs its inverse document
-    frequency in the training split (``idf``, a saved buffer that :meth:`fit_idf` sets; smoothed as
-    scikit-learn's), divided by the length of the text's vector of those weights, so a text's bag
-    is a TF-IDF row as the linear baseline reads it. Training fits the n-gram weights first, to
-    convergence, as the TF-IDF + logistic-regression baseline (:meth:`fit`), then freezes them and
-    trains the deep body and head, the head starting at zero, on top: the wide & deep recipe, where
-    the deep part adds what word order and embeddings tell to a fully fitted linear model.
-    """
-
-    HASH_PRIME, HASH_MODULUS = 1_000_003, 2_147_483_647
-
-    def __init__(self, vocab_size: int, buckets: int, ngram_max: int, num_outputs: int):
-        super().__init__()
-        self.vocab_size, self.buckets, self.ngram_max = vocab_size, buckets, ngram_max
-        size = vocab_size + (buckets if ngram_max > 1 else 0)
-        self.weight = nn.Embedding(size, num_outputs)
-        nn.init.zeros_(self.weight.weight)
-        self.register_buffer("idf", torch.ones(size))
-
-    @torch.no_grad()
-    def fit_idf(self, ids: torch.Tensor) -> None:
-        """Set ``idf`` from the token ids of the training texts: ln((1 + texts) / (1 + texts with the n-gram)) + 1."""
-        grams, weights, _ = self.grams(ids.to(self.idf.device))
-        rows = torch.arange(len(grams), device=grams.device).unsqueeze(1).expand_as(grams)
-        real = weights > 0
-        # Each (text, n-gram) pair once: a text counts once however often it repeats an n-gram.
-        pairs = torch.unique(rows[real] * len(self.idf) + grams[real])
-        df = torch.bincount(pairs % len(self.idf), minlength=len(self.idf))
-        self.idf.copy_(torch.log((1.0 + len(grams)) / (1.0 + df.to(self.idf.dtype))) + 1.0)
-
-    def fit(self, ids: torch.Tensor, targets: torch.Tensor, *, c: float = 10.0, max_iter: int = 100) -> torch.Tensor:
-        """Fit the n-gram weights as an L2-regularised multinomial logistic regression; its bias.
-
-        The objective is scikit-learn's ``LogisticRegression(C=c)`` divided by the number of
-        texts: mean cross-entropy + ||W||^2 / (2 c n), the bias unregularised, minimised full-batch
-        by L-BFGS with a strong-Wolfe line search for at most ``max_iter`` iterations; so it reaches
-        the same solution as the TF-IDF + logistic-regression baseline over the same n-grams. It
-        draws no random numbers. The caller puts the bias in the network's head. ``c`` = 10 was
-        measured on the fortunes corpus (split seeds 0-4, against TF-IDF + LR): C=1 trails the
-        baseline by 0.04 on average, C=10 by 0.01 (C=30 no better).
-        """
-        grams, weights, _ = self.grams(ids.to(self.idf.device))
-        n, outputs = len(grams), self.weight.weight.shape[1]
-        w = torch.zeros_like(self.weight.weight, requires_grad=True)
-        b = torch.zeros(outputs, dtype=w.dtype, device=w.device, requires_grad=True)
-        targets = targets.to(w.device)
-        optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10,
-                                      tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            logits = nn.functional.embedding_bag(grams, w, per_sample_weights=weights, mode="sum") + b
-            loss = nn.functional.cross_entropy(logits, targets) + w.square().sum() / (2.0 * c * n)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        with torch.no_grad():
-            self.weight.weight.copy_(w)
-        return b.detach()
-
-    def grams(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Ids (batch, grams) of every n-gram, their weights, and how many n-grams of each length."""
-        mask = ids != PAD_ID
-        grams, masks, lengths = [ids], [mask], [ids.shape[1]]
-        hashed, real = ids, mask
-        for n in range(2, self.ngram_max + 1):
-            hashed = (hashed[:, :-1] * self.HASH_PRIME + ids[:, n - 1:]) % self.HASH_MODULUS
-            real = real[:, :-1] & mask[:, n - 1:]
-            grams.append(self.vocab_size + hashed % self.buckets)
-            masks.append(real)
-            lengths.append(hashed.shape[1])
-        grams = torch.cat(grams, dim=1)
-        weights = torch.cat(masks, dim=1).to(torch.float32) * self.idf[grams]
-        weights = weights / weights.square().sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12)
-        return grams, weights, lengths
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, outputs)."""
-        grams, weights, _ = self.grams(ids)
-        return (self.weight(grams) * weights.unsqueeze(-1)).sum(dim=1)
-
-    def per_token(self, ids: torch.Tensor) -> torch.Tensor:
-        """The logits split over the tokens (batch, tokens, outputs): each n-gram's share goes in
-        equal parts to its tokens, so a text's shares sum to :meth:`forward`."""
-        grams, weights, lengths = self.grams(ids)
-        parts = (self.weight(grams) * weights.unsqueeze(-1)).split(lengths, dim=1)
-        shares = torch.zeros(*ids.shape, parts[0].shape[-1], dtype=parts[0].dtype, device=ids.device)
-        for n, part in enumerate(parts, start=1):
-            for offset in range(n):
-                shares[:, offset:offset + part.shape[1]] += part / n
-        return shares
-
-
 class Network(nn.Module):
     """Input front (reshape or token embedding), an architecture's body, and a linear head."""
 
     def __init__(self, body: nn.Module, shape: ModelShape, embedding_dim: int, embedding_dropout: float = 0.0,
-                 wide: WideNgrams | None = None):
+                 wide: WideNgrams | WideTerms | WideTfidf | None = None):
         super().__init__()
         self.embedding_dropout = embedding_dropout
         self.input_kind = shape.input_kind
@@ -346,10 +253,19 @@ class Network(nn.Module):
         self.body = body
         self.head = nn.Linear(body.out_features, shape.num_outputs)
         self.wide = wide
+        # Token ids come first in a row; the word n-grams of a WideTerms path after them.
+        self.steps = shape.sequence_shape[0] if isinstance(wide, WideTerms) else None
+
+    def split(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the deep part reads and what the wide path reads, of a row of inputs."""
+        if self.steps is None:
+            return inputs, inputs
+        return inputs[:, :self.steps], inputs[:, self.steps:]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits (classification) or standardised values (regression, forecasting)."""
         mask = None
+        inputs, wide_inputs = self.split(inputs)
         if self.embedding is not None:
             mask = inputs != PAD_ID
             seq = self.embedding(inputs)
@@ -359,7 +275,7 @@ class Network(nn.Module):
             seq = inputs.reshape(inputs.shape[0], *self.sequence_shape)
         logits = self.head(self.body(seq, mask))
         if self.wide is not None:
-            logits = logits + self.wide(inputs).to(logits.dtype)
+            logits = logits + self.wide(wide_inputs).to(logits.dtype)
         return logits
 
 
@@ -442,8 +358,12 @@ def build_model(config, shape: ModelShape) -> nn.Module:
         steps = 1 if config.arch == "mlp" else steps
     body = architecture.build_body(config, per_step, steps)
     wide = None
-    if shape.input_kind == "tokens" and getattr(config, "wide", False):
+    if shape.input_kind == "tokens" and shape.wide_terms:
+        wide = WideTerms(shape.wide_terms, shape.num_outputs)
+    elif shape.input_kind == "tokens" and getattr(config, "wide", False):  # checkpoints from before WideTerms
         wide = WideNgrams(shape.vocab_size, config.wide_buckets, config.wide_ngram_max, shape.num_outputs)
+    elif shape.input_kind == "tfidf" and getattr(config, "wide", False):
+        wide = WideTfidf(shape.sequence_shape[0], shape.num_outputs)
     return Network(body, shape, architecture.embedding_dim(config), getattr(config, "embedding_dropout", 0.0), wide)
 
 

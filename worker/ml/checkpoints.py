@@ -6,8 +6,9 @@ Nothing is pickled, so reading a checkpoint cannot run code. Tensor names:
 states), ``normalizer.{features,targets}.{mean,std}`` and ``normalizer.tfidf.idf`` (TF-IDF text features). Header metadata keys: ``format``,
 ``signature``, ``spec``, ``training`` (position, best metric, early stopping), ``optimizer``
 (param groups and non-tensor state), ``scheduler`` (its state_dict), ``vocabulary`` (a text classifier's words, or its TF-IDF n-grams)
-and ``tokenizer`` (a text generator's character, word or BPE tokenizer, or a text classifier's BPE,
-as JSON; its sha256 is the signature's ``tokenizer_sha256``).
+``tokenizer`` (a text generator's character, word or BPE tokenizer, or a text classifier's BPE,
+as JSON; its sha256 is the signature's ``tokenizer_sha256``) and ``wide_terms`` (the word n-grams
+of a text classifier's wide path).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from worker.ml.text import Tokenizer
 FORMAT = "kiln-checkpoint/1"
 # Header metadata that holds JSON, and whether every checkpoint has it.
 _JSON_METADATA = {"signature": True, "spec": True, "training": False, "optimizer": False, "scheduler": False,
-                  "vocabulary": False, "tokenizer": False}
+                  "vocabulary": False, "tokenizer": False, "wide_terms": False}
 
 
 class UnreadableCheckpoint(UserError):
@@ -52,6 +53,8 @@ class Checkpoint:
     vocabulary: list[str] | None = None
     # A text generator's tokenizer as its JSON document (its sha256 is in the signature).
     tokenizer: str | None = None
+    # A text classifier's wide path: the word n-grams it reads (their idf is in the model's weights).
+    wide_terms: list[str] | None = None
 
     @property
     def served_weights(self) -> dict[str, torch.Tensor]:
@@ -162,6 +165,8 @@ def _parts(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, s
         metadata["vocabulary"] = json.dumps(checkpoint.vocabulary)
     if checkpoint.tokenizer is not None:
         metadata["tokenizer"] = checkpoint.tokenizer
+    if checkpoint.wide_terms is not None:
+        metadata["wide_terms"] = json.dumps(checkpoint.wide_terms)
     return tensors, metadata
 
 
@@ -243,11 +248,17 @@ def decode(data: bytes) -> Checkpoint:
         normalizer=groups.get("normalizer", {}),
         vocabulary=json.loads(metadata["vocabulary"]) if "vocabulary" in metadata else None,
         tokenizer=metadata.get("tokenizer"),
+        wide_terms=json.loads(metadata["wide_terms"]) if "wide_terms" in metadata else None,
     )
 
 
 def text_entries(data) -> dict:
-    """The ``vocabulary`` and ``tokenizer`` entries of a checkpoint of a run on ``data`` (a PreparedData)."""
+    """The ``vocabulary``, ``tokenizer`` and ``wide_terms`` entries of a checkpoint of a run on ``data`` (a PreparedData)."""
+    wide_terms = data.word_ngrams.terms if getattr(data, "word_ngrams", None) is not None else None
+    return {**_encoding_entries(data), "wide_terms": wide_terms}
+
+
+def _encoding_entries(data) -> dict:
     if data.featurizer is not None:
         return {"vocabulary": data.featurizer.ngrams, "tokenizer": None}
     if isinstance(data.tokenizer, Tokenizer):
@@ -260,7 +271,8 @@ def text_entries(data) -> dict:
 def saved_text(saved: Checkpoint) -> SavedText:
     """A checkpoint's text encoding (words, BPE or TF-IDF), to resume with instead of fitting again."""
     idf = saved.normalizer.get("tfidf.idf")
-    return SavedText(saved.vocabulary, saved.tokenizer, idf.numpy() if idf is not None else None)
+    return SavedText(saved.vocabulary, saved.tokenizer, idf.numpy() if idf is not None else None, saved.wide_terms,
+                     saved.signature.get("wide_width"), saved.signature.get("tfidf_words", "kiln"))
 
 
 def pack_standardizers(features: Standardizer | None, targets: Standardizer | None,

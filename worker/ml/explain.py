@@ -6,7 +6,9 @@ attributed in the model's standardised input space against the training mean (st
 zero); text is attributed per token at the embedding layer against the all-padding embedding
 (zero vectors), with the padding mask of the real text held fixed so the path is a straight line;
 a text model's wide path (``model.wide``, linear in its n-grams) adds each token's exact share of
-the wide logits (an n-gram's part split equally over its tokens), against zero for all padding.
+the wide logits (an n-gram's part split equally over its tokens), against zero for all padding;
+where the wide path reads the text's word n-grams (``WideTerms``), each n-gram's exact share is
+reported apart (``wide_terms``, ``wide_attributions``), and the two lists together sum to the difference.
 Integrated gradients are complete: the attributions sum to f(input) - f(baseline); each
 explanation reports that difference and how far the sum is from it (``completeness_error``).
 """
@@ -23,6 +25,7 @@ from app.catalog import CLASSIFICATION, TEXT_CLASSIFICATION
 from app.jobs.errors import UserError
 from worker.ml.architectures import TransformerBody
 from worker.ml.text import PAD_ID
+from worker.ml.wide import WideTerms
 
 INTEGRATED_GRADIENTS = "integrated_gradients"
 ATTENTION = "attention"
@@ -63,8 +66,10 @@ def _integrated_gradients(loaded, batch: torch.Tensor, outputs: np.ndarray, step
     targets, target_names = _targets(loaded, outputs)
     inputs = batch.to(device)
     target = torch.tensor(targets, device=device)
+    per_term = None
     with _differentiable(device):
         if loaded.signature["input_kind"] == "tokens":
+            inputs, wide_inputs = network.split(inputs)
             mask = inputs != PAD_ID
             baseline = torch.full_like(inputs, PAD_ID)
 
@@ -79,7 +84,11 @@ def _integrated_gradients(loaded, batch: torch.Tensor, outputs: np.ndarray, step
             per_input = attributions.sum(dim=-1)  # one number per token: summed over the embedding
             end = forward(inputs, mask)
             start = forward(baseline, mask)
-            if getattr(network, "wide", None) is not None:  # all padding has no n-gram: its wide logits are 0
+            if isinstance(network.wide, WideTerms):  # no n-gram in the baseline: its wide logits are 0
+                shares = network.wide.per_term(wide_inputs)
+                per_term = shares.gather(2, target.view(-1, 1, 1).expand(-1, shares.shape[1], 1)).squeeze(2)
+                end = end + network.wide(wide_inputs)
+            elif network.wide is not None:  # all padding has no n-gram: its wide logits are 0
                 shares = network.wide.per_token(inputs)
                 per_input = per_input + shares.gather(2, target.view(-1, 1, 1).expand(-1, shares.shape[1], 1)).squeeze(2)
                 end = end + network.wide(inputs)
@@ -94,6 +103,7 @@ def _integrated_gradients(loaded, batch: torch.Tensor, outputs: np.ndarray, step
     rows = torch.arange(len(targets), device=device)
     difference = (end[rows, target] - start[rows, target]).detach().double().cpu().numpy()
     per_input = per_input.detach().double().cpu().numpy()
+    per_term = per_term.detach().double().cpu().numpy() if per_term is not None else None
     delta = delta.detach().double().cpu().numpy()
     explanations = []
     for i in range(len(targets)):
@@ -102,16 +112,27 @@ def _integrated_gradients(loaded, batch: torch.Tensor, outputs: np.ndarray, step
             "output_difference": float(difference[i]), "completeness_error": float(abs(delta[i])),
         }
         if loaded.signature["input_kind"] == "tokens":
-            real = int((batch[i] != PAD_ID).sum())
-            explanation["tokens"] = _tokens(loaded, batch[i], real)
+            ids, wide_inputs = network.split(batch[i:i + 1])
+            real = int((ids != PAD_ID).sum())
+            explanation["tokens"] = _tokens(loaded, ids[0], real)
             explanation["attributions"] = [float(v) for v in per_input[i, :real]]
             explanation["baseline"] = "padding (zero embedding) for every token"
+            if per_term is not None:
+                explanation.update(_wide_terms(loaded, wide_inputs[0], per_term[i]))
         else:
             shape = [int(n) for n in loaded.signature["input_shape"]]
             explanation["attributions"] = per_input[i].reshape(shape).tolist()
             explanation["baseline"] = _numeric_baseline(loaded, shape)
         explanations.append(explanation)
     return explanations
+
+
+def _wide_terms(loaded, columns: torch.Tensor, shares: np.ndarray) -> dict:
+    """The word n-grams the wide path read in a text, and each one's share of the explained logit."""
+    terms = loaded.tokenizer.ngrams.terms
+    ids = columns[:len(columns) // 2].tolist()
+    kept = [j for j, term in enumerate(ids) if term > 0]
+    return {"wide_terms": [terms[ids[j] - 1] for j in kept], "wide_attributions": [float(shares[j]) for j in kept]}
 
 
 def _numeric_baseline(loaded, shape: list[int]) -> dict:
@@ -161,8 +182,9 @@ def _attention(loaded, batch: torch.Tensor) -> list[dict]:
     explanations = []
     for i in range(len(batch)):
         if loaded.signature["input_kind"] == "tokens":
-            real = int((batch[i] != PAD_ID).sum())
-            tokens = (["[CLS]"] if offset else []) + _tokens(loaded, batch[i], real)
+            ids = network.split(batch[i:i + 1])[0][0]
+            real = int((ids != PAD_ID).sum())
+            tokens = (["[CLS]"] if offset else []) + _tokens(loaded, ids, real)
         else:
             real = int(loaded.signature["sequence_shape"][0])
             tokens = (["[CLS]"] if offset else []) + [f"step {s}" for s in range(real)]

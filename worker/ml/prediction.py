@@ -25,7 +25,7 @@ from worker.ml.architectures import ModelShape, build_model
 from worker.ml.devices import out_of_memory, resolve_device
 from worker.ml.preparation import FORECASTING, REGRESSION, Standardizer
 from worker.ml.progress import load_weights
-from worker.ml.text import TfidfFeaturizer, Tokenizer
+from worker.ml.text import TfidfFeaturizer, Tokenizer, WithWordNgrams, WordNgrams
 
 CACHE_SIZE = 8  # defaults; a worker sets its own from settings with configure_cache
 CACHE_BYTES = 2 * 1024**3
@@ -99,8 +99,10 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
     saved = checkpoints.decode(checkpoint)
     sig = saved.signature
     model = sig["model"]
-    if sig["input_kind"] == "tokens" and "wide" not in model and model.get("arch") in _WIDE_ARCHITECTURES:
-        model = {**model, "wide": False}  # saved before the wide path existed (a default now)
+    if (sig["input_kind"] in ("tokens", "tfidf") and model.get("arch") in _WIDE_ARCHITECTURES
+            and not any(name.startswith("wide.") for name in saved.served_weights)):
+        # Saved before the wide path existed (a default now), or (mlp + tfidf) before it had one.
+        model = {**model, "wide": False}
     config = _model_config.validate_python(model)
     if sig["input_kind"] == pretrained.INPUT_KIND:
         pretrained.check_base(sig)
@@ -109,13 +111,15 @@ def load_model(checkpoint: bytes | Callable[[], bytes], device: torch.device, *,
     tokenizer = None
     if sig["input_kind"] == "tfidf":  # TF-IDF features: the training split's n-grams and idf weights
         tokenizer = TfidfFeaturizer(saved.vocabulary, saved.normalizer["tfidf.idf"].numpy(), config.tfidf.ngram_max,
-                                    config.tfidf.sublinear_tf)
+                                    config.tfidf.sublinear_tf, sig.get("tfidf_words", "kiln"))
     elif saved.vocabulary is not None:
         tokenizer = Tokenizer(saved.vocabulary, int(sig["max_tokens"]))
     if sig.get("tokenizer_sha256"):  # a text generator's codec, or a BPE, checked against the signature
         if saved.tokenizer is None:
             raise UserError("the checkpoint of this text model has no tokenizer")
         tokenizer = text_codecs.from_json(saved.tokenizer, sig["tokenizer_sha256"])
+    if sig.get("wide_terms"):  # the wide path's word n-grams follow the token ids
+        tokenizer = WithWordNgrams(tokenizer, WordNgrams(saved.wide_terms, config.wide_ngram_max, int(sig["wide_width"])))
     if sig["input_kind"] == pretrained.INPUT_KIND:
         network.merge_adapters()
         tokenizer = pretrained.PretrainedTokenizer(config.base, int(sig["max_length"]))

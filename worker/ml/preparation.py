@@ -30,7 +30,7 @@ from app.jobs.errors import UserError
 from app.jobs.schemas import GENERATIVE_ARCHITECTURES, DatasetRef
 from app.task_rules import describe_column, forecast_window, image_size, infer_task
 from worker.ml.datasets import Table, split_indices
-from worker.ml.text import SubwordTokenizer, TfidfFeaturizer, Tokenizer
+from worker.ml.text import SubwordTokenizer, TfidfFeaturizer, Tokenizer, WordNgrams
 
 
 @dataclass
@@ -72,6 +72,9 @@ class PreparedData:
     codec: object | None = None
     # ``mlp`` with ``model.tfidf`` on text: the fitted n-grams and idf weights (saved in checkpoints).
     featurizer: TfidfFeaturizer | None = None
+    # Token-reading text classifiers: the wide path's word n-grams (saved in checkpoints) and their idf.
+    word_ngrams: WordNgrams | None = None
+    word_ngrams_idf: np.ndarray | None = None
 
 
 @dataclass
@@ -81,12 +84,17 @@ class SavedText:
     vocabulary: list[str] | None = None
     tokenizer: str | None = None
     idf: np.ndarray | None = None
+    wide_terms: list[str] | None = None  # the wide path's word n-grams, and how many a row holds
+    wide_width: int | None = None
+    tfidf_words: str = "kiln"  # how the TF-IDF features read words (worker.ml.text.TfidfFeaturizer)
 
 
-def prepare(dataset: DatasetRef, table: Table, model=None, saved: SavedText | None = None) -> PreparedData:
+def prepare(dataset: DatasetRef, table: Table, model=None, saved: SavedText | None = None, *,
+            word_ngrams: bool = False) -> PreparedData:
     """Choose columns and task, split, encode and normalise the rows of ``table`` (for ``model``'s input).
 
     ``saved``: the text encoding of the checkpoint a job resumes from, used instead of a fresh fit.
+    ``word_ngrams``: text read as tokens gets the wide path's word n-grams after the token ids.
     """
     if getattr(model, "arch", None) == "pretrained":
         data = _prepare_pretrained(dataset, table, model)
@@ -115,7 +123,7 @@ def prepare(dataset: DatasetRef, table: Table, model=None, saved: SavedText | No
     if task == FORECASTING:
         data = _prepare_forecasting(dataset, table)
     elif task == TEXT_CLASSIFICATION:
-        data = _prepare_text(dataset, table, getattr(model, "tfidf", None), saved)
+        data = _prepare_text(dataset, table, getattr(model, "tfidf", None), saved, model if word_ngrams else None)
     elif task == IMAGE_CLASSIFICATION:
         data = _prepare_images(dataset, table)
     else:
@@ -296,7 +304,8 @@ def _text_and_target(dataset: DatasetRef, table: Table) -> tuple[str, str]:
     return text_column, target
 
 
-def _prepare_text(dataset: DatasetRef, table: Table, tfidf=None, saved: SavedText | None = None) -> PreparedData:
+def _prepare_text(dataset: DatasetRef, table: Table, tfidf=None, saved: SavedText | None = None,
+                  wide=None) -> PreparedData:
     frame = table.frame
     text_column, target = _text_and_target(dataset, table)
     y, classes = _labels(table, target)
@@ -308,7 +317,8 @@ def _prepare_text(dataset: DatasetRef, table: Table, tfidf=None, saved: SavedTex
         if dataset.tokenizer is not None:
             raise UserError("model.tfidf reads word n-grams; drop dataset.tokenizer")
         if saved is not None and saved.idf is not None:
-            featurizer = TfidfFeaturizer(saved.vocabulary, saved.idf, tfidf.ngram_max, tfidf.sublinear_tf)
+            featurizer = TfidfFeaturizer(saved.vocabulary, saved.idf, tfidf.ngram_max, tfidf.sublinear_tf,
+                                         saved.tfidf_words)
         else:
             featurizer = TfidfFeaturizer.fit([texts[i] for i in parts["train"]], ngram_max=tfidf.ngram_max,
                                              max_features=tfidf.max_features, min_df=tfidf.min_df,
@@ -316,7 +326,7 @@ def _prepare_text(dataset: DatasetRef, table: Table, tfidf=None, saved: SavedTex
         x = featurizer.transform(texts)
         width = len(featurizer.ngrams)
         signature.update(input_kind="tfidf", input_shape=[width], sequence_shape=[width, 1], tokenizer="tfidf",
-                         vocab_size=width)
+                         vocab_size=width, tfidf_words=featurizer.words)
         splits = {name: (x[idx], y[idx]) for name, idx in parts.items()}
         return PreparedData(TEXT_CLASSIFICATION, splits, signature, featurizer=featurizer)
     kind = dataset.tokenizer.kind if dataset.tokenizer is not None else "word"
@@ -331,14 +341,29 @@ def _prepare_text(dataset: DatasetRef, table: Table, tfidf=None, saved: SavedTex
                                                  max_tokens=dataset.max_tokens))
         size = tokenizer.tokenizer.get_vocab_size()
     ids = tokenizer.encode(texts)
-    splits = {name: (ids[idx], y[idx]) for name, idx in parts.items()}
     signature.update(input_kind="tokens", input_shape=[dataset.max_tokens], sequence_shape=[dataset.max_tokens, 1],
                      max_tokens=dataset.max_tokens, vocab_size=size)
     if kind != "word":
         from worker.ml.text_codecs import sha256_of
 
         signature.update(tokenizer=kind, tokenizer_sha256=sha256_of(tokenizer.to_json()))
-    return PreparedData(TEXT_CLASSIFICATION, splits, signature, tokenizer=tokenizer)
+    ngrams, idf = None, None
+    if wide is not None:  # the model's settings: the wide path reads word n-grams
+        ngrams, idf = _word_ngrams([texts[i] for i in parts["train"]], wide, dataset.token_vocab_size, saved)
+        ids = np.concatenate([ids, ngrams.encode(texts)], axis=1)
+        signature.update(input_shape=[ids.shape[1]], wide_terms=len(ngrams.terms), wide_width=ngrams.width)
+    splits = {name: (ids[idx], y[idx]) for name, idx in parts.items()}
+    return PreparedData(TEXT_CLASSIFICATION, splits, signature, tokenizer=tokenizer, word_ngrams=ngrams,
+                        word_ngrams_idf=idf)
+
+
+def _word_ngrams(train_texts: list[str], model, vocab_size: int,
+                 saved: SavedText | None) -> tuple[WordNgrams, np.ndarray | None]:
+    """The wide path's word n-grams: fitted on the training texts, or a resumed checkpoint's (idf in its weights)."""
+    if saved is not None and saved.wide_terms is not None:
+        return WordNgrams(saved.wide_terms, model.wide_ngram_max, int(saved.wide_width)), None
+    # At most as many n-grams as the token n-gram path had ids (vocabulary + buckets): the size estimate holds.
+    return WordNgrams.fit(train_texts, ngram_max=model.wide_ngram_max, max_terms=vocab_size + model.wide_buckets)
 
 
 def _prepare_images(dataset: DatasetRef, table: Table) -> PreparedData:

@@ -73,13 +73,14 @@ class Monitor:
             mode = "max" if any(name.endswith(suffix) for suffix in _MAXIMISED) else "min"
         return cls(name, mode, stopping.min_delta if stopping else 0.0)
 
-    def improves(self, value: float, best: float | None) -> bool:
-        """Whether ``value`` beats ``best`` by more than ``min_delta``."""
+    def improves(self, value: float, best: float | None, *, margin: float = 0.0) -> bool:
+        """Whether ``value`` beats ``best`` by more than ``min_delta`` (and ``margin`` on top)."""
         if value is None or math.isnan(value):
             return False
         if best is None:
             return True
-        return value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
+        by = self.min_delta + margin
+        return value < best - by if self.mode == "min" else value > best + by
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -4,7 +4,9 @@
 - :class:`SubwordTokenizer`: byte-level BPE of the ``tokenizers`` library (:func:`train_subword`,
   shared with the language models' byte-level BPE in ``worker.ml.text_codecs``);
 - :class:`TfidfFeaturizer`: bag-of-n-grams weighted by TF-IDF for ``mlp``; scikit-learn fits it,
-  and it is kept as plain data (n-grams and idf weights), never a pickle.
+  and it is kept as plain data (n-grams and idf weights), never a pickle;
+- :class:`WordNgrams`: the word n-grams that the wide path of a token-reading classifier reads,
+  appended to the token ids (:class:`WithWordNgrams`); kept as plain data too.
 """
 
 from __future__ import annotations
@@ -125,21 +127,27 @@ class SubwordTokenizer:
 
 @dataclass
 class TfidfFeaturizer:
-    """Texts to L2-normalised TF-IDF vectors over the word n-grams kept from the training split."""
+    """Texts to L2-normalised TF-IDF vectors over the word n-grams kept from the training split.
+
+    ``words``: ``"scikit-learn"`` reads words as scikit-learn's default does (two or more word
+    characters), as the TF-IDF + logistic-regression baseline; ``"kiln"`` (featurizers fitted
+    before that) reads them as the word tokenizer does (:func:`words`).
+    """
 
     ngrams: list[str]
     idf: np.ndarray
     ngram_max: int
     sublinear_tf: bool
+    words: str = "kiln"
 
     @classmethod
     def fit(cls, texts: list[str], *, ngram_max: int, max_features: int, min_df: int,
             sublinear_tf: bool) -> "TfidfFeaturizer":
-        """Keep the ``max_features`` most frequent n-grams of ``texts`` and their smoothed idf."""
+        """Keep the ``max_features`` most frequent n-grams of ``texts`` (scikit-learn's words) and their smoothed idf."""
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         vectorizer = TfidfVectorizer(max_features=max_features, min_df=min_df,
-                                     sublinear_tf=sublinear_tf, analyzer=_analyzer(ngram_max))
+                                     sublinear_tf=sublinear_tf, ngram_range=(1, ngram_max))
         try:
             vectorizer.fit(texts)
         except ValueError:  # no n-gram survives (empty texts, or min_df above every count)
@@ -147,14 +155,16 @@ class TfidfFeaturizer:
 
             raise UserError("the training texts leave no n-gram for TF-IDF features; lower model.tfidf.min_df") from None
         names = vectorizer.get_feature_names_out().tolist()
-        return cls(names, vectorizer.idf_.astype(np.float64), ngram_max, sublinear_tf)
+        return cls(names, vectorizer.idf_.astype(np.float64), ngram_max, sublinear_tf, "scikit-learn")
 
     def transform(self, texts: Iterable[str]) -> np.ndarray:
         """Features (rows, n-grams) as float32 (weighted while sparse; only the result is dense)."""
         from sklearn.feature_extraction.text import CountVectorizer
         from sklearn.preprocessing import normalize
 
-        counts = CountVectorizer(vocabulary=self.ngrams, analyzer=_analyzer(self.ngram_max)).transform(list(texts))
+        reading = ({"ngram_range": (1, self.ngram_max)} if self.words == "scikit-learn"
+                   else {"analyzer": _analyzer(self.ngram_max)})
+        counts = CountVectorizer(vocabulary=self.ngrams, **reading).transform(list(texts))
         tf = counts.astype(np.float64)
         if self.sublinear_tf:
             tf.data = 1.0 + np.log(tf.data)
@@ -162,8 +172,71 @@ class TfidfFeaturizer:
         return weighted.astype(np.float32).toarray()
 
 
+@dataclass
+class WordNgrams:
+    """The wide path's features: a text's word n-grams as the TF-IDF + logistic-regression baseline reads them.
+
+    scikit-learn's default word analysis of the whole text (lower-cased, words of two or more
+    word characters, 1- to ``ngram_max``-grams), whatever tokenizer the deep part reads; the
+    n-grams and their idf are fitted on the training split. A text is encoded as ``width`` ids
+    (1-based positions in ``terms`` of its distinct known n-grams, 0 pads) then their ``width``
+    counts; the wide path weighs them (sublinear tf, idf, unit length) as the baseline does.
+    A text with more distinct n-grams than ``width`` (the most of any training text, at most
+    :attr:`MAX_WIDTH`) keeps the first ``width`` of them in ``terms`` order.
+    """
+
+    MAX_WIDTH = 1024
+
+    terms: list[str]
+    ngram_max: int
+    width: int
+
+    @classmethod
+    def fit(cls, texts: list[str], *, ngram_max: int, max_terms: int) -> tuple["WordNgrams", np.ndarray]:
+        """The ``max_terms`` most frequent n-grams of ``texts``, and their smoothed idf."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vectorizer = TfidfVectorizer(ngram_range=(1, ngram_max), sublinear_tf=True, max_features=max_terms)
+        try:
+            counts = vectorizer.fit_transform(texts)
+        except ValueError:  # no word of two letters in any training text: one never-matching term
+            return cls([""], ngram_max, 1), np.ones(1)
+        width = int(np.diff(counts.indptr).max(initial=1))
+        return (cls(vectorizer.get_feature_names_out().tolist(), ngram_max, min(max(width, 1), cls.MAX_WIDTH)),
+                vectorizer.idf_.astype(np.float64))
+
+    def encode(self, texts: Iterable[str]) -> np.ndarray:
+        """Term ids and counts (rows, 2 * width), int64."""
+        from sklearn.feature_extraction.text import CountVectorizer
+
+        counts = CountVectorizer(vocabulary=self.terms, ngram_range=(1, self.ngram_max)).transform(list(texts))
+        encoded = np.zeros((counts.shape[0], 2 * self.width), dtype=np.int64)
+        for row in range(counts.shape[0]):
+            start, end = counts.indptr[row], min(counts.indptr[row + 1], counts.indptr[row] + self.width)
+            encoded[row, :end - start] = counts.indices[start:end] + 1
+            encoded[row, self.width:self.width + end - start] = counts.data[start:end]
+        return encoded
+
+
+class WithWordNgrams:
+    """A deep tokenizer's ids followed by the wide path's word n-grams (:class:`WordNgrams`)."""
+
+    def __init__(self, tokenizer, ngrams: WordNgrams):
+        self.tokenizer, self.ngrams = tokenizer, ngrams
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """The deep tokenizer's token of each id."""
+        return self.tokenizer.vocabulary
+
+    def encode(self, texts: Iterable[str]) -> np.ndarray:
+        """Token ids (rows, max_tokens), then the n-grams' ids and counts (rows, 2 * width)."""
+        texts = list(texts)
+        return np.concatenate([self.tokenizer.encode(texts), self.ngrams.encode(texts)], axis=1)
+
+
 def _analyzer(ngram_max: int):
-    """The n-grams of a text: its words (as the word tokenizer reads them) and their runs up to ``ngram_max``."""
+    """The n-grams of a text as featurizers fitted before ``words="scikit-learn"`` read them: the word tokenizer's words and their runs."""
 
     def analyze(text: str) -> list[str]:
         tokens = words(text)

@@ -29,6 +29,7 @@ from worker.ml.text import lsa_vectors
 from worker.ml.progress import (
     Monitor, Progress, check_resumable, epoch_permutation, load_weights, restore_rng, rng_state,
 )
+from worker.ml.wide import WideNgrams
 
 SIGNATURE_FORMAT = 1
 
@@ -103,9 +104,11 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     torch.manual_seed(hp.seed)
     saved = checkpoints.decode(resume) if resume is not None else None
     init = checkpoints.decode(init_from).served_weights if init_from is not None else None
-    spec = _without_wide_for_old_checkpoints(spec, saved.model if saved is not None else init)
+    weights = saved.model if saved is not None else init
+    spec = _without_wide_for_old_checkpoints(spec, weights)
     data = prepare(spec.dataset, load_table(spec.dataset, dataset_file, dataset_format), spec.model,
-                   checkpoints.saved_text(saved) if saved is not None else None)
+                   checkpoints.saved_text(saved) if saved is not None else None,
+                   word_ngrams=_reads_word_ngrams(spec, weights))
     refused = architecture_error(spec.model.arch, data.task)
     if refused:
         raise UserError(refused)
@@ -116,13 +119,15 @@ def _train(spec, hooks, dataset_file, dataset_format, resume, init_from, device)
     signature.update(parameter_counts(model))
     if getattr(spec.model, "embedding_init", "random") == "lsa" and signature["input_kind"] == "tokens":
         _init_embeddings(model, data, hp.seed)
-    if getattr(model, "wide", None) is not None:  # the wide path's idf weights, from the training split
+    if isinstance(getattr(model, "wide", None), WideNgrams):  # the token n-grams' idf, from the training split
         model.wide.fit_idf(torch.from_numpy(data.splits["train"][0]))
+    elif data.word_ngrams_idf is not None:  # the word n-grams' idf, fitted with them
+        model.wide.idf[1:] = torch.from_numpy(data.word_ngrams_idf).to(model.wide.idf)
     if init is not None:
         load_weights(model, init, "init_from")
     wide = getattr(model, "wide", None)
     if wide is not None:  # fitted before the deep part trains (below), then frozen
-        wide.weight.weight.requires_grad_(False)
+        wide.requires_grad_(False)
     tensors = {name: (torch.from_numpy(x), torch.from_numpy(y)) for name, (x, y) in data.splits.items()}
     num_batches = -(-len(tensors["train"][0]) // hp.batch_size)
     optimizer = build_optimizer(hp, model)
@@ -159,17 +164,29 @@ def _without_wide_for_old_checkpoints(spec: TrainSpec, weights: dict[str, torch.
     return spec.model_copy(update={"model": spec.model.model_copy(update={"wide": False})})
 
 
+def _reads_word_ngrams(spec: TrainSpec, weights: dict[str, torch.Tensor] | None) -> bool:
+    """Whether the wide path reads the text's word n-grams (:class:`WideTerms`).
+
+    So it does when on, except for ``mlp`` + ``tfidf`` (its wide path reads its TF-IDF features) and
+    for a run that resumes or starts from a checkpoint whose wide path read token n-grams.
+    """
+    if not getattr(spec.model, "wide", False) or getattr(spec.model, "tfidf", None) is not None:
+        return False
+    return weights is None or "wide.terms.weight" in weights
+
+
 def _fit_wide(run: Run) -> None:
     """Fit the wide path as TF-IDF + logistic regression, and start the deep part at zero on top of it.
 
     The head's weights are zeroed and its bias takes the regression's, so the network starts as
     the fitted linear model. Validated, that start is the first candidate for the best weights
-    (epoch 0): the deep part is kept only where it beats it. Reported as epoch 0's metrics.
+    (epoch 0): the deep part is kept only where it beats it by more than ``model.wide_min_gain``
+    (:func:`_improves`). Reported as epoch 0's metrics.
     """
     model, progress = run.model, run.progress
     started = time.perf_counter()
     x, y = run.tensors["train"]
-    bias = model.wide.fit(to_device(x, run.device), to_device(y, run.device))
+    bias = model.wide.fit(model.split(to_device(x, run.device))[1], to_device(y, run.device))
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.copy_(bias.to(model.head.bias.dtype))
@@ -187,7 +204,8 @@ def _fit_wide(run: Run) -> None:
 def _init_embeddings(model: torch.nn.Module, data: PreparedData, seed: int) -> None:
     """Token embeddings from latent semantic analysis of the training split (``embedding_init: lsa``)."""
     weight = model.embedding.weight
-    vectors = lsa_vectors(data.splits["train"][0], weight.shape[0], weight.shape[1], seed)
+    ids = model.split(torch.from_numpy(data.splits["train"][0]))[0].numpy()
+    vectors = lsa_vectors(ids, weight.shape[0], weight.shape[1], seed)
     with torch.no_grad():
         weight.copy_(torch.from_numpy(vectors).to(weight.dtype))
 
@@ -280,7 +298,7 @@ def _end_epoch(run: Run, signature: dict) -> None:
     run.hooks.on_metrics("epoch", progress.epoch, progress.step, metrics)
     run.hooks.on_progress(progress.epoch, progress.step, progress.epoch / hp.epochs)
     value = metrics[run.monitor.name]
-    improved = run.monitor.improves(value, progress.best_value)
+    improved = _improves(run, value)
     if improved:
         progress.best_value, progress.best_epoch, progress.best_step = value, progress.epoch, progress.step
         progress.bad_epochs = 0
@@ -293,6 +311,17 @@ def _end_epoch(run: Run, signature: dict) -> None:
     if progress.finished or progress.epoch % run.spec.checkpoint.every_epochs == 0:
         save_checkpoint(run, signature, reason="periodic", metric_name=run.monitor.name,
                         metric_value=value, is_best=improved)
+
+
+def _improves(run: Run, value: float) -> bool:
+    """Whether ``value`` beats the best so far; the fitted linear start (epoch 0) by more than ``model.wide_min_gain``.
+
+    A small validation split picks the deep part over the linear model by chance as often as not
+    when they are close; the margin keeps the linear model unless the deep part is clearly better.
+    """
+    progress = run.progress
+    margin = getattr(run.spec.model, "wide_min_gain", 0.0) if progress.best_epoch == 0 else 0.0
+    return run.monitor.improves(value, progress.best_value, margin=margin)
 
 
 def save_checkpoint(run: Run, signature: dict, *, reason: str, metric_name: str | None = None,

@@ -20,8 +20,12 @@ def _checkpoint(fake_hooks, spec, **kwargs) -> bytes:
 
 
 def _assert_complete(explanation: dict) -> None:
-    """|sum(attributions) - (f(x) - f(baseline))| <= 1e-2 * max(1, |f(x) - f(baseline)|), checked by hand."""
-    total = float(np.sum(np.asarray(explanation["attributions"], dtype=np.float64)))
+    """|sum(attributions) - (f(x) - f(baseline))| <= 1e-2 * max(1, |f(x) - f(baseline)|), checked by hand.
+
+    A text model's wide path reports its word n-grams' shares apart (``wide_attributions``); they count too.
+    """
+    shares = [*explanation["attributions"], *explanation.get("wide_attributions", [])]
+    total = float(np.sum(np.asarray(shares, dtype=np.float64)))
     difference = explanation["output_difference"]
     tolerance = 1e-2 * max(1.0, abs(difference))
     assert abs(total - difference) <= tolerance, (total, difference)
@@ -75,6 +79,9 @@ def test_integrated_gradients_are_complete_on_a_transformer_and_per_token_for_te
     first, second = (q["explanation"] for q in p["predictions"])
     assert first["tokens"] == ["<unk>", "good", "day"] and second["tokens"] == ["bad", "night"]
     assert len(first["attributions"]) == 3 and len(second["attributions"]) == 2
+    # The wide path reads the whole text's words (two letters or more) and their pairs, known from training.
+    assert first["wide_terms"] == ["day", "good", "good day"] and len(first["wide_attributions"]) == 3
+    assert second["wide_terms"] == ["bad", "bad night", "night"]
     _assert_complete(first)
     _assert_complete(second)
     # The difference explained is the whole network's, wide path (model.wide, on by default) included.
@@ -88,7 +95,8 @@ def test_integrated_gradients_are_complete_on_a_transformer_and_per_token_for_te
     network = loaded.network
     with torch.no_grad():  # the baseline: padding embeddings under the real text's mask
         logits = network(ids)
-        start = network.head(network.body(network.embedding(torch.zeros_like(ids)), ids != 0))
+        tokens = network.split(ids)[0]
+        start = network.head(network.body(network.embedding(torch.zeros_like(tokens)), tokens != 0))
     for row, e in enumerate((first, second)):
         target = int(logits[row].argmax())
         assert e["output_difference"] == pytest.approx(float(logits[row, target] - start[row, target]), abs=1e-4)
