@@ -3,6 +3,7 @@ token: a stale token in the batch is refused for its job alone, and the others m
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -20,6 +21,22 @@ def _jobs(session, count: int, email: str) -> tuple[int, list[Job]]:
     session.add_all(jobs)
     session.flush()
     return user.id, jobs
+
+
+@contextmanager
+def _statements(session):
+    """The SQL statements the session's engine sends while the block runs, in order."""
+    seen: list[str] = []
+
+    def on_execute(_conn, _cursor, statement, *_args):
+        seen.append(statement)
+
+    engine = session.connection().engine
+    event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
 
 
 def _claim(session, jobs: list[tuple[int, int]]):
@@ -70,19 +87,10 @@ def test_a_batch_claim_and_finish_cost_the_same_statements_whatever_the_batch_si
     counts = []
     for size in (2, 16):
         _, jobs = _jobs(session, size, f"batch-size-{size}@example.com")
-        seen = []
-        conn = session.connection()
-
-        def on_execute(_conn, _cursor, statement, *_args):
-            seen.append(statement)
-
-        event.listen(conn.engine, "before_cursor_execute", on_execute)
-        try:
+        with _statements(session) as seen:
             claimed = _claim(session, [(j.id, 0) for j in jobs])
             attempts.finish_many(session=session, to="succeeded", jobs=[
                 (c.job_id, c.number, {"x": 1}, "done") for c in claimed])
-        finally:
-            event.remove(conn.engine, "before_cursor_execute", on_execute)
         counts.append(len(seen))
     # Not one statement per job: the claim's compare-and-set, events, attempts, totals; the finish's
     # compare-and-set, results (one executemany), events, attempt ends, totals.
@@ -131,20 +139,11 @@ def test_on_postgresql_a_batch_claim_and_finish_are_one_round_trip_each(session)
     if session.connection().dialect.name != "postgresql":
         pytest.skip("data-modifying CTEs are PostgreSQL's; SQLite keeps a statement per step")
     _, jobs = _jobs(session, 8, "batch-one@example.com")
-    seen: list[str] = []
-    conn = session.connection()
-
-    def on_execute(_conn, _cursor, statement, *_args):
-        seen.append(statement)
-
-    event.listen(conn.engine, "before_cursor_execute", on_execute)
-    try:
+    with _statements(session) as seen:
         claimed = _claim(session, [(j.id, 0) for j in jobs])
         claim_statements = len(seen)
         attempts.finish_many(session=session, to="succeeded", jobs=[(c.job_id, c.number, {"i": c.job_id}, "done")
                                                                     for c in claimed])
-    finally:
-        event.remove(conn.engine, "before_cursor_execute", on_execute)
     # The claim: its compare-and-set with the events, attempt rows and usage count; the finish: its
     # compare-and-set with the results, events, attempt ends and usage time.
     assert (claim_statements, len(seen) - claim_statements) == (1, 1), seen
